@@ -1,0 +1,77 @@
+"""`GlobalMaskCallback`: the only place masks are enforced during training.
+
+- gradients of pruned weights are masked as they are produced (a tensor hook per masked parameter, so gradient
+  clipping and gradient accumulation only ever see masked gradients, and nothing reaches the optimizer);
+- after every optimizer step the weights and every optimizer state tensor shaped like a weight (SGD momentum,
+  Adam moments, ...) are multiplied by the mask, so weight decay or stale momentum cannot revive a weight.
+
+No forward hooks and no `weight_orig` re-parametrisation: weights stay plain parameters, so `state_dict`,
+`deepcopy`, `torch.compile` and `from_pretrained` keep working. The masks are written into every checkpoint
+(`masks.safetensors`) so that `resume_from_checkpoint` restores them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .adapters import unwrap_model
+from .masking import save_masks
+
+MASKS_NAME = "masks.safetensors"
+
+
+class GlobalMaskCallback(TrainerCallback):
+    """Keeps pruned weights at exactly zero through training."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]):
+        self.masks = dict(masks)
+        self._bound: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._hooks: list = []
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Resolve the masked parameters of `model` (wrapped or not) and move the masks to their devices."""
+        params = dict(unwrap_model(model).named_parameters())
+        missing = [name for name in self.masks if name not in params]
+        if missing:
+            raise KeyError(f"GlobalMaskCallback: the model has no parameters named {missing[:5]}")
+        self.masks = {name: mask.to(params[name].device) for name, mask in self.masks.items()}
+        self._bound = [(params[name], mask) for name, mask in self.masks.items()]
+
+    @torch.no_grad()
+    def enforce(self, optimizer=None) -> None:
+        """Zero pruned weights and their optimizer state."""
+        state = getattr(optimizer, "state", None) or {}
+        for param, mask in self._bound:
+            param.mul_(mask)
+            for value in state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(mask)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.bind(model)
+        self.enforce(optimizer)
+        self._remove_hooks()
+        for param, mask in self._bound:
+            if param.requires_grad:
+                self._hooks.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.enforce(optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hooks()
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
+            save_masks(self.masks, os.path.join(checkpoint, MASKS_NAME))

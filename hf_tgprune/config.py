@@ -1,0 +1,122 @@
+"""`TeacherGuidedPruningConfig`: the training arguments of `TeacherGuidedPruningTrainer` (TRL style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class TeacherGuidedPruningConfig(TrainingArguments):
+    r"""
+    Configuration for [`TeacherGuidedPruningTrainer`]: everything of [`~transformers.TrainingArguments`] plus the
+    one-shot pruning and distillation settings of METHOD §1. Defaults follow the authors (alpha 0.7, beta 0.5,
+    T 3, EMA aggregation, eval-mode BatchNorm while scoring).
+    """
+
+    sparsity: float = field(
+        default=0.9,
+        metadata={
+            "help": "Fraction of the prunable weights to zero, in [0, 1). Exactly round(sparsity * N) are pruned."
+        },
+    )
+    pruning_method: str = field(
+        default="tgp",
+        metadata={
+            "help": "Scoring criterion: 'tgp' (teacher-guided |θ·∂L/∂θ|), 'snip' (|θ·∂CE/∂θ|), 'grad' "
+            "(|∂L/∂θ|), 'magnitude' (|θ|) or 'random'."
+        },
+    )
+    alpha: float = field(
+        default=0.7, metadata={"help": "Weight of the distillation term: alpha·T²·CAKLD + (1-alpha)·CE, in [0, 1]."}
+    )
+    beta: float = field(
+        default=0.5, metadata={"help": "CAKLD mix: beta·KL(p_s‖p_t) + (1-beta)·KL(p_t‖p_s), in [0, 1]."}
+    )
+    temperature: float = field(default=3.0, metadata={"help": "Softmax temperature T of the distillation term (> 0)."})
+    normalize_logits: bool = field(
+        default=False,
+        metadata={"help": "Z-normalise each logit vector before dividing by T (the paper's option; off by default)."},
+    )
+    score_aggregation: str = field(
+        default="ema",
+        metadata={"help": "How per-batch scores are combined: 'ema' (bias-corrected, as the authors) or 'sum'."},
+    )
+    ema_momentum: float = field(default=0.9, metadata={"help": "Momentum of the EMA score aggregation, in [0, 1)."})
+    num_calibration_samples: int = field(
+        default=1024,
+        metadata={
+            "help": "Calibration images: a deterministic sample (seeded by `seed`) of the training set when no "
+            "calibration dataset is given, or at most this many of the given calibration dataset."
+        },
+    )
+    calibration_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Global batch size of the scoring pass, split across processes, so the mask does not "
+            "depend on the number of processes."
+        },
+    )
+    scoring_bn_mode: str = field(
+        default="eval",
+        metadata={
+            "help": "BatchNorm/dropout mode while scoring: 'eval' (changes nothing in the student) or 'train' "
+            "(the authors' code; updates BatchNorm running statistics)."
+        },
+    )
+    prune_include: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions (re.search) selecting the weights to prune among all weight tensors of "
+            "dimension >= 2. Default: conv and linear weights except the classifier head."
+        },
+    )
+    prune_exclude: list[str] | None = field(
+        default=None, metadata={"help": "Regular expressions (re.search) of weights never to prune."}
+    )
+    min_layer_density: float = field(
+        default=0.0,
+        metadata={"help": "Layer-collapse guard: every pruned layer keeps at least this fraction of its weights."},
+    )
+    retrain_with_kd: bool = field(
+        default=True,
+        metadata={"help": "Retrain with alpha·T²·CAKLD + (1-alpha)·CE against the frozen teacher; CE only if False."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
+    )
+
+    def __post_init__(self):
+        from .scoring import SCORING_METHODS
+
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(
+                f"sparsity must be in [0, 1) (0 keeps every weight), got {self.sparsity}. "
+                "Pass e.g. --sparsity 0.95 for 95% sparsity."
+            )
+        if self.pruning_method not in SCORING_METHODS:
+            raise ValueError(
+                f"Unknown pruning_method {self.pruning_method!r}; choose one of {sorted(SCORING_METHODS)}."
+            )
+        for name in ("alpha", "beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.score_aggregation not in ("ema", "sum"):
+            raise ValueError(f"score_aggregation must be 'ema' or 'sum', got {self.score_aggregation!r}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.scoring_bn_mode not in ("eval", "train"):
+            raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {self.scoring_bn_mode!r}")
+        if self.num_calibration_samples < 1:
+            raise ValueError(f"num_calibration_samples must be >= 1, got {self.num_calibration_samples}")
+        if self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
+        if not 0.0 <= self.min_layer_density <= 1.0:
+            raise ValueError(f"min_layer_density must be in [0, 1], got {self.min_layer_density}")
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        super().__post_init__()

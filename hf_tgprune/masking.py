@@ -1,0 +1,232 @@
+"""Masks: which weights are prunable, one global threshold, applying masks, measuring sparsity.
+
+This is the functional core every pruning method calls (in the spirit of `torch.nn.utils.prune`):
+
+    params = prunable_parameters(model)
+    masks = global_masks(scores, sparsity=0.95)   # exactly round(0.95 * N) weights pruned
+    apply_masks(model, masks)
+    report = sparsity_report(model, masks)
+
+Masks are bool tensors shaped like their parameter, **True = kept**, keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import classifier_parameter_names, unwrap_model
+
+PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NUM_BINS = 1 << 16
+
+
+def _matching(names: Iterable[str], patterns: list[str] | None, argument: str) -> set[str]:
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns or []:
+        hits = {name for name in names if re.search(pattern, name)}
+        if not hits:
+            raise ValueError(
+                f"`{argument}` pattern {pattern!r} matches no prunable parameter; patterns are regular expressions "
+                f"matched with re.search against weight names such as {names[:3]}. Fix or remove the pattern."
+            )
+        matched |= hits
+    return matched
+
+
+def prunable_parameters(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Parameters to prune, in `named_parameters()` order.
+
+    By default: the weights of convolutions and linear layers, except the classifier head. `include` patterns
+    select among all weight tensors of dimension >= 2 (so the head can be opted in); `exclude` patterns remove
+    parameters. Biases and normalisation parameters are never pruned.
+    """
+    model = unwrap_model(model)
+    candidates = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    if include:
+        selected = _matching(candidates, include, "prune_include")
+    else:
+        head = classifier_parameter_names(model)
+        selected = {
+            f"{module_name}.weight" if module_name else "weight"
+            for module_name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_MODULE_TYPES) and getattr(module, "weight", None) is not None
+        }
+        selected = (selected & candidates.keys()) - head
+    ordered = [name for name in candidates if name in selected]
+    selected -= _matching(ordered, exclude, "prune_exclude")
+    params = {name: p for name, p in candidates.items() if name in selected}
+    if not params:
+        raise ValueError(
+            f"No prunable parameters in {type(model).__name__} (include={include}, exclude={exclude}). "
+            "Pass `prune_include` patterns that select conv/linear weights."
+        )
+    return params
+
+
+def _sortable_keys(scores: torch.Tensor, has_negatives: bool) -> torch.Tensor:
+    """int32 keys ordered like the float32 scores (IEEE-754 bit trick; negatives flipped).
+
+    Non-negative scores (the usual |θ·g|) are a free view: their bit patterns already sort like the values.
+    """
+    keys = scores.detach().float().contiguous().view(torch.int32).reshape(-1)
+    return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys) if has_negatives else keys
+
+
+def _select_bin(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """Bin holding the `rank`-th smallest key (1-based) and how many keys lie in lower bins."""
+    cumulative = torch.cumsum(histogram, 0)
+    index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
+    below = int(cumulative[index - 1]) if index > 0 else 0
+    return index, below
+
+
+def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
+    for name, score in scores.items():
+        if not torch.isfinite(score).all():
+            raise ValueError(
+                f"Importance scores of layer {name!r} are not finite (NaN or inf). Check that the student and teacher "
+                "produce finite logits on the calibration data (lower the temperature or enable normalize_logits)."
+            )
+
+
+def global_masks(
+    scores: Mapping[str, torch.Tensor], sparsity: float, min_density: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """One global threshold: prune exactly `round(sparsity * N)` lowest-scoring weights over all layers.
+
+    Ties at the threshold are broken deterministically (earlier layers, then lower flat index, are pruned
+    first), so the count is exact. `min_density` keeps at least `ceil(min_density * numel)` of each layer's
+    highest-scoring weights (a layer-collapse guard). Runs as a two-pass radix select over int32 keys, layer by
+    layer, so the extra memory is one layer's keys plus two 65,536-bin histograms.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= min_density <= 1.0:
+        raise ValueError(f"min_density must be in [0, 1], got {min_density}")
+    if not scores:
+        raise ValueError("global_masks needs at least one layer of scores")
+    _check_scores(scores)
+    total = sum(s.numel() for s in scores.values())
+    target = int(round(sparsity * total))
+    if target == 0:
+        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+
+    protected: dict[str, torch.Tensor] = {}
+    if min_density > 0:
+        for name, score in scores.items():
+            keep = math.ceil(min_density * score.numel())
+            if keep:
+                protected[name] = torch.topk(score.detach().float().reshape(-1), keep, sorted=False).indices
+        prunable = total - sum(idx.numel() for idx in protected.values())
+        if target > prunable:
+            raise ValueError(
+                f"sparsity={sparsity} cannot be reached with min_layer_density={min_density}: only {prunable} of "
+                f"{total} weights may be pruned. Lower min_layer_density or sparsity."
+            )
+
+    has_negatives = {name: bool(torch.signbit(score).any()) for name, score in scores.items()}
+
+    def keys_of(name: str) -> torch.Tensor:
+        keys = _sortable_keys(scores[name], has_negatives[name])
+        if name in protected:
+            keys = keys.clone()
+            keys[protected[name]] = torch.iinfo(torch.int32).max
+        return keys
+
+    # pass 1: histogram of the high 16 bits
+    histogram = None
+    for name in scores:
+        high = (keys_of(name) >> 16) + (_NUM_BINS // 2)
+        counts = torch.bincount(high, minlength=_NUM_BINS)
+        histogram = counts if histogram is None else histogram + counts.to(histogram.device)
+    high_bin, below = _select_bin(histogram, target)
+    # pass 2: histogram of the low 16 bits inside that bin
+    histogram = None
+    for name in scores:
+        keys = keys_of(name)
+        low = keys[(keys >> 16) == high_bin - _NUM_BINS // 2] & 0xFFFF
+        counts = torch.bincount(low, minlength=_NUM_BINS)
+        histogram = counts if histogram is None else histogram + counts.to(histogram.device)
+    low_bin, below_in_bin = _select_bin(histogram, target - below)
+    threshold = ((high_bin - _NUM_BINS // 2) << 16) | low_bin
+    ties_to_prune = target - below - below_in_bin
+
+    masks = {}
+    for name, score in scores.items():
+        keys = keys_of(name)
+        keep = keys > threshold
+        if ties_to_prune:
+            ties = (keys == threshold).nonzero().reshape(-1)
+            keep[ties[ties_to_prune:]] = True
+            ties_to_prune -= min(ties_to_prune, ties.numel())
+        else:
+            keep |= keys == threshold
+        masks[name] = keep.reshape(score.shape)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place (parameters stay plain `nn.Parameter`s)."""
+    params = dict(unwrap_model(model).named_parameters())
+    missing = [name for name in masks if name not in params]
+    if missing:
+        raise KeyError(f"Masks name parameters the model does not have: {missing[:5]}")
+    for name, mask in masks.items():
+        param = params[name]
+        if mask.shape != param.shape:
+            raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
+        param.mul_(mask.to(param.device))
+
+
+def _counts(tensors: Iterable[torch.Tensor]) -> dict[str, float]:
+    numel = zeros = 0
+    for tensor in tensors:
+        numel += tensor.numel()
+        zeros += int((tensor == 0).sum())
+    return {"numel": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0}
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict:
+    """Sparsity measured from the weights: per masked layer, over the prunable set, and over all parameters."""
+    params = dict(unwrap_model(model).named_parameters())
+    layers = {name: _counts([params[name]]) for name in masks}
+    return {
+        "layers": layers,
+        "prunable": _counts(params[name] for name in masks),
+        "total": _counts(params.values()),
+        "pruned_by_mask": int(sum(int((~m).sum()) for m in masks.values())),
+    }
+
+
+def mask_hash(masks: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the masks (sorted names, shapes and packed bits): equal masks, equal hash."""
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        mask = masks[name].detach().to("cpu", torch.bool)
+        digest.update(f"{name}:{tuple(mask.shape)};".encode())
+        digest.update(np.packbits(mask.reshape(-1).numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}, path)
+
+
+def load_masks(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: m.to(torch.bool) for name, m in load_file(path).items()}

@@ -1,0 +1,229 @@
+"""Importance scores: the one place where the scoring formula of METHOD §1 lives.
+
+For the default method `"tgp"`, every prunable weight θ gets
+
+    L_score = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)      (hf_tgprune.losses)
+    s(θ)    = | θ ⊙ ∂L_score/∂θ |
+
+per calibration batch, aggregated over batches with a bias-corrected EMA (momentum 0.9, divided by
+`1 - 0.9^N`) or a plain sum, in float32. Other criteria are registered next to it (`register_scoring_method`).
+
+The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`
+with respect to the prunable weights only. With BatchNorm in eval mode (the default) no parameter or buffer of
+the student changes. Under several processes each rank sums the per-sample losses of its shard of every
+calibration batch, gradients and sample counts are all-reduced, and the result equals a single process seeing
+the whole batch: the mask does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import forward_logits, unwrap_model
+from .losses import teacher_guided_loss
+from .masking import prunable_parameters
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Hyperparameters of the scoring loss."""
+
+    alpha: float = 0.7
+    beta: float = 0.5
+    temperature: float = 3.0
+    normalize_logits: bool = False
+
+
+# batch_loss(model, teacher, batch, options) -> per-sample losses, shape [batch]
+BatchLoss = Callable[[nn.Module, nn.Module | None, Mapping[str, torch.Tensor], ScoringOptions], torch.Tensor]
+# saliency(weight, gradient_or_None, generator) -> scores shaped like the weight
+Saliency = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoringMethod:
+    name: str
+    saliency: Saliency
+    batch_loss: BatchLoss | None = None  # None: data-free (no calibration pass)
+    needs_teacher: bool = False
+    description: str = ""
+
+    @property
+    def data_free(self) -> bool:
+        return self.batch_loss is None
+
+
+SCORING_METHODS: dict[str, ScoringMethod] = {}
+
+
+def register_scoring_method(method: ScoringMethod) -> ScoringMethod:
+    SCORING_METHODS[method.name] = method
+    return method
+
+
+def get_scoring_method(name: str) -> ScoringMethod:
+    if name not in SCORING_METHODS:
+        raise ValueError(f"Unknown pruning_method {name!r}; choose one of {sorted(SCORING_METHODS)}.")
+    return SCORING_METHODS[name]
+
+
+# --- losses and saliencies --------------------------------------------------------------------------------------
+def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
+    logits = forward_logits(model, batch["pixel_values"])
+    teacher_logits = None
+    if options.alpha != 0:
+        with torch.no_grad():
+            teacher_logits = forward_logits(teacher, batch["pixel_values"])
+    return teacher_guided_loss(
+        logits,
+        teacher_logits,
+        batch["labels"],
+        alpha=options.alpha,
+        beta=options.beta,
+        temperature=options.temperature,
+        normalize=options.normalize_logits,
+        reduction="none",
+    )
+
+
+def cross_entropy_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
+    logits = forward_logits(model, batch["pixel_values"])
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def weight_times_gradient(weight, grad, generator=None) -> torch.Tensor:
+    return (weight.detach().float() * grad).abs_()
+
+
+def gradient_magnitude(weight, grad, generator=None) -> torch.Tensor:
+    return grad.abs()
+
+
+def weight_magnitude(weight, grad=None, generator=None) -> torch.Tensor:
+    return weight.detach().float().abs()
+
+
+def uniform_random(weight, grad=None, generator=None) -> torch.Tensor:
+    return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
+
+
+register_scoring_method(
+    ScoringMethod(
+        "tgp",
+        weight_times_gradient,
+        teacher_guided_batch_loss,
+        needs_teacher=True,
+        description="|θ·∂L/∂θ| of the teacher-guided loss alpha·T²·CAKLD + (1-alpha)·CE",
+    )
+)
+register_scoring_method(
+    ScoringMethod("snip", weight_times_gradient, cross_entropy_batch_loss, description="|θ·∂CE/∂θ| (SNIP)")
+)
+register_scoring_method(
+    ScoringMethod(
+        "grad",
+        gradient_magnitude,
+        teacher_guided_batch_loss,
+        needs_teacher=True,
+        description="|∂L/∂θ| of the teacher-guided loss",
+    )
+)
+register_scoring_method(ScoringMethod("magnitude", weight_magnitude, description="|θ|"))
+register_scoring_method(ScoringMethod("random", uniform_random, description="uniform random scores"))
+
+
+# --- the scoring pass -------------------------------------------------------------------------------------------
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def compute_importance_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | None] | None = None,
+    *,
+    method: str = "tgp",
+    teacher: nn.Module | None = None,
+    params: Mapping[str, nn.Parameter] | None = None,
+    options: ScoringOptions | None = None,
+    aggregation: str = "ema",
+    ema_momentum: float = 0.9,
+    bn_mode: str = "eval",
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Score every prunable weight of `model` (float32 tensors keyed like `params`).
+
+    `batches` yields `{"pixel_values", "labels"}` dicts (or `None` for a rank whose shard of a batch is empty);
+    `all_reduce` sums a tensor over processes (omit it in a single process). Data-free methods ignore `batches`.
+    """
+    spec = get_scoring_method(method)
+    options = options or ScoringOptions()
+    if aggregation not in ("ema", "sum"):
+        raise ValueError(f"score_aggregation must be 'ema' or 'sum', got {aggregation!r}")
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    if params is None:
+        params = prunable_parameters(model)
+    names, weights = list(params), list(params.values())
+    generator = torch.Generator().manual_seed(seed)
+    if spec.data_free:
+        return {name: spec.saliency(w, None, generator) for name, w in zip(names, weights)}
+    if spec.needs_teacher and teacher is None and options.alpha != 0:
+        raise ValueError(f"pruning_method={method!r} needs a teacher model; pass `teacher`.")
+    if batches is None:
+        raise ValueError(f"pruning_method={method!r} needs calibration batches.")
+
+    device = weights[0].device
+    scores = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in zip(names, weights)}
+    student = unwrap_model(model)
+    was_training = student.training
+    student.train(bn_mode == "train")
+    if teacher is not None:
+        teacher.eval()
+    steps = 0
+    try:
+        for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
+            grads, count = _shard_gradients(student, teacher, batch, spec, options, weights, device)
+            if all_reduce is not None:
+                flat = all_reduce(torch.cat([g.reshape(-1) for g in grads] + [count.reshape(1)]))
+                count = flat[-1]
+                grads = list(torch.split(flat[:-1], [w.numel() for w in weights]))
+            if count.item() == 0:
+                raise ValueError("A calibration batch holds no samples; check the calibration dataset.")
+            steps += 1
+            for name, w, g in zip(names, weights, grads):
+                batch_scores = spec.saliency(w, g.reshape(w.shape) / count, generator)
+                if aggregation == "ema":
+                    scores[name].mul_(ema_momentum).add_(batch_scores, alpha=1.0 - ema_momentum)
+                else:
+                    scores[name].add_(batch_scores)
+    finally:
+        student.train(was_training)
+    if steps == 0:
+        raise ValueError("The calibration set is empty: no batch was scored.")
+    if aggregation == "ema":
+        for score in scores.values():
+            score.div_(1.0 - ema_momentum**steps)
+    return scores
+
+
+def _shard_gradients(student, teacher, batch, spec, options, weights, device):
+    """Gradients of the summed per-sample loss of this rank's shard, and the shard's sample count."""
+    if batch is None:
+        return [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights], torch.zeros(
+            (), device=device
+        )
+    batch = _to_device(batch, device)
+    if "labels" not in batch:
+        raise ValueError("Calibration batches need `labels`; add a labels column to the calibration dataset.")
+    losses = spec.batch_loss(student, teacher, batch, options)
+    grads = torch.autograd.grad(losses.sum(), weights, allow_unused=True)
+    grads = [torch.zeros_like(w, dtype=torch.float32) if g is None else g.float() for w, g in zip(weights, grads)]
+    return grads, torch.tensor(float(losses.numel()), device=device)

@@ -1,0 +1,288 @@
+"""`TeacherGuidedPruningTrainer`: one scoring pass, one global mask, sparse retraining with KD.
+
+The trainer composes the library's modules and overrides only the hooks it needs:
+`compute_loss` (distillation), `train` (prune first / restore masks on resume). Scoring lives in
+`hf_tgprune.scoring`, masks in `hf_tgprune.masking`, enforcement in `hf_tgprune.callbacks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .adapters import forward_logits, num_labels
+from .callbacks import MASKS_NAME, GlobalMaskCallback
+from .config import TeacherGuidedPruningConfig
+from .losses import teacher_guided_loss
+from .masking import apply_masks, global_masks, load_masks, mask_hash, prunable_parameters, sparsity_report
+from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+
+logger = logging.getLogger(__name__)
+
+
+def deterministic_sample(dataset: Dataset, num_samples: int, seed: int) -> Dataset:
+    """`num_samples` examples of `dataset` drawn by a seeded permutation (the whole set if it is smaller)."""
+    if len(dataset) <= num_samples:
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
+    return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+
+
+def shard_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous slice `[start, stop)` of a global batch that `rank` processes."""
+    return rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+
+
+class _ShardedBatches:
+    """Global calibration batches in a fixed order; this rank loads its slice of each (None when it is empty)."""
+
+    def __init__(self, dataset, global_batch_size, rank, world_size, collate_fn, num_workers=0, pin_memory=False):
+        n = len(dataset)
+        self.global_batches = [list(range(i, min(i + global_batch_size, n))) for i in range(0, n, global_batch_size)]
+        self.shards = []
+        for indices in self.global_batches:
+            start, stop = shard_bounds(len(indices), rank, world_size)
+            self.shards.append(indices[start:stop])
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=[shard for shard in self.shards if shard],
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+
+    def __len__(self):
+        return len(self.global_batches)
+
+    def __iter__(self):
+        loaded = iter(self.loader)
+        for shard in self.shards:
+            yield next(loaded) if shard else None
+
+
+class TeacherGuidedPruningTrainer(Trainer):
+    """A `transformers.Trainer` that prunes the student once, guided by a frozen teacher, then retrains it sparsely.
+
+    Example:
+        >>> trainer = TeacherGuidedPruningTrainer(model=student, teacher_model=teacher, args=config,
+        ...                                       train_dataset=train, eval_dataset=val)
+        >>> report = trainer.prune()   # optional: train() prunes first
+        >>> trainer.train()
+    """
+
+    _tag_names = ["hf_tgprune", "pruning", "knowledge-distillation"]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher_model: nn.Module | None = None,
+        args: TeacherGuidedPruningConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict | None = None,
+        calibration_dataset: Dataset | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ):
+        if args is None:
+            args = TeacherGuidedPruningConfig(output_dir=f"{type(model).__name__}-tgp")
+        if not isinstance(args, TeacherGuidedPruningConfig):
+            raise TypeError(
+                f"args must be a TeacherGuidedPruningConfig (it extends TrainingArguments), got {type(args).__name__}"
+            )
+        self._validate_inputs(model, teacher_model, args, train_dataset, calibration_dataset)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # compute_loss returns a per-batch mean: let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.teacher_model = None
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.calibration_dataset = calibration_dataset
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.pruning_report: dict | None = None
+        if masks is not None:
+            self._install_masks(dict(masks))
+
+    # --- validation ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _validate_inputs(model, teacher, args, train_dataset, calibration_dataset) -> None:
+        method = get_scoring_method(args.pruning_method)
+        prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns that match nothing
+        if teacher is None and method.needs_teacher and args.alpha > 0:
+            raise ValueError(
+                f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, or choose a "
+                "teacher-free method such as 'snip', 'magnitude' or 'random'."
+            )
+        if teacher is None and args.retrain_with_kd:
+            raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
+        if teacher is not None:
+            student_labels, teacher_labels = num_labels(model), num_labels(teacher)
+            if student_labels != teacher_labels:
+                raise ValueError(
+                    f"Teacher and student disagree on the number of labels ({teacher_labels} vs {student_labels}); "
+                    "build both with the dataset's number of classes (timm `num_classes`, transformers `num_labels`)."
+                )
+        if method.data_free:
+            return
+        source, argument = (
+            (calibration_dataset, "calibration_dataset")
+            if calibration_dataset is not None
+            else (train_dataset, "train_dataset")
+        )
+        if source is None or len(source) == 0:
+            raise ValueError(
+                f"The calibration set is empty ({argument} has no examples). Pass a non-empty `calibration_dataset` "
+                "or `train_dataset`."
+            )
+        example = source[0]
+        if isinstance(example, Mapping) and "labels" not in example and "label" not in example:
+            raise ValueError(
+                f"Calibration examples from `{argument}` have no labels (keys: {sorted(example)}); every example "
+                "needs a `labels` (or `label`) entry next to `pixel_values`."
+            )
+
+    # --- pruning ------------------------------------------------------------------------------------------------
+    def get_calibration_dataloader(self) -> _ShardedBatches:
+        """Calibration batches: `calibration_dataset` or a seeded sample of `train_dataset`, split across ranks."""
+        source = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
+        dataset = deterministic_sample(source, self.args.num_calibration_samples, self.args.seed)
+        return _ShardedBatches(
+            dataset,
+            self.args.calibration_batch_size,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    def compute_scores(self) -> dict[str, torch.Tensor]:
+        """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight."""
+        args = self.args
+        method = get_scoring_method(args.pruning_method)
+        batches = None if method.data_free else self.get_calibration_dataloader()
+        reduce = (lambda t: self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else None
+        return compute_importance_scores(
+            self.model,
+            batches,
+            method=args.pruning_method,
+            teacher=self.teacher_model,
+            params=prunable_parameters(self.model, args.prune_include, args.prune_exclude),
+            options=ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
+            aggregation=args.score_aggregation,
+            ema_momentum=args.ema_momentum,
+            bn_mode=args.scoring_bn_mode,
+            all_reduce=reduce,
+            seed=args.seed,
+            progress=self.is_world_process_zero() and not args.disable_tqdm,
+            total=None if batches is None else len(batches),
+        )
+
+    def prune(self) -> dict:
+        """Score once, apply one global mask, install the mask callback; returns the sparsity report."""
+        if self.masks is not None:
+            return self.pruning_report
+        start = time.perf_counter()
+        scores = self.compute_scores()
+        scoring_seconds = time.perf_counter() - start
+        masks = global_masks(scores, self.args.sparsity, self.args.min_layer_density)
+        del scores
+        self._install_masks(masks)
+        self.pruning_report["scoring_seconds"] = scoring_seconds
+        return self.pruning_report
+
+    def _install_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        apply_masks(self.model, masks)
+        self.masks = masks
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, GlobalMaskCallback):
+                self.callback_handler.remove_callback(callback)
+        if any(not bool(mask.all()) for mask in masks.values()):
+            self.add_callback(GlobalMaskCallback(masks))
+        report = sparsity_report(self.model, masks)
+        report.update(
+            method=self.args.pruning_method,
+            target_sparsity=self.args.sparsity,
+            mask_sha256=mask_hash(masks),
+        )
+        self.pruning_report = report
+        logger.info(
+            "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s)",
+            report["method"],
+            report["prunable"]["sparsity"],
+            report["total"]["sparsity"],
+            report["mask_sha256"][:12],
+        )
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Prune first if needed (or restore the checkpoint's masks when resuming), then train sparsely."""
+        if resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+                if checkpoint is None:
+                    raise ValueError(f"No checkpoint to resume from in output_dir={self.args.output_dir!r}.")
+            mask_file = os.path.join(checkpoint, MASKS_NAME)
+            if not os.path.isfile(mask_file):
+                raise ValueError(
+                    f"{checkpoint!r} has no {MASKS_NAME}: it was not written by TeacherGuidedPruningTrainer, so its "
+                    "masks cannot be restored. Resume from one of its own checkpoints."
+                )
+            self._install_masks(load_masks(mask_file))
+            resume_from_checkpoint = checkpoint
+        elif self.masks is None:
+            self.prune()
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`alpha·T²·CAKLD + (1-alpha)·CE` against the frozen teacher when `retrain_with_kd`, plain CE otherwise."""
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        logits = forward_logits(model, pixel_values)
+        args = self.args
+        if args.retrain_with_kd and self.teacher_model is not None:
+            with torch.no_grad():
+                teacher_logits = forward_logits(self.teacher_model, pixel_values)
+            loss = teacher_guided_loss(
+                logits,
+                teacher_logits,
+                labels,
+                alpha=args.alpha,
+                beta=args.beta,
+                temperature=args.temperature,
+                normalize=args.normalize_logits,
+            )
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+        return (loss, {"logits": logits}) if return_outputs else loss

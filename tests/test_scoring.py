@@ -1,0 +1,124 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_tgprune.masking import prunable_parameters
+from hf_tgprune.scoring import ScoringOptions, compute_importance_scores
+from tests.utils import RandomImages, make_model
+
+
+def _batches(n_batches=3, batch_size=6, seed=0):
+    data = RandomImages(n_batches * batch_size, seed=seed)
+    return [
+        {"pixel_values": data.pixel_values[i : i + batch_size], "labels": data.labels[i : i + batch_size]}
+        for i in range(0, len(data), batch_size)
+    ]
+
+
+def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, criterion="wg"):
+    """|θ·∂L/∂θ| written out from scratch with loss.backward() and F.kl_div."""
+    student.eval()
+    names = list(prunable_parameters(student))
+    params = dict(student.named_parameters())
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for step, batch in enumerate(batches, start=1):
+        student.zero_grad()
+        zs = student(batch["pixel_values"])
+        zs = zs.logits if hasattr(zs, "logits") else zs
+        with torch.no_grad():
+            zt = teacher(batch["pixel_values"])
+            zt = zt.logits if hasattr(zt, "logits") else zt
+        log_ps, log_pt = F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1)
+        kl_s_t = F.kl_div(log_pt, log_ps, log_target=True, reduction="batchmean")
+        kl_t_s = F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
+        loss = alpha * T**2 * (beta * kl_s_t + (1 - beta) * kl_t_s) + (1 - alpha) * F.cross_entropy(zs, batch["labels"])
+        loss.backward()
+        for n in names:
+            s = (params[n].grad if criterion == "g" else params[n].detach() * params[n].grad).abs()
+            total[n] = 0.9 * total[n] + 0.1 * s if aggregation == "ema" else total[n] + s
+    if aggregation == "ema":
+        total = {n: t / (1 - 0.9**step) for n, t in total.items()}
+    student.zero_grad(set_to_none=True)
+    return total
+
+
+@pytest.mark.parametrize("aggregation", ["ema", "sum"])
+@pytest.mark.parametrize(
+    "method,alpha,criterion", [("tgp", 0.7, "wg"), ("snip", 0.0, "wg"), ("grad", 0.7, "g"), ("tgp", 1.0, "wg")]
+)
+def test_scores_match_independent_autograd(aggregation, method, alpha, criterion):
+    student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
+    batches = _batches()
+    got = compute_importance_scores(
+        student,
+        batches,
+        method=method,
+        teacher=teacher,
+        options=ScoringOptions(alpha=alpha, beta=0.5, temperature=3.0),
+        aggregation=aggregation,
+    )
+    expected = _independent_scores(student, teacher, batches, alpha, 0.5, 3.0, aggregation, criterion)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["timm_resnet", "hf_resnet", "timm_vit"])
+def test_scoring_changes_no_parameter_or_buffer(name):
+    student, teacher = make_model(name), make_model("timm_resnet", seed=3)
+    student.train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    compute_importance_scores(student, _batches(), method="tgp", teacher=teacher)
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in student.parameters())
+    assert student.training  # mode restored
+
+
+def test_train_bn_mode_updates_running_stats():
+    student, teacher = make_model("timm_resnet"), make_model("timm_resnet", seed=3)
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running_mean" in k}
+    compute_importance_scores(student, _batches(), method="tgp", teacher=teacher, bn_mode="train")
+    assert any(not torch.equal(before[k], student.state_dict()[k]) for k in before)
+
+
+def test_data_free_methods():
+    student = make_model("timm_resnet")
+    magnitude = compute_importance_scores(student, method="magnitude")
+    params = prunable_parameters(student)
+    assert all(torch.equal(magnitude[n], params[n].detach().abs()) for n in params)
+    r1 = compute_importance_scores(student, method="random", seed=5)
+    r2 = compute_importance_scores(student, method="random", seed=5)
+    assert all(torch.equal(r1[n], r2[n]) for n in r1)
+
+
+def test_sharded_gradients_sum_to_the_full_batch():
+    """Two shards per batch + a summing all_reduce == one process on the whole batch (eval-mode BN)."""
+    student, teacher = make_model("hf_resnet"), make_model("timm_resnet", seed=3)
+    batches = _batches(batch_size=6)
+    full = compute_importance_scores(student, batches, teacher=teacher)
+    # emulate two ranks: run each half, then add their flat contributions as all_reduce would
+    halves = [[{k: v[:2] for k, v in b.items()} for b in batches], [{k: v[2:] for k, v in b.items()} for b in batches]]
+    contributions = []
+
+    def record(flat):
+        contributions.append(flat.clone())
+        return flat
+
+    for half in halves:
+        compute_importance_scores(student, half, teacher=teacher, all_reduce=record)
+    summed = iter([a + b for a, b in zip(contributions[:3], contributions[3:])])
+    sharded = compute_importance_scores(student, halves[0], teacher=teacher, all_reduce=lambda flat: next(summed))
+    for n in full:
+        torch.testing.assert_close(sharded[n], full[n], rtol=1e-4, atol=1e-8)
+
+
+def test_empty_or_unlabelled_calibration_is_an_error():
+    student, teacher = make_model("timm_resnet"), make_model("timm_resnet", seed=3)
+    with pytest.raises(ValueError, match="empty"):
+        compute_importance_scores(student, [], teacher=teacher)
+    with pytest.raises(ValueError, match="labels"):
+        compute_importance_scores(student, [{"pixel_values": torch.randn(2, 3, 32, 32)}], teacher=teacher)
+    with pytest.raises(ValueError, match="Unknown pruning_method"):
+        compute_importance_scores(student, _batches(), method="nope")
