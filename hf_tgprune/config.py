@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+
+
+def _launched_without_accelerator() -> bool:
+    """True under a multi-process launcher (WORLD_SIZE > 1) on a machine with no CUDA/XPU device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not torch.cuda.is_available() and not has_xpu
 
 
 @dataclass
@@ -83,6 +93,14 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         default=True,
         metadata={"help": "Retrain with alpha·T²·CAKLD + (1-alpha)·CE against the frozen teacher; CE only if False."},
     )
+    save_format: str = field(
+        default="dense",
+        metadata={
+            "help": "Format of `save_model()` / `push_to_hub()` outputs: 'dense' (config.json + model.safetensors that "
+            "plain timm and transformers load) or 'bitmask' (compact model.bitmask.safetensors, about 0.13x the dense "
+            "size at 90% sparsity, read with hf_tgprune.load_sparse). Trainer checkpoints are always dense."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
@@ -117,6 +135,11 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
         if not 0.0 <= self.min_layer_density <= 1.0:
             raise ValueError(f"min_layer_density must be in [0, 1], got {self.min_layer_density}")
+        if self.save_format not in ("dense", "bitmask"):
+            raise ValueError(f"save_format must be 'dense' or 'bitmask', got {self.save_format!r}")
         if self.label_names is None:
             self.label_names = ["labels"]
+        if not self.use_cpu and _launched_without_accelerator():
+            # `accelerate launch --multi_gpu` / torchrun on a machine without GPUs: run the processes on CPU (gloo)
+            self.use_cpu = True
         super().__post_init__()

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import forward_logits, num_labels
 from .callbacks import MASKS_NAME, GlobalMaskCallback
+from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
 from .masking import apply_masks, global_masks, load_masks, mask_hash, prunable_parameters, sparsity_report
@@ -69,7 +70,7 @@ class _ShardedBatches:
             yield next(loaded) if shard else None
 
 
-class TeacherGuidedPruningTrainer(Trainer):
+class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     """A `transformers.Trainer` that prunes the student once, guided by a frozen teacher, then retrains it sparsely.
 
     Example:

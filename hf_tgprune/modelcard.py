@@ -1,0 +1,269 @@
+"""Model cards for pruned checkpoints (`huggingface_hub.ModelCard`).
+
+The card is built from the folder's ``sparsity.json`` (written by :func:`hf_tgprune.save_sparse_model`), so the
+numbers in it are the ones measured from the saved weights; every field can be overridden by an argument.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .serialization import BITMASK_WEIGHTS_NAME, SPARSITY_FILE_NAME
+
+CARD_TAGS = ("pruning", "sparse", "knowledge-distillation", "hf_tgprune")
+SPEED_NOTE = (
+    "Unstructured sparsity does not speed up dense kernels: the pruned weights are stored as zeros and are "
+    "multiplied like any other weight, so in PyTorch, timm and transformers this model runs at the same speed and "
+    "with the same memory as the dense one. The gain is in size once compressed (for example with the `bitmask` "
+    "format of hf_tgprune) or with runtimes that have sparse kernels."
+)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PLACEHOLDER_REPO = "<user>/<model>"
+
+
+def _is_hub_id(value: Any) -> bool:
+    """A Hub model id (not a local path): the Hub rejects `base_model` values that are not model ids."""
+    return (
+        isinstance(value, str)
+        and bool(_REPO_ID.match(value))
+        and ".." not in value
+        and not Path(value).expanduser().exists()
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True)
+    return "—" if value is None else str(value).replace("|", "\\|")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _load_snippets(family: str, save_format: str, repo_id: str) -> str:
+    if save_format == "bitmask":
+        if family == "timm":
+            build = f'model = timm.create_model("hf-hub:{repo_id}", pretrained=False)  # architecture only'
+            imports = "import timm"
+        elif family == "transformers":
+            build = f'model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained("{repo_id}"))'
+            imports = "from transformers import AutoConfig, AutoModelForImageClassification"
+        else:
+            build = "model = ...  # build the same architecture"
+            imports = ""
+        return (
+            "The weights are in hf_tgprune's compact `bitmask` format (a packed mask plus the kept values, "
+            "safetensors only). Read them with `hf_tgprune.load_sparse`, which restores the dense weights "
+            "bit-exactly and checks their checksums:\n\n"
+            "```python\n"
+            f"{imports}\nfrom huggingface_hub import hf_hub_download\nfrom hf_tgprune import load_sparse\n\n"
+            f"{build}\n"
+            f'load_sparse(hf_hub_download("{repo_id}", "{BITMASK_WEIGHTS_NAME}"), model=model)\n'
+            "```\n"
+        )
+    snippets = []
+    if family == "timm":
+        snippets.append(
+            "With timm (no hf_tgprune needed):\n\n```python\nimport timm\n\n"
+            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
+            "data_config = timm.data.resolve_data_config(model=model)\n"
+            "transform = timm.data.create_transform(**data_config)\n```\n"
+        )
+        snippets.append(
+            "With transformers (timm checkpoints load through `TimmWrapper`):\n\n```python\n"
+            "from transformers import AutoModelForImageClassification\n\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()\n```\n'
+        )
+    elif family == "transformers":
+        snippets.append(
+            "With transformers (no hf_tgprune needed):\n\n```python\n"
+            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()\n```\n'
+        )
+        snippets.append(
+            "timm cannot build transformers architectures; use the transformers snippet above, or load the "
+            "state dict into your own module:\n\n```python\nfrom huggingface_hub import hf_hub_download\n"
+            "from safetensors.torch import load_file\n\n"
+            f'state_dict = load_file(hf_hub_download("{repo_id}", "model.safetensors"))\n```\n'
+        )
+    else:
+        snippets.append(
+            "A plain PyTorch state dict (build the architecture yourself):\n\n```python\n"
+            "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n\n"
+            f'model.load_state_dict(load_file(hf_hub_download("{repo_id}", "model.safetensors")))\n```\n'
+        )
+    return "\n".join(snippets)
+
+
+def _metrics_table(dense: Mapping[str, Any] | None, pruned: Mapping[str, Any] | None) -> str:
+    dense, pruned = dict(dense or {}), dict(pruned or {})
+    names = list(dict.fromkeys([*dense, *pruned]))
+    if not names:
+        return "_No evaluation metrics were recorded._\n"
+    rows = ["| metric | dense | pruned | change |", "|---|---|---|---|"]
+    for name in names:
+        d, p = dense.get(name), pruned.get(name)
+        change = f"{p - d:+.4f}" if isinstance(d, (int, float)) and isinstance(p, (int, float)) else "—"
+        rows.append(f"| {_fmt(name)} | {_fmt(d)} | {_fmt(p)} | {change} |")
+    return "\n".join(rows) + "\n"
+
+
+def _layer_table(layers: Mapping[str, Mapping[str, Any]], max_layers: int) -> str:
+    if not layers:
+        return "_No per-layer record._\n"
+    rows = ["| layer | weights | zeros | sparsity |", "|---|---:|---:|---:|"]
+    items = list(layers.items())
+    for name, counts in items[:max_layers]:
+        rows.append(
+            f"| `{name}` | {counts.get('numel', 0):,} | {counts.get('zeros', 0):,} | {_pct(counts.get('sparsity'))} |"
+        )
+    text = "\n".join(rows) + "\n"
+    if len(items) > max_layers:
+        text += f"\n_{len(items) - max_layers} more layers are listed in `{SPARSITY_FILE_NAME}`._\n"
+    return text
+
+
+def _read_record(sparsity: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
+    if sparsity is None:
+        return {}
+    if isinstance(sparsity, Mapping):
+        return dict(sparsity)
+    path = Path(sparsity)
+    if path.is_dir():
+        path = path / SPARSITY_FILE_NAME
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def create_model_card(
+    sparsity: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    teacher: str | None = None,
+    dataset: str | None = None,
+    method: str | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    dense_metrics: Mapping[str, Any] | None = None,
+    pruned_metrics: Mapping[str, Any] | None = None,
+    model_family: str | None = None,
+    save_format: str | None = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
+    max_layers: int = 200,
+) -> ModelCard:
+    """Build the model card of a pruned checkpoint.
+
+    Args:
+        sparsity: the saved folder, its ``sparsity.json`` path, or the record returned by ``save_sparse_model``.
+            Fields not passed explicitly (base model, teacher, dataset, method, hyperparameters, metrics as
+            ``{"dense": {...}, "pruned": {...}}``, model family, format) are read from it.
+        repo_id: the Hub repo the card describes (used in the load snippets).
+        base_model: Hub id of the model that was pruned; written to the card's ``base_model`` metadata only when it
+            is a Hub id (not a local path), since the Hub rejects anything else.
+        max_layers: rows of the per-layer sparsity table (the full table is in ``sparsity.json``).
+
+    Returns:
+        a ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` or ``card.push_to_hub(repo_id)``.
+    """
+    record = _read_record(sparsity)
+    metrics = record.get("metrics") or {}
+    if metrics and not ({"dense", "pruned"} & set(metrics)):
+        metrics = {"pruned": metrics}
+    base_model = base_model if base_model is not None else record.get("base_model")
+    teacher = teacher if teacher is not None else record.get("teacher")
+    dataset = dataset if dataset is not None else record.get("dataset")
+    method = method if method is not None else record.get("method")
+    hyperparameters = dict(hyperparameters if hyperparameters is not None else record.get("hyperparameters") or {})
+    dense_metrics = dense_metrics if dense_metrics is not None else metrics.get("dense")
+    pruned_metrics = pruned_metrics if pruned_metrics is not None else metrics.get("pruned")
+    family = model_family or record.get("model_family") or "torch"
+    save_format = save_format or record.get("format") or "dense"
+    report = record.get("sparsity") or {}
+    prunable, total = report.get("prunable") or {}, report.get("total") or {}
+    calibration = record.get("calibration_size")
+    repo = repo_id or _PLACEHOLDER_REPO
+    name = model_name or (repo_id.split("/")[-1] if repo_id else "Pruned model")
+
+    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *(["timm"] if family == "timm" else [])]))
+    data = ModelCardData(
+        base_model=base_model if _is_hub_id(base_model) else None,
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+        library_name={"timm": "timm", "transformers": "transformers"}.get(family),
+        license=license,
+        model_name=name,
+        pipeline_tag="image-classification",
+        tags=card_tags,
+    )
+
+    described = base_model or "A vision model"
+    summary = (
+        f"{described} with **{_pct(prunable.get('sparsity'))}** of its prunable weights set to zero "
+        f"({_pct(total.get('sparsity'))} of all parameters) by one-shot unstructured pruning"
+        + (f" with `{method}`" if method else "")
+        + (f", guided by the teacher `{teacher}`" if teacher else "")
+        + ". Made with `hf_tgprune`."
+    )
+    pruning_rows = [
+        ("Base model", base_model),
+        ("Teacher", teacher),
+        ("Method", method),
+        ("Target sparsity", record.get("target_sparsity", hyperparameters.get("sparsity"))),
+        ("Calibration samples", calibration),
+        ("Dataset", dataset),
+        ("Weights format", f"`{save_format}` (`{record.get('weights_file', 'model.safetensors')}`)"),
+        ("Mask SHA-256", f"`{(record.get('mask') or {}).get('sha256')}`"),
+        ("Library", ", ".join(f"{k} {v}" for k, v in (record.get("library") or {}).items()) or None),
+    ]
+    pruning_table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_fmt(v)} |" for k, v in pruning_rows if v is not None)
+    hyper_table = (
+        "| hyperparameter | value |\n|---|---|\n"
+        + "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in sorted(hyperparameters.items()))
+        + "\n"
+        if hyperparameters
+        else "_No hyperparameters recorded._\n"
+    )
+    sparsity_counts = (
+        f"Prunable weights: {prunable.get('zeros', 0):,} of {prunable.get('numel', 0):,} are zero "
+        f"({_pct(prunable.get('sparsity'))}); all parameters: {total.get('zeros', 0):,} of "
+        f"{total.get('numel', 0):,} ({_pct(total.get('sparsity'))}). Measured from the saved weights.\n"
+    )
+    body = f"""
+# {name}
+
+{summary}
+
+{SPEED_NOTE}
+
+## How to load
+
+{_load_snippets(family, save_format, repo)}
+## Pruning
+
+{pruning_table}
+
+### Hyperparameters
+
+{hyper_table}
+## Results
+
+{_metrics_table(dense_metrics, pruned_metrics)}
+## Sparsity per layer
+
+{sparsity_counts}
+{_layer_table(report.get("layers") or {}, max_layers)}
+The full record (per-layer counts, mask hash, file checksums, versions) is in `{SPARSITY_FILE_NAME}`.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
