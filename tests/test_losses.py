@@ -5,8 +5,6 @@ import torch.nn.functional as F
 from hf_tgprune.losses import cakld, normalize_logits, teacher_guided_loss
 
 
-
-
 @pytest.mark.parametrize("alpha,beta,T", [(0.7, 0.5, 3.0), (1.0, 0.0, 1.0), (0.3, 1.0, 5.0)])
 def test_teacher_guided_loss_matches_kl_div(alpha, beta, T):
     zs, zt = torch.randn(8, 10), torch.randn(8, 10)

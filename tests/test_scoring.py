@@ -21,7 +21,7 @@ def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, 
     names = list(prunable_parameters(student))
     params = dict(student.named_parameters())
     total = {n: torch.zeros_like(params[n]) for n in names}
-    for step, batch in enumerate(batches, start=1):
+    for batch in batches:
         student.zero_grad()
         zs = student(batch["pixel_values"])
         zs = zs.logits if hasattr(zs, "logits") else zs
@@ -31,13 +31,15 @@ def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, 
         log_ps, log_pt = F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1)
         kl_s_t = F.kl_div(log_pt, log_ps, log_target=True, reduction="batchmean")
         kl_t_s = F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
-        loss = alpha * T**2 * (beta * kl_s_t + (1 - beta) * kl_t_s) + (1 - alpha) * F.cross_entropy(zs, batch["labels"])
+        loss = alpha * T**2 * (beta * kl_s_t + (1 - beta) * kl_t_s) + (1 - alpha) * F.cross_entropy(
+            zs, batch["labels"]
+        )
         loss.backward()
         for n in names:
             s = (params[n].grad if criterion == "g" else params[n].detach() * params[n].grad).abs()
             total[n] = 0.9 * total[n] + 0.1 * s if aggregation == "ema" else total[n] + s
     if aggregation == "ema":
-        total = {n: t / (1 - 0.9**step) for n, t in total.items()}
+        total = {n: t / (1 - 0.9 ** len(batches)) for n, t in total.items()}
     student.zero_grad(set_to_none=True)
     return total
 

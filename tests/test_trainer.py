@@ -1,0 +1,223 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_tgprune import GlobalMaskCallback, TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, mask_hash
+from tests.utils import RandomImages, make_model
+
+
+def _config(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        sparsity=0.9,
+        num_calibration_samples=16,
+        calibration_batch_size=8,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=4,
+        learning_rate=0.05,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    defaults.update(overrides)
+    return TeacherGuidedPruningConfig(**defaults)
+
+
+def _trainer(tmp_path, student="timm_resnet", teacher="hf_resnet", **overrides):
+    return TeacherGuidedPruningTrainer(
+        model=make_model(student, seed=0),
+        teacher_model=make_model(teacher, seed=1) if teacher else None,
+        args=_config(tmp_path, **overrides),
+        train_dataset=RandomImages(32),
+        eval_dataset=RandomImages(16, seed=1),
+    )
+
+
+def _assert_pruned_weights_and_state_are_zero(trainer):
+    params = dict(trainer.model.named_parameters())
+    state = trainer.optimizer.state
+    for name, mask in trainer.masks.items():
+        param = params[name]
+        assert torch.count_nonzero(param[~mask]) == 0, name
+        for value in state[param].values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                assert torch.count_nonzero(value[~mask]) == 0, name
+
+
+@pytest.mark.parametrize(
+    "student,teacher", [("timm_resnet", "hf_resnet"), ("hf_resnet", "timm_resnet"), ("hf_vit", "timm_vit")]
+)
+def test_prune_exact_sparsity_and_frozen_teacher(tmp_path, student, teacher):
+    trainer = _trainer(tmp_path, student, teacher, sparsity=0.95)
+    report = trainer.prune()
+    n = report["prunable"]["numel"]
+    assert sum(int((~m).sum()) for m in trainer.masks.values()) == round(0.95 * n)
+    assert report["pruned_by_mask"] == round(0.95 * n)
+    assert report["prunable"]["zeros"] >= round(0.95 * n)
+    assert report["total"]["numel"] > n and report["total"]["sparsity"] < report["prunable"]["sparsity"]
+    assert set(report["layers"]) == set(trainer.masks)
+    assert not trainer.teacher_model.training
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+    assert trainer.prune() is report  # one scoring pass only
+
+
+@pytest.mark.parametrize(
+    "optim,extra",
+    [
+        ("sgd", dict(optim_args="momentum=0.9", weight_decay=0.1)),
+        ("adamw_torch", dict(weight_decay=0.1)),
+        ("sgd", dict(optim_args="momentum=0.9", weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=0.1)),
+        ("adamw_torch", dict(gradient_accumulation_steps=2, max_grad_norm=0.5)),
+    ],
+)
+def test_no_reactivation(tmp_path, optim, extra):
+    trainer = _trainer(tmp_path, optim=optim, **extra)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    _assert_pruned_weights_and_state_are_zero(trainer)
+    params = dict(trainer.model.named_parameters())
+    # training happened: kept weights moved
+    assert any(not torch.equal(before[n][m], params[n].detach()[m]) for n, m in trainer.masks.items())
+    if optim == "sgd":
+        assert any("momentum_buffer" in s for s in trainer.optimizer.state.values())
+
+
+def test_gradients_seen_by_clipping_are_masked(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.prune()
+    seen = {}
+
+    class Spy(GlobalMaskCallback.__mro__[1]):  # a plain TrainerCallback
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            params = dict(model.named_parameters())
+            seen.update({n: params[n].grad.clone() for n in trainer.masks})
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert seen and all(torch.count_nonzero(seen[n][~m]) == 0 for n, m in trainer.masks.items())
+
+
+def test_resume_restores_masks(tmp_path):
+    trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    trainer.train()
+    original = mask_hash(trainer.masks)
+    # a fresh trainer with a differently initialised student resumes from the checkpoint
+    resumed = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=4, pruning_method="random")
+    resumed.train(resume_from_checkpoint=True)
+    assert mask_hash(resumed.masks) == original
+    assert resumed.state.global_step == 4
+    _assert_pruned_weights_and_state_are_zero(resumed)
+
+
+def test_resume_from_foreign_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="masks.safetensors"):
+        _trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "ckpt"))
+
+
+def test_compute_loss_kd_and_ce(tmp_path):
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    ce_trainer = _trainer(tmp_path, retrain_with_kd=False)
+    ce = ce_trainer.compute_loss(ce_trainer.model, batch)
+    torch.testing.assert_close(ce, F.cross_entropy(ce_trainer.model(batch["pixel_values"]), batch["labels"]))
+    kd_trainer = _trainer(tmp_path, retrain_with_kd=True, alpha=1.0)
+    kd = kd_trainer.compute_loss(kd_trainer.model, batch)
+    assert not torch.allclose(kd, ce)
+
+
+def test_sparsity_zero_is_a_no_op(tmp_path):
+    trainer = _trainer(tmp_path, sparsity=0.0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    report = trainer.prune()
+    assert report["pruned_by_mask"] == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert not any(isinstance(c, GlobalMaskCallback) for c in trainer.callback_handler.callbacks)
+
+
+def test_weights_stay_plain_parameters(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    model = trainer.model
+    assert not any("orig" in k or "mask" in k for k in model.state_dict())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), clone.eval()
+    torch.testing.assert_close(clone(x), model(x))
+
+
+def test_evaluate_reports_loss_and_metrics(tmp_path):
+    def accuracy(pred):
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        teacher_model=make_model("hf_resnet", seed=1),
+        args=_config(tmp_path),
+        train_dataset=RandomImages(16),
+        eval_dataset=RandomImages(16, seed=1),
+        compute_metrics=accuracy,
+    )
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+# --- bad input: clear errors before any work starts --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(sparsity=1.0), "sparsity must be in \\[0, 1\\)"),
+        (dict(sparsity=-0.5), "sparsity"),
+        (dict(pruning_method="obd"), "Unknown pruning_method"),
+        (dict(alpha=2.0), "alpha"),
+        (dict(score_aggregation="mean"), "score_aggregation"),
+    ],
+)
+def test_bad_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **overrides)
+
+
+def test_bad_trainer_inputs(tmp_path):
+    args = _config(tmp_path)
+    student = make_model("timm_resnet")
+    teacher = make_model("hf_resnet", seed=1)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        TeacherGuidedPruningTrainer(student, teacher, args, train_dataset=RandomImages(8), calibration_dataset=[])
+    with pytest.raises(ValueError, match="no labels"):
+        TeacherGuidedPruningTrainer(student, teacher, args, train_dataset=RandomImages(8, labels=False))
+    with pytest.raises(ValueError, match="number of labels"):
+        TeacherGuidedPruningTrainer(
+            student, make_model("hf_resnet", num_labels=7), args, train_dataset=RandomImages(8)
+        )
+    with pytest.raises(ValueError, match="prune_include"):
+        TeacherGuidedPruningTrainer(
+            student, teacher, _config(tmp_path, prune_include=["nope"]), train_dataset=RandomImages(8)
+        )
+    with pytest.raises(ValueError, match="No prunable parameters"):
+        TeacherGuidedPruningTrainer(
+            student, teacher, _config(tmp_path, prune_exclude=["."]), train_dataset=RandomImages(8)
+        )
+    with pytest.raises(ValueError, match="teacher_model"):
+        TeacherGuidedPruningTrainer(
+            student, None, _config(tmp_path, retrain_with_kd=False), train_dataset=RandomImages(8)
+        )
+    with pytest.raises(ValueError, match="retrain_with_kd"):
+        TeacherGuidedPruningTrainer(
+            student, None, _config(tmp_path, pruning_method="snip"), train_dataset=RandomImages(8)
+        )
+
+
+def test_non_finite_scores_name_the_layer(tmp_path):
+    trainer = _trainer(tmp_path)
+    first = next(iter(dict(trainer.model.named_parameters())))
+    with torch.no_grad():
+        dict(trainer.model.named_parameters())[first].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match="not finite"):
+        trainer.prune()
+    assert trainer.masks is None
