@@ -228,6 +228,8 @@ def push_sparse_folder(
                 f"it is not a complete sparse checkpoint ({err})",
                 "Re-save it with `hf_tgprune.save_sparse_model` (or `trainer.save_model()`) before pushing.",
             ) from err
+    if token is None and huggingface_hub.get_token() is None:
+        raise _fail(folder, repo_id, "no_token", "no Hugging Face token was found", _TOKEN_FIX)
     if write_model_card and record is not None and not (folder / "README.md").exists():
         from .modelcard import create_model_card
 
@@ -236,8 +238,6 @@ def push_sparse_folder(
     files = sparse_folder_files(folder, ignore_patterns)
     if not files:
         raise _fail(folder, repo_id, "empty_folder", "there is nothing to upload", "Save the model first.")
-    if token is None and huggingface_hub.get_token() is None:
-        raise _fail(folder, repo_id, "no_token", "no Hugging Face token was found", _TOKEN_FIX)
 
     api = HfApi(token=token)
     try:

@@ -28,12 +28,13 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PLACEHOLDER_REPO = "<user>/<model>"
 
 
-def _is_hub_id(value: Any) -> bool:
-    """A Hub model id (not a local path): the Hub rejects `base_model` values that are not model ids."""
+def _is_hub_id(value: Any, *, namespaced: bool = False) -> bool:
+    """A Hub id (not a local path): the Hub rejects `base_model` values that are not existing model ids."""
     return (
         isinstance(value, str)
         and bool(_REPO_ID.match(value))
         and ".." not in value
+        and (not namespaced or "/" in value)
         and not Path(value).expanduser().exists()
     )
 
@@ -199,7 +200,7 @@ def create_model_card(
 
     card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *(["timm"] if family == "timm" else [])]))
     data = ModelCardData(
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=base_model if _is_hub_id(base_model, namespaced=True) else None,
         datasets=[dataset] if _is_hub_id(dataset) else None,
         library_name={"timm": "timm", "transformers": "transformers"}.get(family),
         license=license,

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,9 +91,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# A fixed table: dtype names in a header are looked up here, never resolved as attributes.
+_DTYPES = {
+    _dtype_name(dtype): dtype
+    for dtype in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = getattr(torch, _name)
+
+
 def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not isinstance(dtype, torch.dtype):
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise SparseFormatError(f"Unknown dtype {name!r} in the sparse checkpoint header.")
     return dtype
 
@@ -499,10 +521,17 @@ def _default_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 
 def _write_config(model: nn.Module, family: str, output_dir: Path) -> None:
     if family == "timm":
-        from timm.models._hub import save_config_for_hf
-
         config_path = output_dir / CONFIG_NAME
-        save_config_for_hf(model, str(config_path))
+        try:  # timm's own writer of the hf-hub `config.json` (what `push_to_hf_hub` / `save_for_hf` use)
+            from timm.models._hub import save_config_for_hf
+        except ImportError:  # pragma: no cover - older/newer timm: take the config.json that save_for_hf writes
+            from timm.models import save_for_hf
+
+            with tempfile.TemporaryDirectory() as tmp:
+                save_for_hf(model, tmp)
+                shutil.copyfile(Path(tmp) / CONFIG_NAME, config_path)
+        else:
+            save_config_for_hf(model, str(config_path))
         config = json.loads(config_path.read_text(encoding="utf-8"))
         model_args = config.get("model_args") or {}
         if model_args.get("num_classes") == config.get("num_classes"):

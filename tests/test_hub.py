@@ -230,6 +230,7 @@ def test_no_token_fails_before_any_request(tmp_path, monkeypatch):
     with pytest.raises(HubPushError, match="HF_TOKEN") as info:
         push_sparse_folder(tmp_path / "out", "user/repo")
     assert info.value.reason == "no_token" and fake.calls == []
+    assert not (tmp_path / "out" / "README.md").exists()  # nothing was written either
 
 
 def test_real_hfapi_in_offline_mode_is_a_clear_error(tmp_path, monkeypatch):

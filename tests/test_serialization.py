@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -386,6 +387,13 @@ def test_tampered_header_and_unknown_version_are_clear_errors(bitmask_folder):
     wrong_shape["tensors"][first]["shape"][0] += 1
     save_file(tensors, path, metadata={**metadata, "hf_tgprune.header": json.dumps(wrong_shape)})
     with pytest.raises(SparseFormatError, match="header checksum"):
+        load_sparse(path)
+
+    odd_dtype = json.loads(json.dumps(header))
+    odd_dtype["tensors"][first]["dtype"] = "Tensor"  # names are looked up in a fixed table, never as attributes
+    odd_dtype["header_sha256"] = hashlib.sha256(json.dumps(odd_dtype["tensors"], sort_keys=True).encode()).hexdigest()
+    save_file(tensors, path, metadata={**metadata, "hf_tgprune.header": json.dumps(odd_dtype)})
+    with pytest.raises(SparseFormatError, match="Unknown dtype 'Tensor'"):
         load_sparse(path)
 
     future = dict(header, version=99)
