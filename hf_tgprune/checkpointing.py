@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from . import hub
 from .adapters import get_adapter, unwrap_model
 from .serialization import (
-    BITMASK_WEIGHTS_NAME,
-    CONFIG_NAME,
     DENSE_WEIGHTS_NAME,
     SPARSITY_FILE_NAME,
     load_sparse,
@@ -167,6 +164,9 @@ class SparseCheckpointMixin:
             save_format=save_format,
             metadata=self.build_sparse_metadata(),
             state_dict=state_dict,
+            # a checkpoint keeps the exact training state (schedules may hold dense weights under a mask);
+            # the mask callback already keeps pruned weights at zero during sparse retraining
+            enforce_masks=not is_checkpoint,
         )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -275,27 +275,17 @@ class SparseCheckpointMixin:
         )
 
     def _refresh_output_dir_from(self, checkpoint_folder: str) -> None:
-        """Make ``output_dir`` hold the checkpoint's model in ``args.save_format`` without gathering weights."""
+        """Write the checkpoint's model into ``output_dir`` (``args.save_format``, masks enforced), no gathering."""
         output_dir = Path(self.args.output_dir)
-        save_format = getattr(self.args, "save_format", "dense")
-        if save_format == "dense":
-            stale = output_dir / BITMASK_WEIGHTS_NAME
-            if stale.exists():
-                stale.unlink()
-            for name in (CONFIG_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME):
-                source = Path(checkpoint_folder) / name
-                if source.is_file():
-                    shutil.copy(source, output_dir / name)
-        else:
-            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-            save_sparse_model(
-                model,
-                output_dir,
-                getattr(self, "masks", None),
-                save_format=save_format,
-                metadata=self.build_sparse_metadata(),
-                state_dict=load_sparse(Path(checkpoint_folder) / DENSE_WEIGHTS_NAME),
-            )
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_sparse_model(
+            model,
+            output_dir,
+            getattr(self, "masks", None),
+            save_format=getattr(self.args, "save_format", "dense"),
+            metadata=self.build_sparse_metadata(),
+            state_dict=load_sparse(Path(checkpoint_folder) / DENSE_WEIGHTS_NAME),
+        )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

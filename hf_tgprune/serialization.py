@@ -555,6 +555,7 @@ def save_sparse_model(
     save_format: str = "dense",
     metadata: Mapping[str, Any] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    enforce_masks: bool = True,
 ) -> dict[str, Any]:
     """Save a pruned model with its ``sparsity.json``; returns the ``sparsity.json`` content.
 
@@ -570,9 +571,14 @@ def save_sparse_model(
             ``teacher``, ``base_model``, ``calibration_size``, ``dataset``, ``metrics`` (e.g.
             ``{"dense": {...}, "pruned": {...}}``), ``target_sparsity``.
         state_dict: the state dict to save instead of ``model.state_dict()`` (e.g. gathered by Accelerate).
+        enforce_masks: zero the weights outside the masks in the file (default). False saves the weights as they
+            are (masks are only reported; for training checkpoints of schedules that keep dense weights under a
+            mask); dense format only.
     """
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
+    if not enforce_masks and save_format != "dense":
+        raise ValueError("enforce_masks=False keeps weights outside the mask, which only save_format='dense' stores")
     metadata = dict(metadata or {})
     clash = _RESERVED_METADATA_KEYS & metadata.keys()
     if clash:
@@ -583,11 +589,18 @@ def save_sparse_model(
     output_dir.mkdir(parents=True, exist_ok=True)
 
     masks_given = masks is not None
-    if masks_given:
+    enforced = masks_given and enforce_masks
+    if enforced:
         tensors = _masked_state_dict(model, masks, state_dict)
-        masks = {name: m.detach().to("cpu", torch.bool) for name, m in masks.items()}
     else:
-        tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+        source = model.state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in source.items()}
+    if masks_given:
+        masks = {name: m.detach().to("cpu", torch.bool) for name, m in masks.items()}
+        for name, mask in masks.items():
+            if name not in tensors or tuple(tensors[name].shape) != tuple(mask.shape):
+                raise KeyError(f"Mask {name!r} {tuple(mask.shape)} matches no tensor of the model's state dict")
+    else:
         masks = _default_masks(model, tensors)
 
     weights_name = DENSE_WEIGHTS_NAME if save_format == "dense" else BITMASK_WEIGHTS_NAME
@@ -619,11 +632,14 @@ def save_sparse_model(
     for name, mask in masks.items():
         if masks_given and name not in saved:
             raise RuntimeError(f"{weights_file} does not contain the masked tensor {name!r}")
-        if masks_given and bool((saved[name][~mask] != 0).any()):
+        if enforced and bool((saved[name][~mask] != 0).any()):
             raise RuntimeError(f"{weights_file}: {name!r} is non-zero where the mask prunes it")
     parameter_names = [name for name, _ in model.named_parameters()]
     report = measure_sparsity(saved, [name for name in masks if name in saved], parameter_names)
     report["pruned_by_mask"] = int(sum(int((~m).sum()) for m in masks.values())) if masks_given else None
+    report["masks_enforced"] = enforced
+    if masks_given and not enforced:
+        report["nonzero_outside_mask"] = int(sum(int((saved[n][~m] != 0).sum()) for n, m in masks.items()))
     del saved
 
     files = {weights_name: {"sha256": _sha256_file(weights_file), "bytes": weights_file.stat().st_size}}

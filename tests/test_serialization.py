@@ -292,6 +292,20 @@ def test_weights_outside_the_mask_are_saved_as_zero_with_a_warning(tmp_path, cap
     assert not load_file(tmp_path / DENSE_WEIGHTS_NAME)[name][~masks[name]].any()
 
 
+def test_enforce_masks_false_keeps_the_training_state(tmp_path):
+    model, masks = pruned_model("timm_resnet")
+    name = next(iter(masks))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(1.0)  # e.g. dense weights kept under a mask by a schedule
+    record = save_sparse_model(model, tmp_path, masks, enforce_masks=False)
+    assert_bit_identical(load_sparse(tmp_path), {k: v.detach() for k, v in model.state_dict().items()})
+    assert record["sparsity"]["masks_enforced"] is False
+    assert record["sparsity"]["nonzero_outside_mask"] == int((~masks[name]).sum())
+    assert record["mask"]["sha256"] == mask_hash(masks)
+    with pytest.raises(ValueError, match="dense"):
+        save_sparse_model(model, tmp_path, masks, enforce_masks=False, save_format="bitmask")
+
+
 def test_bad_arguments(tmp_path):
     model, masks = pruned_model("timm_resnet")
     with pytest.raises(ValueError, match="save_format"):
