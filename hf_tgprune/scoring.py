@@ -37,6 +37,8 @@ class ScoringOptions:
     beta: float = 0.5
     temperature: float = 3.0
     normalize_logits: bool = False
+    # weight λ of the self-distillation term of EPSD's CE + λ·L_SD (hf_tgprune.schedules)
+    self_distillation_weight: float = 1.0
 
 
 # batch_loss(model, teacher, batch, options) -> per-sample losses, shape [batch]
@@ -97,7 +99,7 @@ def cross_entropy_batch_loss(model, teacher, batch, options: ScoringOptions) -> 
 
 
 def weight_times_gradient(weight, grad, generator=None) -> torch.Tensor:
-    return (weight.detach().float() * grad).abs_()
+    return torch.mul(weight.detach(), grad).abs_()
 
 
 def gradient_magnitude(weight, grad, generator=None) -> torch.Tensor:
@@ -198,12 +200,13 @@ def compute_importance_scores(
             if count.item() == 0:
                 raise ValueError("A calibration batch holds no samples; check the calibration dataset.")
             steps += 1
-            for name, w, g in zip(names, weights, grads):
-                batch_scores = spec.saliency(w, g.reshape(w.shape) / count, generator)
-                if aggregation == "ema":
-                    scores[name].mul_(ema_momentum).add_(batch_scores, alpha=1.0 - ema_momentum)
-                else:
-                    scores[name].add_(batch_scores)
+            grads = [g.view(w.shape) for g, w in zip(grads, weights)]
+            torch._foreach_div_(grads, count.item())  # gradient of the mean loss over the global batch
+            batch_scores = [spec.saliency(w, g, generator) for w, g in zip(weights, grads)]
+            if aggregation == "ema":  # ema <- m·ema + (1-m)·s, one fused pass per layer
+                torch._foreach_lerp_(list(scores.values()), batch_scores, 1.0 - ema_momentum)
+            else:
+                torch._foreach_add_(list(scores.values()), batch_scores)
     finally:
         student.train(was_training)
     if steps == 0:
