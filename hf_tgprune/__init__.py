@@ -2,7 +2,9 @@
 
 from .adapters import ModelAdapter, forward_logits, get_adapter, register_adapter
 from .callbacks import GlobalMaskCallback
+from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
+from .hub import HubPushError, push_sparse_folder
 from .losses import cakld, teacher_guided_loss
 from .masking import (
     apply_masks,
@@ -13,6 +15,7 @@ from .masking import (
     save_masks,
     sparsity_report,
 )
+from .modelcard import create_model_card
 from .scoring import (
     SCORING_METHODS,
     ScoringMethod,
@@ -20,11 +23,20 @@ from .scoring import (
     compute_importance_scores,
     register_scoring_method,
 )
+from .serialization import SparseFormatError, load_sparse, load_sparse_masks, save_sparse_model
 from .trainer import TeacherGuidedPruningTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HubPushError",
+    "SparseCheckpointMixin",
+    "SparseFormatError",
+    "create_model_card",
+    "load_sparse",
+    "load_sparse_masks",
+    "push_sparse_folder",
+    "save_sparse_model",
     "GlobalMaskCallback",
     "ModelAdapter",
     "SCORING_METHODS",
