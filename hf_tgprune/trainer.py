@@ -25,6 +25,7 @@ from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
 from .masking import apply_masks, global_masks, load_masks, mask_hash, prunable_parameters, sparsity_report
+from .schedules import get_pruning_schedule
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             teacher_model.eval().requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.calibration_dataset = calibration_dataset
+        # set by a pruning schedule (hf_tgprune.schedules) that trains with its own loss
+        self.schedule_loss = None
         self.masks: dict[str, torch.Tensor] | None = None
         self.pruning_report: dict | None = None
         if masks is not None:
@@ -133,14 +136,15 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     # --- validation ---------------------------------------------------------------------------------------------
     @staticmethod
     def _validate_inputs(model, teacher, args, train_dataset, calibration_dataset) -> None:
-        method = get_scoring_method(args.pruning_method)
+        schedule = get_pruning_schedule(args.pruning_method)
+        method = get_scoring_method(schedule.scoring_method if schedule else args.pruning_method)
         prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns that match nothing
         if teacher is None and method.needs_teacher and args.alpha > 0:
             raise ValueError(
                 f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, or choose a "
                 "teacher-free method such as 'snip', 'magnitude' or 'random'."
             )
-        if teacher is None and args.retrain_with_kd:
+        if teacher is None and args.retrain_with_kd and not (schedule and schedule.own_loss):
             raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
         if teacher is not None:
             student_labels, teacher_labels = num_labels(model), num_labels(teacher)
@@ -183,19 +187,25 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
 
-    def compute_scores(self) -> dict[str, torch.Tensor]:
-        """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight."""
+    def compute_scores(
+        self, method: str | None = None, options: ScoringOptions | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight.
+
+        `method` / `options` override `args.pruning_method` and the options built from the config (schedules use it).
+        """
         args = self.args
-        method = get_scoring_method(args.pruning_method)
+        method_name = method or args.pruning_method
+        method = get_scoring_method(method_name)
         batches = None if method.data_free else self.get_calibration_dataloader()
         reduce = (lambda t: self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else None
         return compute_importance_scores(
             self.model,
             batches,
-            method=args.pruning_method,
+            method=method_name,
             teacher=self.teacher_model,
             params=prunable_parameters(self.model, args.prune_include, args.prune_exclude),
-            options=ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
+            options=options or ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
             aggregation=args.score_aggregation,
             ema_momentum=args.ema_momentum,
             bn_mode=args.scoring_bn_mode,
@@ -206,9 +216,21 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         )
 
     def prune(self) -> dict:
-        """Score once, apply one global mask, install the mask callback; returns the sparsity report."""
+        """Score once, apply one global mask, install the mask callback; returns the sparsity report.
+
+        When `pruning_method` names a registered pruning schedule (`hf_tgprune.schedules`: 'epsd', 'dg2pf', 'imp'),
+        the schedule's `setup` runs instead: it prunes (now or during training), installs its own mask callback and
+        possibly its own loss, and returns the report.
+        """
         if self.masks is not None:
             return self.pruning_report
+        schedule = get_pruning_schedule(self.args.pruning_method)
+        if schedule is not None:
+            start = time.perf_counter()
+            report = schedule.setup(self)
+            report["pruning_seconds"] = time.perf_counter() - start
+            self.pruning_report = report
+            return report
         start = time.perf_counter()
         scores = self.compute_scores()
         scoring_seconds = time.perf_counter() - start
@@ -269,6 +291,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`alpha·T²·CAKLD + (1-alpha)·CE` against the frozen teacher when `retrain_with_kd`, plain CE otherwise."""
+        if self.schedule_loss is not None:
+            return self.schedule_loss(self, model, inputs, return_outputs)
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         logits = forward_logits(model, pixel_values)
         args = self.args

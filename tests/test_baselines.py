@@ -1,0 +1,240 @@
+"""Seed baselines (hf_tgprune.schedules): EPSD, DG2PF, IMP, selectable by `pruning_method`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, compute_importance_scores
+from hf_tgprune.masking import prunable_parameters
+from hf_tgprune.schedules import PRUNING_SCHEDULES, ScheduledMaskCallback, imp_sparsities
+from hf_tgprune.scoring import ScoringOptions
+from tests.utils import RandomImages, make_model
+
+
+def _config(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        sparsity=0.9,
+        num_calibration_samples=16,
+        calibration_batch_size=8,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=0.05,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    defaults.update(overrides)
+    return TeacherGuidedPruningConfig(**defaults)
+
+
+def _trainer(tmp_path, teacher=False, **overrides):
+    return TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=0),
+        teacher_model=make_model("hf_resnet", seed=1) if teacher else None,
+        args=_config(tmp_path, **overrides),
+        train_dataset=RandomImages(32),  # 4 steps per epoch
+    )
+
+
+def _num_pruned(masks):
+    return sum(int((~m).sum()) for m in masks.values())
+
+
+def _assert_final_state(trainer):
+    """Exact sparsity, pruned weights and their optimizer state exactly zero."""
+    n = sum(m.numel() for m in trainer.masks.values())
+    assert _num_pruned(trainer.masks) == round(trainer.args.sparsity * n)
+    params = dict(trainer.model.named_parameters())
+    for name, mask in trainer.masks.items():
+        assert torch.count_nonzero(params[name].detach()[~mask]) == 0, name
+        for value in trainer.optimizer.state.get(params[name], {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                assert torch.count_nonzero(value[~mask]) == 0, name
+
+
+class _Spy(TrainerCallback):
+    def __init__(self, **events):
+        for event, fn in events.items():
+            setattr(self, event, fn)
+
+
+@pytest.mark.parametrize("method", ["tgp", "snip", "grad", "magnitude", "random", "epsd", "dg2pf", "imp"])
+def test_config_accepts_every_registered_method(tmp_path, method):
+    assert _config(tmp_path, pruning_method=method).pruning_method == method
+    assert {"epsd", "dg2pf", "imp"} <= set(PRUNING_SCHEDULES)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(gradual_pruning_epochs=0), "gradual_pruning_epochs"),
+        (dict(imp_rounds=0), "imp_rounds"),
+        (dict(imp_prune_fraction=1.0), "imp_prune_fraction"),
+        (dict(self_kd_alpha=1.5), "self_kd_alpha"),
+        (dict(epsd_warmup_steps=-1), "epsd_warmup_steps"),
+    ],
+)
+def test_bad_schedule_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **overrides)
+
+
+# --- EPSD -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("aggregation", ["ema", "sum"])
+def test_epsd_scores_match_autograd(aggregation):
+    model = make_model("timm_resnet", seed=0)
+    data = RandomImages(12)
+    batches = [{"pixel_values": data.pixel_values[i : i + 4], "labels": data.labels[i : i + 4]} for i in (0, 4, 8)]
+    lam, temperature = 0.7, 2.5
+    options = ScoringOptions(temperature=temperature, self_distillation_weight=lam)
+    scores = compute_importance_scores(model, batches, method="epsd", options=options, aggregation=aggregation)
+
+    params = prunable_parameters(model)
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    model.eval()
+    for batch in batches:
+        x, y = batch["pixel_values"], batch["labels"]
+        logits = model(x)
+        with torch.no_grad():
+            target = model(torch.flip(x, dims=[3]))
+        kl = F.kl_div(
+            F.log_softmax(logits / temperature, -1), F.softmax(target / temperature, -1), reduction="none"
+        ).sum(-1)
+        loss = (F.cross_entropy(logits, y, reduction="none") + lam * temperature**2 * kl).mean()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for (name, p), g in zip(params.items(), grads):
+            batch_score = (p.detach() * g).abs()
+            if aggregation == "ema":
+                expected[name].mul_(0.9).add_(0.1 * batch_score)
+            else:
+                expected[name].add_(batch_score)
+    if aggregation == "ema":
+        expected = {name: s / (1 - 0.9**3) for name, s in expected.items()}
+    for name in params:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-8)
+
+
+def test_epsd_warms_up_prunes_and_trains_without_teacher(tmp_path):
+    trainer = _trainer(tmp_path, pruning_method="epsd", epsd_warmup_steps=3, sparsity=0.95)
+    assert trainer.teacher_model is None
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    report = trainer.prune()
+    assert report["warmup_steps"] == 3 and report["method"] == "epsd"
+    # the warm-up trained the fresh student before scoring: some kept weight moved
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n][m], params[n].detach()[m]) for n, m in trainer.masks.items())
+    n = report["prunable"]["numel"]
+    assert report["pruned_by_mask"] == round(0.95 * n)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    trainer.model.eval()
+    ce = F.cross_entropy(trainer.model(batch["pixel_values"]), batch["labels"])
+    assert trainer.compute_loss(trainer.model, batch) > ce  # CE + λ·SD
+    trainer.train()
+    _assert_final_state(trainer)
+
+
+# --- DG2PF ------------------------------------------------------------------------------------------------------
+def test_dg2pf_weights_recover_during_schedule_not_after(tmp_path):
+    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=2, num_train_epochs=4)
+    report = trainer.prune()
+    assert report["pruned_by_mask"] == 0 and not report["schedule_finished"]
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ScheduledMaskCallback))
+    n = sum(m.numel() for m in trainer.masks.values())
+    seen = {"pruned": [], "revived": None, "dense_moved": False, "finetune_nonzero": 0, "finetune_steps": 0}
+    params = dict(trainer.model.named_parameters())
+    name = next(iter(trainer.masks))
+
+    def epoch_begin(args, state, control, **kwargs):
+        epoch = int(round(state.epoch))
+        seen["pruned"].append(_num_pruned(callback.masks))
+        if epoch == 1:  # the weight pushed up at the end of epoch 0 was pruned then, and is kept now
+            assert callback.masks[name].view(-1)[seen["revived"]]
+            assert params[name].view(-1)[seen["revived"]] == 1e3
+
+    def step_end(args, state, control, **kwargs):
+        mask = callback.masks[name]
+        if callback.simulating:
+            # the forward sees masked weights; the dense copy keeps training every weight
+            assert torch.count_nonzero(params[name].detach()[~mask]) == 0
+            seen["dense_moved"] |= bool((callback.dense[name][~mask] != seen["dense_before"][~mask]).any())
+            seen["dense_before"] = callback.dense[name].clone()
+        else:
+            seen["finetune_steps"] += 1
+            seen["finetune_nonzero"] += sum(
+                int(torch.count_nonzero(params[k].detach()[~m])) for k, m in callback.masks.items()
+            )
+
+    def epoch_end(args, state, control, **kwargs):
+        if int(round(state.epoch)) == 1 and seen["revived"] is None:
+            index = int((~callback.masks[name]).view(-1).nonzero()[0])
+            callback.dense[name].view(-1)[index] = 1e3
+            seen["revived"] = index
+
+    def train_begin(args, state, control, **kwargs):
+        seen["dense_before"] = callback.dense[name].clone()
+
+    trainer.add_callback(
+        _Spy(on_train_begin=train_begin, on_epoch_begin=epoch_begin, on_step_end=step_end, on_epoch_end=epoch_end)
+    )
+    trainer.train()
+    # linear schedule: s/2 at epoch 1, s at epoch 2; then fixed at s
+    assert seen["pruned"][:2] == [round(0.45 * n), round(0.9 * n)]
+    assert seen["dense_moved"], "pruned weights must keep training during the schedule"
+    assert seen["finetune_steps"] == 8 and seen["finetune_nonzero"] == 0
+    assert callback.finished and trainer.pruning_report["schedule_finished"]
+    _assert_final_state(trainer)
+
+
+def test_dg2pf_loss_is_self_kd_then_ce(tmp_path):
+    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=1)
+    trainer.prune()
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    model = trainer.model.eval()  # the dense copy is in eval mode: same BatchNorm statistics
+    ce = F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+    kd = trainer.compute_loss(model, batch)
+    # before pruning the student equals its dense copy: KL = 0, loss = (1 - alpha) * CE
+    torch.testing.assert_close(kd, 0.25 * ce)
+    next(c for c in trainer.callback_handler.callbacks if isinstance(c, ScheduledMaskCallback)).finished = True
+    torch.testing.assert_close(trainer.compute_loss(model, batch), ce)
+
+
+def test_schedule_cut_short_still_reaches_exact_sparsity(tmp_path):
+    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=5, num_train_epochs=1, sparsity=0.8)
+    trainer.train()
+    _assert_final_state(trainer)
+    assert trainer.pruning_report["schedule_finished"]
+
+
+# --- IMP --------------------------------------------------------------------------------------------------------
+def test_imp_sparsities():
+    levels = imp_sparsities(0.9, fraction=0.15)
+    assert len(levels) == 15 and levels[-1] == 0.9
+    assert levels[0] == pytest.approx(0.15) and levels[1] == pytest.approx(1 - 0.85**2)
+    assert imp_sparsities(0.5, rounds=2) == pytest.approx([1 - 0.5**0.5, 0.5])
+    assert imp_sparsities(0.5, rounds=1) == [0.5]
+
+
+def test_imp_reaches_target_after_k_rounds(tmp_path):
+    trainer = _trainer(tmp_path, teacher=True, pruning_method="imp", imp_rounds=3, num_train_epochs=4, sparsity=0.9)
+    report = trainer.prune()
+    n = report["prunable"]["numel"]
+    levels = report["imp_sparsities"]
+    assert report["pruned_by_mask"] == round(levels[0] * n) and levels[0] == pytest.approx(1 - 0.1 ** (1 / 3))
+    history = [dict(trainer.masks)]
+
+    def epoch_begin(args, state, control, **kwargs):
+        history.append(dict(trainer.masks))
+
+    trainer.add_callback(_Spy(on_epoch_begin=epoch_begin))
+    trainer.train()
+    counts = [_num_pruned(m) for m in history]
+    assert counts == [round(levels[0] * n), round(levels[0] * n), round(levels[1] * n), round(0.9 * n), round(0.9 * n)]
+    for earlier, later in zip(history, history[1:]):  # a pruned weight stays pruned
+        assert all(not bool((later[k] & ~earlier[k]).any()) for k in earlier)
+    _assert_final_state(trainer)
