@@ -1,0 +1,220 @@
+"""Load image classifiers by name or path, whatever library they come from.
+
+`load_image_classifier("resnet18", num_labels=10)` and friends accept:
+
+- timm model names (`resnet18`, `vit_tiny_patch16_224`), timm Hub ids (`hf-hub:timm/resnet18.a1_in1k`,
+  `timm/resnet18.a1_in1k`) and folders written by timm or by `hf_tgprune.save_sparse_model` for a timm model
+  (a `config.json` with an `architecture` key);
+- transformers model ids and folders (`AutoModelForImageClassification`: a `config.json` with `model_type`).
+
+Sources are a registry (`register_model_source`), tried in order; the first whose `matches` accepts the name
+loads it. Loading never guesses silently: a path that does not exist, an unknown name and a failed download
+(offline) are `ModelLoadError`s that say what to pass instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .adapters import num_labels as model_num_labels
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model name or path that cannot be loaded; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the caller wants: `num_labels` classes (None: keep the checkpoint's), weights or not."""
+
+    name_or_path: str
+    num_labels: int | None = None
+    pretrained: bool = False
+    id2label: Mapping[int, str] | None = None
+    label2id: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    matches: Callable[[str], bool]
+    load: Callable[[LoadRequest], nn.Module]
+    always_has_weights: bool = False  # local folders: their weights are the point
+
+
+_SOURCES: list[ModelSource] = []
+
+
+def register_model_source(source: ModelSource, *, first: bool = True) -> ModelSource:
+    """Register a model source; sources registered later with `first=True` are tried before earlier ones."""
+    _SOURCES.insert(0 if first else len(_SOURCES), source)
+    return source
+
+
+def looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def _read_config(path: str) -> dict:
+    config = Path(os.path.expanduser(path)) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _hub_failure(name: str, error: Exception, what: str = "") -> ModelLoadError:
+    detail = str(error).strip().rstrip(".")
+    return ModelLoadError(
+        f"Could not load {name!r}{what}: {type(error).__name__}: {detail}. If you are offline, pass a local folder "
+        "(one written by this recipe, `save_sparse_model`, timm `save_for_hf` or transformers `save_pretrained`), "
+        "or a timm architecture name without --pretrained to start from random weights."
+    )
+
+
+# --- timm ------------------------------------------------------------------------------------------------------
+def _is_timm_name(name: str) -> bool:
+    if name.startswith(("hf-hub:", "timm/")):
+        return True
+    if looks_like_path(name):
+        return False
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return timm.is_model(name)
+
+
+def _timm_name(name: str) -> str:
+    return f"hf-hub:{name}" if name.startswith("timm/") else name
+
+
+def _create_timm(model_name: str, request: LoadRequest, pretrained: bool) -> nn.Module:
+    import timm
+
+    kwargs = {} if request.num_labels is None else {"num_classes": request.num_labels}
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        if "Unknown model" in str(error):
+            raise ModelLoadError(f"{request.name_or_path!r} is not a timm model name.") from error
+        raise _hub_failure(request.name_or_path, error) from error
+
+
+def _load_timm(request: LoadRequest) -> nn.Module:
+    name = _timm_name(request.name_or_path)
+    return _create_timm(name, request, pretrained=request.pretrained or name.startswith("hf-hub:"))
+
+
+def _is_timm_folder(name: str) -> bool:
+    return looks_like_path(name) and "architecture" in _read_config(name)
+
+
+def _load_timm_folder(request: LoadRequest) -> nn.Module:
+    path = os.path.abspath(os.path.expanduser(request.name_or_path))
+    return _create_timm(f"local-dir:{path}", request, pretrained=True)
+
+
+# --- transformers ----------------------------------------------------------------------------------------------
+def _is_transformers_folder(name: str) -> bool:
+    return looks_like_path(name) and "model_type" in _read_config(name)
+
+
+def _label_kwargs(request: LoadRequest) -> dict:
+    kwargs = {}
+    if request.num_labels is not None:
+        kwargs["num_labels"] = request.num_labels
+    if request.id2label is not None:
+        kwargs["id2label"] = {int(k): v for k, v in request.id2label.items()}
+        kwargs["label2id"] = dict(request.label2id or {v: int(k) for k, v in request.id2label.items()})
+    return kwargs
+
+
+def _load_transformers(request: LoadRequest, *, pretrained: bool | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    pretrained = request.pretrained if pretrained is None else pretrained
+    name = os.path.expanduser(request.name_or_path)
+    try:
+        if pretrained:
+            return AutoModelForImageClassification.from_pretrained(
+                name, ignore_mismatched_sizes=request.num_labels is not None, **_label_kwargs(request)
+            )
+        config = AutoConfig.from_pretrained(name, **_label_kwargs(request))
+        return AutoModelForImageClassification.from_config(config)
+    except (OSError, ValueError) as error:
+        what = "" if looks_like_path(name) else " as a transformers model id (it is not a timm model name)"
+        raise _hub_failure(request.name_or_path, error, what) from error
+
+
+def _load_transformers_folder(request: LoadRequest) -> nn.Module:
+    return _load_transformers(request, pretrained=True)
+
+
+# Order: most specific first (registered with first=False, so this list is the lookup order).
+for _source in (
+    ModelSource("timm-folder", _is_timm_folder, _load_timm_folder, always_has_weights=True),
+    ModelSource("transformers-folder", _is_transformers_folder, _load_transformers_folder, always_has_weights=True),
+    ModelSource("timm", _is_timm_name, _load_timm),
+    ModelSource("transformers", lambda name: not looks_like_path(name), _load_transformers),
+):
+    register_model_source(_source, first=False)
+
+
+def model_source(name_or_path: str) -> ModelSource:
+    """The source that loads `name_or_path` (raises `ModelLoadError` for a missing path or an unusable folder)."""
+    if looks_like_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"{name_or_path!r}: no such file or folder ({os.path.abspath(name_or_path)}).")
+    for source in _SOURCES:
+        if source.matches(name_or_path):
+            return source
+    raise ModelLoadError(
+        f"Cannot load {name_or_path!r}: a folder needs a config.json written by timm (with `architecture`) or "
+        "transformers (with `model_type`); otherwise pass a timm model name or a transformers model id."
+    )
+
+
+def has_trained_weights(name_or_path: str, pretrained: bool) -> bool:
+    """Whether loading `name_or_path` gives trained weights (a saved folder, a Hub checkpoint, or --pretrained)."""
+    source = model_source(name_or_path)
+    return source.always_has_weights or pretrained or name_or_path.startswith(("hf-hub:", "timm/"))
+
+
+def load_image_classifier(
+    name_or_path: str,
+    num_labels: int | None = None,
+    *,
+    pretrained: bool = False,
+    id2label: Mapping[int, str] | None = None,
+    label2id: Mapping[str, int] | None = None,
+    strict_num_labels: bool = False,
+) -> nn.Module:
+    """Build or load an image classifier with `num_labels` outputs.
+
+    Saved folders and Hub checkpoints load their weights; plain architecture names (timm) and transformers ids
+    load weights only with `pretrained=True`. A checkpoint with another number of classes gets a new,
+    randomly initialised head, unless `strict_num_labels` (a trained teacher must match the dataset), which
+    raises `ModelLoadError` instead.
+    """
+    source = model_source(name_or_path)
+    request = LoadRequest(name_or_path, None if strict_num_labels else num_labels, pretrained, id2label, label2id)
+    model = source.load(request)
+    found = model_num_labels(model)
+    if strict_num_labels and num_labels is not None and found != num_labels:
+        raise ModelLoadError(
+            f"{name_or_path!r} predicts {found} classes but the dataset has {num_labels}. Pass a model trained on "
+            "this dataset, or leave it out to have the recipe train one."
+        )
+    logger.info("Loaded %s from %s (%s, %s classes)", type(model).__name__, name_or_path, source.name, found)
+    return model

@@ -1,0 +1,199 @@
+"""Small, pure helpers for the end-to-end recipe (`recipes/prune_cifar.py`).
+
+Argument parsing with YAML/JSON config files (as TRL's scripts), the output-folder guard, per-stage
+configs and timers, metric extraction and results files. Nothing here trains a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class RecipeError(ValueError):
+    """Bad recipe input detected before any training; the message names the argument and the fix."""
+
+
+# --- arguments -------------------------------------------------------------------------------------------------
+def _read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise RecipeError(f"Config file {path!r} does not exist.")
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise RecipeError(f"Config file {path!r} must hold a mapping of argument names to values.")
+    return data
+
+
+def _to_cli(config: Mapping[str, Any]) -> list[str]:
+    """A config mapping as command-line arguments (lists become several values, booleans explicit)."""
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, bool):
+            argv.append(str(value))
+        elif isinstance(value, (dict,)):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def expand_config_args(argv: Sequence[str]) -> list[str]:
+    """Replace a config file by its arguments, so that command-line arguments after it override it.
+
+    Accepted forms: `script.py config.yaml` (a single YAML/JSON file, as TRL's scripts) and
+    `script.py --config config.yaml [--more overrides]`. The file's keys are argument names.
+    """
+    argv = list(argv)
+    if len(argv) >= 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        return _to_cli(_read_config_file(argv[0])) + argv[1:]
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise RecipeError("--config needs a YAML or JSON file.")
+        return argv[:i] + _to_cli(_read_config_file(argv[i + 1])) + argv[i + 2 :]
+    return argv
+
+
+def parse_recipe_args(parser, argv: Sequence[str] | None = None):
+    """`HfArgumentParser.parse_args_into_dataclasses` with config files (see `expand_config_args`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args_into_dataclasses(args=expand_config_args(argv))
+
+
+# --- output folder ---------------------------------------------------------------------------------------------
+def check_output_dir(output_dir: str | None, overwrite: bool) -> None:
+    """Refuse an existing, non-empty `output_dir` unless `overwrite` (checked before anything is written)."""
+    if not output_dir:
+        raise RecipeError("--output_dir is required.")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"--output_dir {output_dir!r} exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RecipeError(
+            f"--output_dir {output_dir!r} exists and is not empty. Pass --overwrite_output_dir to write into it "
+            "(files of a previous run with the same names are replaced), or choose another folder."
+        )
+
+
+def run_dirname(sparsity: float) -> str:
+    """Folder name of one sparsity's model: `sparsity-0.9`, `sparsity-0.9508`."""
+    return f"sparsity-{sparsity:.6g}"
+
+
+def hub_repo_for(hub_model_id: str | None, output_dir: str, sparsity: float, sweep: bool) -> str:
+    """Hub repo of one run: `hub_model_id` (default: the output folder's name), suffixed per sparsity in sweeps."""
+    base = hub_model_id or Path(output_dir).absolute().name
+    return f"{base}-sparsity-{100 * sparsity:.4g}" if sweep else base
+
+
+def stage_args(args, output_dir: str, **changes: Any):
+    """A copy of the training config for one stage, writing to `output_dir`, never pushing by itself."""
+    changes.setdefault("push_to_hub", False)
+    return dataclasses.replace(args, output_dir=str(output_dir), **changes)
+
+
+# --- timing, metrics, results ----------------------------------------------------------------------------------
+class StageTimer:
+    """Wall time of named stages (seconds), in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def strip_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """`{"test_accuracy": 0.9, "test_runtime": 1.2}` -> `{"accuracy": 0.9, "runtime": 1.2}` (numbers only)."""
+    start = f"{prefix}_"
+    return {
+        key[len(start) :] if key.startswith(start) else key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):  # enums
+        return _jsonable(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write `data` as indented JSON atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def compact_sparsity(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of `sparsity_report` that go into results.json (per-layer, prunable and total)."""
+    return {
+        "prunable": dict(report["prunable"]),
+        "total": dict(report["total"]),
+        "layers": {name: dict(layer) for name, layer in report["layers"].items()},
+    }
+
+
+def format_summary(results: Mapping[str, Any]) -> str:
+    """A plain-text table of the accuracies in a results dict (what the recipe prints at the end)."""
+
+    def pct(metrics: Mapping[str, Any] | None, key: str = "accuracy") -> str:
+        value = (metrics or {}).get(key)
+        return "   -  " if value is None else f"{100 * value:6.2f}"
+
+    lines = [f"{'model':<28}{'top-1':>8}{'top-5':>8}  sparsity (prunable / total)"]
+    for label, key in (("teacher", "teacher"), ("dense student", "dense_student")):
+        test = (results.get(key) or {}).get("test")
+        if test is not None:
+            lines.append(f"{label:<28}{pct(test):>8}{pct(test, 'top5_accuracy'):>8}")
+    for run in results.get("runs", []):
+        sparsity = run.get("sparsity_report") or {}
+        measured = ""
+        if sparsity:
+            measured = f"  {100 * sparsity['prunable']['sparsity']:.2f}% / {100 * sparsity['total']['sparsity']:.2f}%"
+        for stage in ("after_pruning", "after_retraining"):
+            if run.get(stage) is not None:
+                label = f"{100 * run['sparsity']:.4g}% {stage.replace('_', ' ')}"
+                lines.append(f"{label:<28}{pct(run[stage]):>8}{pct(run[stage], 'top5_accuracy'):>8}{measured}")
+    return "\n".join(lines)

@@ -1,0 +1,574 @@
+#!/usr/bin/env python
+"""Teacher-guided one-shot pruning of an image classifier, end to end.
+
+    accelerate launch recipes/prune_cifar.py --dataset_name ../shared/data/cifar10 --model_name_or_path resnet18 \
+        --sparsity 0.9 --output_dir outputs/resnet18-tgp
+
+Stages (each timed in results.json):
+  1. teacher       load a trained teacher (--teacher_name_or_path), or train one (--teacher_epochs) and save it
+                   in <output_dir>/teacher for reuse;
+  2. student       load the student; optional KD warm-up of the dense student (--student_warmup_epochs);
+  3. scoring       ONE scoring pass over a calibration sample of the training part (hf_tgprune.scoring);
+  4. per sparsity  (--sparsity, or --sparsities 0.9 0.95 0.98 reusing the same scores) a fresh copy of the
+                   dense student gets one global mask (hf_tgprune.masking.global_masks), is evaluated, retrained
+                   sparsely with or without KD, evaluated again and saved in <output_dir>/sparsity-<s>;
+  5. report        results.json (top-1/top-5 of teacher, dense student, after pruning, after retraining; sparsity
+                   per layer and in total; wall time per stage) and PNG plots.
+
+Arguments: see --help. Everything can also come from one YAML/JSON file (`prune_cifar.py config.yaml`, or
+`--config config.yaml` followed by overrides). Works with timm and transformers models, on one or several
+GPUs or CPU processes (`accelerate launch --config_file recipes/accelerate_configs/<...>.yaml`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+# Running from a source checkout without `pip install -e .`: make `hf_tgprune` importable.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed  # noqa: E402
+
+from hf_tgprune import (  # noqa: E402
+    TeacherGuidedPruningConfig,
+    TeacherGuidedPruningTrainer,
+    get_adapter,
+    global_masks,
+    sparsity_report,
+)
+from hf_tgprune.data import (  # noqa: E402
+    DataError,
+    available_augmentations,
+    build_transforms,
+    collate_fn,
+    label_mappings,
+    label_names,
+    limit_samples,
+    load_image_dataset,
+    native_image_size,
+    resolve_data_config,
+    resolve_splits,
+    sample_calibration,
+    set_transforms,
+)
+from hf_tgprune.evaluation import make_compute_metrics  # noqa: E402
+from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier  # noqa: E402
+from hf_tgprune.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity  # noqa: E402
+from hf_tgprune.recipe_utils import (  # noqa: E402
+    RecipeError,
+    StageTimer,
+    check_output_dir,
+    compact_sparsity,
+    format_summary,
+    hub_repo_for,
+    parse_recipe_args,
+    run_dirname,
+    stage_args,
+    strip_prefix,
+    write_json,
+)
+from hf_tgprune.scoring import get_scoring_method  # noqa: E402
+
+logger = logging.getLogger("prune_cifar")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="resnet18",
+        metadata={
+            "help": "Student: a timm name (resnet18, hf-hub:timm/...), a transformers model id, or a saved folder."
+        },
+    )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A TRAINED teacher (saved folder, e.g. <output_dir>/teacher of an earlier run, or a Hub "
+            "checkpoint); it must predict the dataset's classes. Without it the recipe trains a teacher."
+        },
+    )
+    teacher_architecture: str | None = field(
+        default=None,
+        metadata={"help": "Architecture of the teacher to train when there is none (default: the student's)."},
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata={"help": "Start the student (and a trained-from-scratch teacher) from pretrained weights."},
+    )
+    teacher_epochs: float = field(
+        default=3.0, metadata={"help": "Epochs to train the teacher when no --teacher_name_or_path is given."}
+    )
+    teacher_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of teacher training (default: --learning_rate)."}
+    )
+    student_warmup_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Epochs of KD fine-tuning of the dense student before scoring (the authors fine-tune the "
+            "student first). Needed when the student starts from random weights."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="uoft-cs/cifar10",
+        metadata={
+            "help": "Hub dataset id or local folder (e.g. ../shared/data/cifar10, uoft-cs/cifar100, an "
+            "imagefolder tree root/<split>/<class>/<image>)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir for load_dataset (e.g. imagefolder)."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column (default: detected; CIFAR-100 -> fine_label)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on (validation is carved from it)."})
+    test_split: str | None = field(
+        default=None, metadata={"help": "Split for the final report (default: test, else validation)."}
+    )
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percent of the train split held out for validation (0: none)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many validation and test images."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input resolution (224 for the paper's protocol). Default: the dataset's own for small images "
+            "(CIFAR: 32), else the model's."
+        },
+    )
+    augmentation: str = field(
+        default="cifar", metadata={"help": f"Training augmentation: one of {available_augmentations()}."}
+    )
+
+
+@dataclass
+class RecipeArguments:
+    sparsities: list[float] | None = field(
+        default=None,
+        metadata={"help": "Sweep, e.g. --sparsities 0.9 0.95 0.98: one scoring pass, one retrained model each."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop sparse retraining after this many epochs without validation improvement."},
+    )
+    plots: bool = field(default=True, metadata={"help": "Write PNG plots next to results.json."})
+
+
+# Recipe defaults that differ from TrainingArguments' (the authors' SGD; evaluate every epoch).
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/prune_cifar",
+    "learning_rate": 0.01,
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    "weight_decay": 0.0,
+    "per_device_train_batch_size": 128,
+    "per_device_eval_batch_size": 256,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 50,
+    "report_to": "none",
+    "dataloader_pin_memory": torch.cuda.is_available(),
+    "ddp_find_unused_parameters": False,  # classifiers use every parameter; the check costs a graph traversal
+}
+
+
+def parse_arguments(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TeacherGuidedPruningConfig))
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    try:
+        return parse_recipe_args(parser, argv)
+    except ValueError as error:  # validation in the dataclasses' __post_init__ (e.g. --sparsity 1.5)
+        raise RecipeError(str(error)) from error
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checks that run before any training
+# ------------------------------------------------------------------------------------------------------------------
+def needs_teacher(args, model_args) -> bool:
+    method = get_scoring_method(args.pruning_method)
+    kd_scoring = method.needs_teacher and args.alpha > 0
+    return kd_scoring or args.retrain_with_kd or model_args.student_warmup_epochs > 0
+
+
+def validate(model_args, data_args, recipe_args, args) -> list[float]:
+    """Cross-argument checks; returns the sparsities to run."""
+    sparsities = recipe_args.sparsities or [args.sparsity]
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise RecipeError(f"--sparsities: every value must be in [0, 1); got {s}.")
+    if len(set(sparsities)) != len(sparsities):
+        raise RecipeError(f"--sparsities has duplicates: {sparsities}.")
+    if model_args.teacher_name_or_path is None and needs_teacher(args, model_args) and model_args.teacher_epochs <= 0:
+        raise RecipeError(
+            "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
+            "(or use a teacher-free setup: --pruning_method snip --retrain_with_kd False)."
+        )
+    if data_args.augmentation not in available_augmentations():
+        raise RecipeError(
+            f"--augmentation must be one of {available_augmentations()}; got {data_args.augmentation!r}."
+        )
+    if recipe_args.early_stopping_patience is not None and data_args.validation_split_percentage == 0:
+        raise RecipeError("--early_stopping_patience needs a validation split (--validation_split_percentage > 0).")
+    if args.push_to_hub:
+        import huggingface_hub
+
+        if args.hub_token is None and huggingface_hub.get_token() is None:
+            raise RecipeError(
+                "--push_to_hub needs a Hugging Face write token: run `hf auth login`, set HF_TOKEN or pass "
+                "--hub_token (or drop --push_to_hub)."
+            )
+    return sparsities
+
+
+def load_data(data_args, args):
+    with args.main_process_first(desc="loading the dataset"):
+        raw = load_image_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            image_column=data_args.image_column,
+            label_column=data_args.label_column,
+            data_dir=data_args.data_dir,
+        )
+    splits = resolve_splits(
+        raw, data_args.validation_split_percentage, seed=args.seed, train_split=data_args.train_split,
+        test_split=data_args.test_split,
+    )  # fmt: skip
+    names = label_names(splits.train)
+    if label_names(splits.test) != names:
+        raise DataError(
+            f"The test split's classes {label_names(splits.test)[:10]} differ from the train split's {names[:10]}."
+        )
+    splits.train = limit_samples(splits.train, data_args.max_train_samples, seed=args.seed)
+    if splits.validation is not None:
+        splits.validation = limit_samples(splits.validation, data_args.max_eval_samples)
+    splits.test = limit_samples(splits.test, data_args.max_eval_samples)
+    return splits
+
+
+def load_models(model_args, args, num_labels, id2label, label2id):
+    """(student, teacher or None, teacher_is_trained). Fails before training on a bad path or label mismatch."""
+    student = load_image_classifier(
+        model_args.model_name_or_path, num_labels, pretrained=model_args.pretrained, id2label=id2label,
+        label2id=label2id,
+    )  # fmt: skip
+    if not needs_teacher(args, model_args) and model_args.teacher_name_or_path is None:
+        return student, None, False
+    if model_args.teacher_name_or_path is not None:
+        if not has_trained_weights(model_args.teacher_name_or_path, pretrained=False):
+            raise RecipeError(
+                f"--teacher_name_or_path {model_args.teacher_name_or_path!r} is an architecture name, not a trained "
+                "model. Pass a saved folder or Hub checkpoint, or use --teacher_architecture to train one."
+            )
+        teacher = load_image_classifier(
+            model_args.teacher_name_or_path, num_labels, id2label=id2label, label2id=label2id, strict_num_labels=True
+        )
+        return student, teacher, True
+    architecture = model_args.teacher_architecture or model_args.model_name_or_path
+    teacher = load_image_classifier(
+        architecture, num_labels, pretrained=model_args.pretrained, id2label=id2label, label2id=label2id
+    )
+    return student, teacher, False
+
+
+def image_processor_for(model, name_or_path):
+    """The transformers image processor of a transformers student, when one can be loaded."""
+    if get_adapter(model).name != "transformers":
+        return None
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------------
+def make_trainer(model, args, *, teacher=None, train=None, validation=None, calibration=None, masks=None, **kw):
+    return TeacherGuidedPruningTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=args,
+        data_collator=collate_fn,
+        train_dataset=train,
+        eval_dataset=validation,
+        calibration_dataset=calibration,
+        compute_metrics=make_compute_metrics(),
+        masks=masks,
+        **kw,
+    )
+
+
+def evaluate(trainer, dataset) -> dict[str, float]:
+    return strip_prefix(trainer.evaluate(eval_dataset=dataset, metric_key_prefix="test"), "test")
+
+
+def quality(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that describe the model (not the evaluation's speed)."""
+    return {k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")}
+
+
+def dense_args(args, output_dir, epochs, learning_rate=None, with_kd=False, has_validation=True):
+    """Config of a dense (unpruned) training stage: no mask (the trainer gets masks={}), CE or KD."""
+    return stage_args(
+        args,
+        output_dir,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate or args.learning_rate,
+        retrain_with_kd=with_kd,
+        pruning_method="magnitude",  # no pruning happens in dense stages; a teacher-free method passes validation
+        sparsity=0.0,
+        prune_include=None,
+        prune_exclude=None,
+        eval_strategy=args.eval_strategy if has_validation else "no",
+        load_best_model_at_end=False,
+    )
+
+
+def retrain_args(args, output_dir, sparsity, patience, has_validation):
+    changes = {"sparsity": sparsity}
+    if not has_validation:
+        changes.update(eval_strategy="no", load_best_model_at_end=False)
+    if patience is not None:
+        changes.update(
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            load_best_model_at_end=True,
+            metric_for_best_model="accuracy",
+            greater_is_better=True,
+            save_total_limit=2,
+        )
+    return stage_args(args, output_dir, **changes)
+
+
+def main(argv=None) -> dict:
+    model_args, data_args, recipe_args, args = parse_arguments(argv)
+    state = PartialState()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if state.is_main_process else logging.WARNING,
+    )
+    timer = StageTimer()
+
+    # ---- checks and data: everything that can be wrong fails here, before any training -------------------------
+    sparsities = validate(model_args, data_args, recipe_args, args)
+    check_output_dir(args.output_dir, recipe_args.overwrite_output_dir)
+    state.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
+    set_seed(args.seed)
+    with timer.measure("load"):
+        splits = load_data(data_args, args)
+        id2label, label2id = label_mappings(splits.train)
+        num_labels = len(id2label)
+        student, teacher, teacher_is_trained = load_models(model_args, args, num_labels, id2label, label2id)
+        processor = image_processor_for(student, model_args.model_name_or_path)
+        data_config = resolve_data_config(
+            student, processor, image_size=data_args.image_size, native_size=native_image_size(splits.train)
+        )
+        train_transform, eval_transform = build_transforms(data_config, data_args.augmentation)
+        train_ds = set_transforms(splits.train, train_transform)
+        validation_ds = None if splits.validation is None else set_transforms(splits.validation, eval_transform)
+        test_ds = set_transforms(splits.test, eval_transform)
+        # calibration: from the training part only, deterministic, without augmentation
+        calibration_ds = set_transforms(
+            sample_calibration(splits.train, args.num_calibration_samples, seed=args.seed), eval_transform
+        )
+    has_validation = validation_ds is not None
+    out = args.output_dir
+    results = {
+        "command": sys.argv,
+        "world_size": state.num_processes,
+        "device": str(args.device),
+        "dataset": {
+            "name": data_args.dataset_name,
+            "num_labels": num_labels,
+            "train": len(train_ds),
+            "validation": len(validation_ds) if has_validation else 0,
+            "test": len(test_ds),
+            "calibration": len(calibration_ds),
+        },
+        "data_config": dataclasses.asdict(data_config),
+        "student": model_args.model_name_or_path,
+        "method": {
+            k: getattr(args, k)
+            for k in ("pruning_method", "alpha", "beta", "temperature", "normalize_logits", "score_aggregation")
+        }
+        | {"retrain_with_kd": args.retrain_with_kd, "sparsities": sparsities},
+        "teacher": None,
+        "dense_student": None,
+        "runs": [],
+    }
+    logger.info("Data: %s; input %s", results["dataset"], data_config)
+
+    def save_results():
+        results["stage_seconds"] = dict(timer.seconds)
+        results["total_seconds"] = timer.total
+        if state.is_main_process:
+            write_json(os.path.join(out, "results.json"), results)
+
+    # ---- 1. teacher ---------------------------------------------------------------------------------------------
+    if teacher is not None:
+        teacher_dir = os.path.join(out, "teacher")
+        teacher_trainer = make_trainer(
+            teacher,
+            dense_args(args, teacher_dir, model_args.teacher_epochs, model_args.teacher_learning_rate,
+                       has_validation=has_validation),
+            train=train_ds,
+            validation=validation_ds,
+            masks={},
+        )  # fmt: skip
+        if not teacher_is_trained:
+            with timer.measure("teacher_training"):
+                teacher_trainer.train()
+            if state.is_main_process:
+                from hf_tgprune.serialization import save_sparse_model
+
+                save_sparse_model(teacher, teacher_dir, metadata={"dataset": data_args.dataset_name})
+            logger.info("Saved the trained teacher to %s (reuse it with --teacher_name_or_path)", teacher_dir)
+        with timer.measure("teacher_evaluation"):
+            results["teacher"] = {
+                "source": model_args.teacher_name_or_path or teacher_dir,
+                "trained_here": not teacher_is_trained,
+                "test": evaluate(teacher_trainer, test_ds),
+            }
+        teacher.eval().requires_grad_(False)
+        save_results()
+
+    # ---- 2. dense student (optional KD warm-up) ---------------------------------------------------------------
+    student_trained = has_trained_weights(model_args.model_name_or_path, model_args.pretrained)
+    warmup_dir = os.path.join(out, "dense-student")
+    dense_trainer = make_trainer(
+        student,
+        dense_args(args, warmup_dir, model_args.student_warmup_epochs, with_kd=teacher is not None,
+                   has_validation=has_validation),
+        teacher=teacher,
+        train=train_ds,
+        validation=validation_ds,
+        calibration=calibration_ds,
+        masks={},
+    )  # fmt: skip
+    if model_args.student_warmup_epochs > 0:
+        with timer.measure("student_warmup"):
+            dense_trainer.train()
+        student_trained = True
+        if state.is_main_process:
+            from hf_tgprune.serialization import save_sparse_model
+
+            save_sparse_model(student, warmup_dir, metadata={"dataset": data_args.dataset_name})
+    if not student_trained:
+        logger.warning(
+            "The student starts from random weights and gets no warm-up: pass --pretrained, a trained "
+            "--model_name_or_path, or --student_warmup_epochs > 0 to prune a trained network."
+        )
+    with timer.measure("dense_student_evaluation"):
+        results["dense_student"] = {"trained": student_trained, "test": evaluate(dense_trainer, test_ds)}
+    save_results()
+
+    # ---- 3. one scoring pass ------------------------------------------------------------------------------------
+    with timer.measure("scoring"):
+        scoring_trainer = make_trainer(
+            student,
+            stage_args(args, warmup_dir, eval_strategy="no", load_best_model_at_end=False),
+            teacher=teacher,
+            train=train_ds,
+            calibration=calibration_ds,
+            masks={},
+        )
+        scores = scoring_trainer.compute_scores()
+        del scoring_trainer
+    dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
+
+    # ---- 4. per sparsity: mask, evaluate, retrain, evaluate, save -------------------------------------------------
+    layer_reports = {}
+    for sparsity in sparsities:
+        tag = run_dirname(sparsity)
+        run_dir = os.path.join(out, tag)
+        callbacks = []
+        if recipe_args.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe_args.early_stopping_patience))
+        with timer.measure(f"{tag}/mask"):
+            masks = global_masks(scores, sparsity, args.min_layer_density)
+            model = copy.deepcopy(dense_state)
+            trainer = make_trainer(
+                model,
+                retrain_args(args, run_dir, sparsity, recipe_args.early_stopping_patience, has_validation),
+                teacher=teacher,
+                train=train_ds,
+                validation=validation_ds,
+                calibration=calibration_ds,
+                masks=masks,
+                callbacks=callbacks,
+                processing_class=processor,
+            )
+        run = {"sparsity": sparsity, "model_dir": run_dir, "mask_sha256": trainer.pruning_report["mask_sha256"]}
+        with timer.measure(f"{tag}/eval_after_pruning"):
+            run["after_pruning"] = evaluate(trainer, test_ds)
+        if args.num_train_epochs > 0 or args.max_steps > 0:
+            with timer.measure(f"{tag}/retraining"):
+                trainer.train()
+            with timer.measure(f"{tag}/eval_after_retraining"):
+                run["after_retraining"] = evaluate(trainer, test_ds)
+        report = sparsity_report(trainer.model, masks)
+        run["sparsity_report"] = compact_sparsity(report)
+        layer_reports[sparsity] = report["layers"]
+        with timer.measure(f"{tag}/save"):
+            trainer.sparse_metadata.update(
+                dataset=data_args.dataset_name,
+                teacher=(results.get("teacher") or {}).get("source"),
+                base_model=model_args.model_name_or_path,
+                dense_metrics=quality(results["dense_student"]["test"]),
+                pruned_metrics=quality(run.get("after_retraining") or run["after_pruning"]),
+            )
+            trainer.save_model(run_dir)
+            if args.push_to_hub and state.is_main_process:
+                from hf_tgprune.hub import push_sparse_folder
+
+                repo_id = hub_repo_for(args.hub_model_id, out, sparsity, sweep=len(sparsities) > 1)
+                push_sparse_folder(run_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+                run["hub_repo"] = repo_id
+        results["runs"].append(run)
+        save_results()
+        del trainer, model
+
+    # ---- 5. report ------------------------------------------------------------------------------------------------
+    if state.is_main_process and recipe_args.plots:
+        plot_layer_sparsity(layer_reports, os.path.join(out, "layer_sparsity.png"))
+        if len(results["runs"]) > 1 or results["runs"][0].get("after_retraining"):
+            plot_accuracy_vs_sparsity(
+                results["runs"],
+                os.path.join(out, "accuracy_vs_sparsity.png"),
+                dense=results["dense_student"]["test"].get("accuracy"),
+                teacher=(results.get("teacher") or {}).get("test", {}).get("accuracy"),
+            )
+    save_results()
+    if state.is_main_process:
+        print(format_summary(results))
+        print(f"results: {os.path.join(out, 'results.json')}  (total {timer.total:.0f} s)")
+    state.wait_for_everyone()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RecipeError, DataError, ModelLoadError) as error:
+        sys.exit(f"prune_cifar.py: error: {error}")

@@ -1,0 +1,287 @@
+"""recipes/prune_cifar.py end to end (2 CPU processes under accelerate) and its bad-input errors."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "prune_cifar.py"
+NUM_CLASSES = 4
+
+
+def _synthetic_split(n: int, seed: int, size: int = 32) -> datasets.Dataset:
+    """CIFAR-layout images (`img`, `label`) whose class is the bright quadrant: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % NUM_CLASSES).tolist()
+    images = []
+    half = size // 2
+    for label in labels:
+        pixels = rng.integers(0, 100, size=(size, size, 3), dtype=np.uint8)
+        row, col = divmod(label, 2)
+        pixels[row * half : (row + 1) * half, col * half : (col + 1) * half] += 150
+        images.append(Image.fromarray(pixels))
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["tl", "tr", "bl", "br"])}
+    )
+    return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    (root / "plain_text").mkdir()
+    _synthetic_split(320, seed=0).to_parquet(str(root / "plain_text" / "train-00000-of-00001.parquet"))
+    _synthetic_split(80, seed=1).to_parquet(str(root / "plain_text" / "test-00000-of-00001.parquet"))
+    return root
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return result
+
+
+def _common_args(dataset: Path, output_dir: Path) -> list[str]:
+    return [
+        "--dataset_name", str(dataset),
+        "--output_dir", str(output_dir),
+        "--max_train_samples", "256",
+        "--max_eval_samples", "64",
+        "--validation_split_percentage", "10",
+        "--num_calibration_samples", "48",
+        "--calibration_batch_size", "16",
+        "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "32",
+        "--teacher_epochs", "1",
+        "--num_train_epochs", "1",
+        "--learning_rate", "0.05",
+        "--logging_steps", "5",
+        "--disable_tqdm", "True",
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def _count_zeros(state_dict, names):
+    return sum(int((state_dict[name] == 0).sum()) for name in names), sum(state_dict[name].numel() for name in names)
+
+
+@pytest.mark.slow
+def test_recipe_two_processes_end_to_end(tiny_cifar, tmp_path):
+    accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate CLI not on PATH"
+    out = tmp_path / "run"
+    _run(
+        [
+            accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+            str(RECIPE),
+            *_common_args(tiny_cifar, out),
+            "--model_name_or_path", "test_resnet",
+            "--teacher_architecture", "test_vit",
+            "--student_warmup_epochs", "1",
+            "--sparsities", "0.5", "0.9",
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["dataset"] | {"name": None} == {
+        "name": None, "num_labels": 4, "train": 256, "validation": 32, "test": 64, "calibration": 48,
+    }  # fmt: skip
+    for entry in (results["teacher"]["test"], results["dense_student"]["test"]):
+        assert 0 <= entry["accuracy"] <= 1 and entry["top5_accuracy"] == 1.0  # 4 classes: top-5 is trivial
+    assert results["teacher"]["trained_here"] and results["dense_student"]["trained"]
+    assert [run["sparsity"] for run in results["runs"]] == [0.5, 0.9]
+    for stage in ("load", "teacher_training", "student_warmup", "scoring", "sparsity-0.9/retraining"):
+        assert results["stage_seconds"][stage] > 0, stage
+    for run in results["runs"]:
+        for stage in ("after_pruning", "after_retraining"):
+            assert 0 <= run[stage]["accuracy"] <= 1
+        report = run["sparsity_report"]
+        target = round(run["sparsity"] * report["prunable"]["numel"])
+        assert report["prunable"]["zeros"] >= target
+        # the saved model loads with plain timm and is exactly as sparse as the mask says
+        import timm
+
+        model = timm.create_model(f"local-dir:{run['model_dir']}", pretrained=True)
+        zeros, numel = _count_zeros(model.state_dict(), list(report["layers"]))
+        assert numel == report["prunable"]["numel"] and zeros >= target
+        record = json.loads((Path(run["model_dir"]) / "sparsity.json").read_text())
+        assert record["mask"]["sha256"] == run["mask_sha256"]
+        assert record["sparsity"]["prunable"]["zeros"] >= target
+        assert record["metrics"]["pruned"]["accuracy"] == run["after_retraining"]["accuracy"]
+    # both sparsities come from one scoring pass, so the 50% model's pruned weights are pruned at 90% too
+    half = timm.create_model(f"local-dir:{out / 'sparsity-0.5'}", pretrained=True).state_dict()
+    most = timm.create_model(f"local-dir:{out / 'sparsity-0.9'}", pretrained=True).state_dict()
+    for name in results["runs"][0]["sparsity_report"]["layers"]:
+        assert bool(((half[name] == 0) <= (most[name] == 0)).all()), name
+    assert timm.create_model(f"local-dir:{out / 'teacher'}", pretrained=True).num_classes == NUM_CLASSES
+    assert (out / "dense-student" / "model.safetensors").is_file()
+    for name in ("layer_sparsity.png", "accuracy_vs_sparsity.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_recipe_yaml_config_transformers_student_and_trained_teacher(tiny_cifar, tmp_path):
+    """One process, settings from a YAML file (+ an override), a transformers student, a saved teacher."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_tgprune.serialization import save_sparse_model
+
+    student_dir = tmp_path / "hf_student"
+    config = ResNetConfig(num_labels=NUM_CLASSES, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    ResNetForImageClassification(config).save_pretrained(student_dir)
+    import timm
+
+    teacher_dir = tmp_path / "teacher"
+    save_sparse_model(timm.create_model("test_resnet", num_classes=NUM_CLASSES), teacher_dir)
+    out = tmp_path / "run"
+    args = _common_args(tiny_cifar, out)
+    yaml_lines = [f"{key[2:]}: {value}" for key, value in zip(args[::2], args[1::2])]
+    yaml_lines += [f"model_name_or_path: {student_dir}", f"teacher_name_or_path: {teacher_dir}", "sparsity: 0.8"]
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text("\n".join(yaml_lines) + "\n")
+    _run([sys.executable, str(RECIPE), "--config", str(config_file), "--sparsity", "0.75", "--save_format", "dense"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 1 and "teacher_training" not in results["stage_seconds"]
+    assert results["teacher"]["trained_here"] is False and results["teacher"]["source"] == str(teacher_dir)
+    (run,) = results["runs"]
+    assert run["sparsity"] == 0.75
+    model = ResNetForImageClassification.from_pretrained(run["model_dir"])
+    zeros, numel = _count_zeros(model.state_dict(), list(run["sparsity_report"]["layers"]))
+    assert zeros >= round(0.75 * numel)
+    assert (out / "layer_sparsity.png").is_file() and (out / "accuracy_vs_sparsity.png").is_file()
+
+
+# --- bad input: clear errors before any training -----------------------------------------------------------------
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("prune_cifar_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return _recipe_module()
+
+
+def _bad_run(recipe, tiny_cifar, out, *extra):
+    args = _common_args(tiny_cifar, out) + ["--model_name_or_path", "test_resnet", *extra]
+    return recipe.main(args)
+
+
+def test_unknown_column(recipe, tiny_cifar, tmp_path):
+    from hf_tgprune.data import DataError
+
+    with pytest.raises(DataError, match=r"--label_column 'fine_label'.*\['img', 'label'\]"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--label_column", "fine_label")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_teacher_path(recipe, tiny_cifar, tmp_path):
+    from hf_tgprune.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", str(tmp_path / "nope"))
+
+
+def test_teacher_label_count_mismatch(recipe, tiny_cifar, tmp_path):
+    import timm
+
+    from hf_tgprune.models import ModelLoadError
+    from hf_tgprune.serialization import save_sparse_model
+
+    save_sparse_model(timm.create_model("test_resnet", num_classes=10), tmp_path / "teacher10")
+    with pytest.raises(ModelLoadError, match="predicts 10 classes but the dataset has 4"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", str(tmp_path / "teacher10"))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_teacher_name_that_is_not_trained(recipe, tiny_cifar, tmp_path):
+    from hf_tgprune.recipe_utils import RecipeError
+
+    with pytest.raises(RecipeError, match="architecture name, not a trained model"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", "test_resnet")
+
+
+def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
+    from hf_tgprune.recipe_utils import RecipeError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    with pytest.raises(RecipeError, match="--overwrite_output_dir"):
+        _bad_run(recipe, tiny_cifar, out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsities", "0.5", "1.0"], r"--sparsities: every value must be in \[0, 1\)"),
+        (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\)"),
+        (["--teacher_epochs", "0"], "No trained teacher"),
+        (["--augmentation", "mixup"], "--augmentation must be one of"),
+    ],
+)
+def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
+    from hf_tgprune.recipe_utils import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", *extra)
+
+
+def test_offline_hub_dataset_error_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--dataset_name", "uoft-cs/cifar10", "--output_dir", str(tmp_path / "o")],
+        env=_env() | {"HF_HOME": str(tmp_path / "hf")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "prune_cifar.py: error:" in result.stderr and "Pass a local folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch):
+    """`--sparsities` scores once and masks nested sparsities from the same scores (in-process, tiny)."""
+    from hf_tgprune import trainer as trainer_module
+
+    calls = []
+    original = trainer_module.TeacherGuidedPruningTrainer.compute_scores
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.TeacherGuidedPruningTrainer, "compute_scores", counting)
+    results = _bad_run(
+        recipe, tiny_cifar, tmp_path / "out",
+        "--pruning_method", "snip", "--retrain_with_kd", "False", "--num_train_epochs", "0",
+        "--sparsities", "0.3", "0.6", "0.9", "--plots", "False", "--report_to", "none",
+    )  # fmt: skip
+    assert len(calls) == 1
+    assert results["teacher"] is None
+    assert [run["sparsity"] for run in results["runs"]] == [0.3, 0.6, 0.9]
+    assert all("after_retraining" not in run for run in results["runs"])
+    zeros = [run["sparsity_report"]["prunable"]["zeros"] for run in results["runs"]]
+    numel = results["runs"][0]["sparsity_report"]["prunable"]["numel"]
+    assert zeros == sorted(zeros) and zeros[-1] >= round(0.9 * numel)
