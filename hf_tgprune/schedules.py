@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from .adapters import forward_logits, unwrap_model
 from .callbacks import GlobalMaskCallback
 from .masking import apply_masks, global_masks, mask_hash, prunable_parameters, sparsity_report
-from .scoring import ScoringMethod, ScoringOptions, register_scoring_method, weight_times_gradient
+from .scoring import (
+    ScoringMethod,
+    ScoringOptions,
+    get_scoring_method,
+    register_scoring_method,
+    weight_times_gradient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,20 @@ def register_pruning_schedule(schedule: PruningSchedule) -> PruningSchedule:
 def get_pruning_schedule(name: str) -> PruningSchedule | None:
     """The schedule registered under `name`, or None for a one-shot scoring method."""
     return PRUNING_SCHEDULES.get(name)
+
+
+def resolve_scoring_method(pruning_method: str) -> ScoringMethod:
+    """The `ScoringMethod` a `pruning_method` (one-shot criterion or registered schedule) ranks weights with."""
+    schedule = get_pruning_schedule(pruning_method)
+    return get_scoring_method(schedule.scoring_method if schedule else pruning_method)
+
+
+def needs_teacher(args) -> bool:
+    """Whether `args` (a `TeacherGuidedPruningConfig`) need a teacher: for scoring or for KD retraining."""
+    schedule = get_pruning_schedule(args.pruning_method)
+    method = resolve_scoring_method(args.pruning_method)
+    own_loss = schedule is not None and schedule.own_loss
+    return (method.needs_teacher and args.alpha > 0) or (args.retrain_with_kd and not own_loss)
 
 
 # --- losses -----------------------------------------------------------------------------------------------------

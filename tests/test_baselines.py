@@ -7,7 +7,7 @@ from transformers import TrainerCallback
 
 from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, compute_importance_scores
 from hf_tgprune.masking import prunable_parameters
-from hf_tgprune.schedules import PRUNING_SCHEDULES, ScheduledMaskCallback, imp_sparsities
+from hf_tgprune.schedules import PRUNING_SCHEDULES, ScheduledMaskCallback, imp_sparsities, needs_teacher
 from hf_tgprune.scoring import ScoringOptions
 from tests.utils import RandomImages, make_model
 
@@ -68,6 +68,22 @@ class _Spy(TrainerCallback):
 def test_config_accepts_every_registered_method(tmp_path, method):
     assert _config(tmp_path, pruning_method=method).pruning_method == method
     assert {"epsd", "dg2pf", "imp"} <= set(PRUNING_SCHEDULES)
+
+
+@pytest.mark.parametrize(
+    "method,kd,expected",
+    [
+        ("tgp", False, True),
+        ("snip", False, False),
+        ("snip", True, True),
+        ("epsd", True, False),
+        ("dg2pf", True, False),
+        ("imp", False, False),
+        ("imp", True, True),
+    ],
+)
+def test_needs_teacher(tmp_path, method, kd, expected):
+    assert needs_teacher(_config(tmp_path, pruning_method=method, retrain_with_kd=kd)) is expected
 
 
 @pytest.mark.parametrize(
