@@ -26,6 +26,9 @@ Registered here:
 Every schedule ends at exactly `round(sparsity · N_prunable)` pruned weights, also when training stops before the
 schedule is complete (the masks are then completed at the target in `on_train_end`, with a warning).
 
+Limitation: `train(resume_from_checkpoint=...)` restores the masks saved in the checkpoint as fixed masks; a schedule
+interrupted mid-way (DG2PF's dense copy, IMP's remaining rounds, EPSD's loss) does not resume.
+
 Add a schedule with `register_pruning_schedule(PruningSchedule(name, setup, scoring_method=...))`.
 """
 
