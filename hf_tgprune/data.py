@@ -455,30 +455,72 @@ def native_image_size(dataset, num_images: int = 8) -> int | None:
     return None
 
 
+def _model_data_config(model: nn.Module) -> DataConfig:
+    from .adapters import get_adapter, unwrap_model
+
+    model = unwrap_model(model)
+    return _DATA_CONFIG_RESOLVERS.get(get_adapter(model).name, _default_data_config)(model)
+
+
+@torch.no_grad()
+def accepts_image_size(model: nn.Module, size: int) -> bool:
+    """Whether `model` runs on `size`×`size` images (ViTs with a fixed input size do not), probed with one
+    zero image in eval mode; the model's training mode, parameters and buffers are left as they were."""
+    from .adapters import forward_logits, unwrap_model
+
+    model = unwrap_model(model)
+    was_training = model.training
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    try:
+        model.eval()
+        forward_logits(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+        return True
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    finally:
+        model.train(was_training)
+
+
 def resolve_data_config(
     model: nn.Module,
     image_processor: Any = None,
     image_size: int | None = None,
     native_size: int | None = None,
+    also_fit: Sequence[nn.Module] = (),
 ) -> DataConfig:
     """The data config for `model`: from its image processor if given, else from its family's resolver.
 
     Resolution: `image_size` when given (e.g. 224 for the paper's protocol); otherwise the dataset's
-    `native_size` when that is small (≤ `SMALL_IMAGE_MAX_SIZE`, e.g. 32 for CIFAR); otherwise the model's.
+    `native_size` when that is small (≤ `SMALL_IMAGE_MAX_SIZE`, e.g. 32 for CIFAR) and `model` and every
+    model in `also_fit` (the teacher: it sees the same batches) run at that size; otherwise the model's own
+    size, or the size of a model in `also_fit` that has a fixed input size (a ViT teacher, say).
     """
-    from .adapters import get_adapter, unwrap_model
-
-    model = unwrap_model(model)
-    config = _DATA_CONFIG_RESOLVERS.get(get_adapter(model).name, _default_data_config)(model)
+    config = _model_data_config(model)
     if image_processor is not None:
         config = data_config_from_image_processor(image_processor, base=config)
     if image_size is not None:
         if image_size <= 0:
             raise DataError(f"--image_size must be positive; got {image_size}.")
-        config = replace(config, image_size=int(image_size))
-    elif native_size is not None and native_size <= SMALL_IMAGE_MAX_SIZE:
-        config = replace(config, image_size=int(native_size))
-    return config
+        return replace(config, image_size=int(image_size))
+    models = (model, *also_fit)
+    candidates = [native_size] if native_size is not None and native_size <= SMALL_IMAGE_MAX_SIZE else []
+    candidates += [config.image_size] + [_model_data_config(m).image_size for m in also_fit]
+    if len(set(candidates)) == 1:
+        return replace(config, image_size=int(candidates[0]))
+    for size in dict.fromkeys(candidates):  # in order, without repeats
+        if all(accepts_image_size(m, size) for m in models):
+            if size != candidates[0]:
+                logger.warning(
+                    "Not every model runs on %d px images; using %d px (set --image_size to choose).",
+                    candidates[0],
+                    size,
+                )
+            return replace(config, image_size=int(size))
+    raise DataError(
+        f"The student and teacher run at no common input size among {sorted(set(candidates))}; pass --image_size."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -112,11 +112,12 @@ class ModelArguments:
     teacher_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of teacher training (default: --learning_rate)."}
     )
-    student_warmup_epochs: float = field(
-        default=0.0,
+    student_warmup_epochs: float | None = field(
+        default=None,
         metadata={
-            "help": "Epochs of KD fine-tuning of the dense student before scoring (the authors fine-tune the "
-            "student first). Needed when the student starts from random weights."
+            "help": "Epochs of KD training of the dense student before scoring (the authors fine-tune the student "
+            "first). Default: 0 for a student with trained weights (a saved folder, a Hub checkpoint, --pretrained), "
+            "else --teacher_epochs, so that a trained network is pruned."
         },
     )
 
@@ -208,11 +209,14 @@ def parse_arguments(argv=None):
 def needs_teacher(args, model_args) -> bool:
     method = get_scoring_method(args.pruning_method)
     kd_scoring = method.needs_teacher and args.alpha > 0
-    return kd_scoring or args.retrain_with_kd or model_args.student_warmup_epochs > 0
+    return kd_scoring or args.retrain_with_kd  # the warm-up distils when there is a teacher, else it is plain CE
 
 
 def validate(model_args, data_args, recipe_args, args) -> list[float]:
-    """Cross-argument checks; returns the sparsities to run."""
+    """Cross-argument checks (and the default of --student_warmup_epochs); returns the sparsities to run."""
+    if model_args.student_warmup_epochs is None:
+        trained = has_trained_weights(model_args.model_name_or_path, model_args.pretrained)
+        model_args.student_warmup_epochs = 0.0 if trained else model_args.teacher_epochs
     sparsities = recipe_args.sparsities or [args.sparsity]
     for s in sparsities:
         if not 0.0 <= s < 1.0:
@@ -233,7 +237,11 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
     if args.push_to_hub:
         import huggingface_hub
 
-        if args.hub_token is None and huggingface_hub.get_token() is None:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise RecipeError(
+                "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub."
+            )
+        if not args.hub_token and huggingface_hub.get_token() is None:
             raise RecipeError(
                 "--push_to_hub needs a Hugging Face write token: run `hf auth login`, set HF_TOKEN or pass "
                 "--hub_token (or drop --push_to_hub)."
@@ -381,8 +389,13 @@ def main(argv=None) -> dict:
         num_labels = len(id2label)
         student, teacher, teacher_is_trained = load_models(model_args, args, num_labels, id2label, label2id)
         processor = image_processor_for(student, model_args.model_name_or_path)
+        # the student's resolution and normalisation; the teacher sees the same batches, so it must run on them
         data_config = resolve_data_config(
-            student, processor, image_size=data_args.image_size, native_size=native_image_size(splits.train)
+            student,
+            processor,
+            image_size=data_args.image_size,
+            native_size=native_image_size(splits.train),
+            also_fit=[teacher] if teacher is not None else [],
         )
         train_transform, eval_transform = build_transforms(data_config, data_args.augmentation)
         train_ds = set_transforms(splits.train, train_transform)

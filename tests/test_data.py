@@ -222,6 +222,27 @@ def test_data_config_timm():
     assert resolve_data_config(vit).mean == pytest.approx((0.5, 0.5, 0.5))
 
 
+def test_native_size_only_for_models_that_run_at_it():
+    import timm
+    from transformers import ViTConfig, ViTForImageClassification
+
+    resnet = timm.create_model("test_resnet", num_classes=3)
+    fixed_vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, depth=1)
+    assert resolve_data_config(resnet, native_size=32).image_size == 32
+    assert resolve_data_config(fixed_vit, native_size=32).image_size == 224  # a fixed-size ViT keeps its size
+    assert resolve_data_config(resnet, native_size=32, also_fit=[fixed_vit]).image_size == 224  # fits the teacher
+    assert resolve_data_config(fixed_vit, native_size=32, image_size=64).image_size == 64  # explicit wins
+    hf_vit = ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=64,
+                  patch_size=16, num_labels=3)
+    )  # fmt: skip
+    hf_vit.train()
+    assert resolve_data_config(hf_vit, native_size=32).image_size == 64
+    assert hf_vit.training  # probing leaves the mode as it was
+    dynamic_vit = timm.create_model("test_vit", num_classes=3)  # dynamic image size
+    assert resolve_data_config(dynamic_vit, native_size=32).image_size == 32
+
+
 def test_data_config_transformers_with_and_without_processor():
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 

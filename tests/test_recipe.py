@@ -246,6 +246,21 @@ def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", *extra)
 
 
+def test_push_to_hub_needs_network_and_token(recipe, tiny_cifar, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from hf_tgprune.recipe_utils import RecipeError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RecipeError, match="HF_HUB_OFFLINE is set"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--push_to_hub", "True")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(RecipeError, match="write token"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--push_to_hub", "True")
+    assert not (tmp_path / "out").exists()
+
+
 def test_offline_hub_dataset_error_from_the_command_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(RECIPE), "--dataset_name", "uoft-cs/cifar10", "--output_dir", str(tmp_path / "o")],
@@ -276,7 +291,7 @@ def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch
     results = _bad_run(
         recipe, tiny_cifar, tmp_path / "out",
         "--pruning_method", "snip", "--retrain_with_kd", "False", "--num_train_epochs", "0",
-        "--sparsities", "0.3", "0.6", "0.9", "--plots", "False", "--report_to", "none",
+        "--sparsities", "0.3", "0.6", "0.9", "--plots", "False", "--report_to", "none", "--student_warmup_epochs", "0",
     )  # fmt: skip
     assert len(calls) == 1
     assert results["teacher"] is None
@@ -285,3 +300,21 @@ def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch
     zeros = [run["sparsity_report"]["prunable"]["zeros"] for run in results["runs"]]
     numel = results["runs"][0]["sparsity_report"]["prunable"]["numel"]
     assert zeros == sorted(zeros) and zeros[-1] >= round(0.9 * numel)
+
+
+def test_default_warmup_trains_an_untrained_student(recipe, tiny_cifar, tmp_path):
+    import timm
+
+    from hf_tgprune.serialization import save_sparse_model
+
+    def warmup(*extra):
+        model_args, data_args, recipe_args, args = recipe.parse_arguments(
+            _common_args(tiny_cifar, tmp_path / "o") + ["--teacher_epochs", "2", *extra]
+        )
+        recipe.validate(model_args, data_args, recipe_args, args)
+        return model_args.student_warmup_epochs
+
+    save_sparse_model(timm.create_model("test_resnet", num_classes=NUM_CLASSES), tmp_path / "trained")
+    assert warmup("--model_name_or_path", "test_resnet") == 2.0  # random weights: warm up like the teacher
+    assert warmup("--model_name_or_path", str(tmp_path / "trained")) == 0.0  # trained weights: prune as is
+    assert warmup("--model_name_or_path", "test_resnet", "--student_warmup_epochs", "0.5") == 0.5
