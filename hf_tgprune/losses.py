@@ -1,4 +1,5 @@
-"""Distillation losses: context-aware KL (CAKLD) and the teacher-guided loss of METHOD §1.
+"""Distillation losses: context-aware KL (CAKLD), the teacher-guided loss of METHOD §1, and EPSD's
+self-distillation loss (METHOD §2). DG2PF's self-KD is the teacher-guided loss with beta = 0.
 
     L = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)
     CAKLD(p_s, p_t) = beta * KL(p_s || p_t) + (1 - beta) * KL(p_t || p_s)
@@ -76,3 +77,18 @@ def teacher_guided_loss(
         student_logits, teacher_logits, beta=beta, temperature=temperature, normalize=normalize, reduction="none"
     )
     return _reduce(alpha * temperature**2 * kd + (1.0 - alpha) * ce, reduction)
+
+
+def self_distillation_loss(
+    logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight: float = 1.0,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """EPSD's `CE(z, y) + λ·T²·KL(softmax(z'/T) ‖ softmax(z/T))`, `z'` the (detached) logits of a second view."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    kd = cakld(logits, target_logits.detach(), beta=0.0, temperature=temperature, reduction="none")
+    return _reduce(ce + weight * temperature**2 * kd, reduction)

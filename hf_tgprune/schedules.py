@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .adapters import forward_logits, unwrap_model
 from .callbacks import GlobalMaskCallback
+from .losses import self_distillation_loss, teacher_guided_loss
 from .masking import apply_masks, global_masks, mask_hash, prunable_parameters, sparsity_report
 from .scoring import (
     ScoringMethod,
@@ -101,46 +102,6 @@ def needs_teacher(args) -> bool:
     method = resolve_scoring_method(args.pruning_method)
     own_loss = schedule is not None and schedule.own_loss
     return (method.needs_teacher and args.alpha > 0) or (args.retrain_with_kd and not own_loss)
-
-
-# --- losses -----------------------------------------------------------------------------------------------------
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    return values if reduction == "none" else values.mean() if reduction == "mean" else values.sum()
-
-
-def _kl_to_target(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample `T²·KL(softmax(target/T) ‖ softmax(logits/T))`, target detached."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(target_logits.detach().float() / temperature, dim=-1)
-    return temperature**2 * (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-
-
-def self_distillation_loss(
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    weight: float = 1.0,
-    temperature: float = 4.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """EPSD's `CE(z, y) + λ·T²·KL(softmax(z'/T) ‖ softmax(z/T))`, `z'` the (detached) logits of a second view."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    return _reduce(ce + weight * _kl_to_target(logits, target_logits, temperature), reduction)
-
-
-def distillation_loss(
-    logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.75,
-    temperature: float = 4.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """DG2PF's self-KD `alpha·T²·KL(p_t ‖ p_s) + (1-alpha)·CE` (Hinton's KD, T² keeps gradient scales)."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    return _reduce(alpha * _kl_to_target(logits, teacher_logits, temperature) + (1.0 - alpha) * ce, reduction)
 
 
 def second_view(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -430,11 +391,13 @@ def setup_dg2pf(trainer) -> dict:
         else:
             with torch.no_grad():
                 teacher_logits = forward_logits(dense_teacher, inputs["pixel_values"])
-            value = distillation_loss(
+            # Hinton KD alpha·T²·KL(p_dense ‖ p) + (1-alpha)·CE: the teacher-guided loss with beta = 0
+            value = teacher_guided_loss(
                 logits,
                 teacher_logits,
                 inputs["labels"],
                 alpha=args.self_kd_alpha,
+                beta=0.0,
                 temperature=args.self_kd_temperature,
             )
         return (value, {"logits": logits}) if return_outputs else value

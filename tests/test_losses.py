@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tgprune.losses import cakld, normalize_logits, teacher_guided_loss
+from hf_tgprune.losses import cakld, normalize_logits, self_distillation_loss, teacher_guided_loss
 
 
 @pytest.mark.parametrize("alpha,beta,T", [(0.7, 0.5, 3.0), (1.0, 0.0, 1.0), (0.3, 1.0, 5.0)])
@@ -39,3 +39,15 @@ def test_alpha_zero_is_cross_entropy_without_teacher():
     torch.testing.assert_close(teacher_guided_loss(zs, None, y, alpha=0.0), F.cross_entropy(zs, y))
     with pytest.raises(ValueError, match="teacher_logits"):
         teacher_guided_loss(zs, None, y, alpha=0.5)
+
+
+def test_self_distillation_loss_matches_kl_div():
+    z, z2 = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    T, lam = 4.0, 0.5
+    kl = F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(z2 / T, -1), log_target=True, reduction="batchmean")
+    expected = F.cross_entropy(z, y) + lam * T**2 * kl
+    got = self_distillation_loss(z, z2, y, weight=lam, temperature=T)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert z.grad is not None  # the target view is detached, the student is not
