@@ -8,7 +8,9 @@ Stages (each timed in results.json):
   1. teacher       load a trained teacher (--teacher_name_or_path), or train one (--teacher_epochs) and save it
                    in <output_dir>/teacher for reuse;
   2. student       load the student; optional KD warm-up of the dense student (--student_warmup_epochs);
-  3. scoring       ONE scoring pass over a calibration sample of the training part (hf_tgprune.scoring);
+  3. scoring       ONE scoring pass over a calibration sample of the training part (hf_tgprune.scoring)
+                   for one-shot methods (tgp, snip, grad, magnitude, random); the schedules of
+                   hf_tgprune.schedules (epsd, dg2pf, imp) prune during each run's own training instead;
   4. per sparsity  (--sparsity, or --sparsities 0.9 0.95 0.98 reusing the same scores) a fresh copy of the
                    dense student gets one global mask (hf_tgprune.masking.global_masks), is evaluated, retrained
                    sparsely with or without KD, evaluated again and saved in <output_dir>/sparsity-<s>;
@@ -42,6 +44,7 @@ from hf_tgprune import (  # noqa: E402
     TeacherGuidedPruningTrainer,
     get_adapter,
     global_masks,
+    mask_hash,
     sparsity_report,
 )
 from hf_tgprune.data import (  # noqa: E402
@@ -75,7 +78,8 @@ from hf_tgprune.recipe_utils import (  # noqa: E402
     strip_prefix,
     write_json,
 )
-from hf_tgprune.scoring import get_scoring_method  # noqa: E402
+from hf_tgprune.schedules import get_pruning_schedule  # noqa: E402
+from hf_tgprune.schedules import needs_teacher as config_needs_teacher  # noqa: E402
 
 logger = logging.getLogger("prune_cifar")
 
@@ -207,9 +211,8 @@ def parse_arguments(argv=None):
 # Checks that run before any training
 # ------------------------------------------------------------------------------------------------------------------
 def needs_teacher(args, model_args) -> bool:
-    method = get_scoring_method(args.pruning_method)
-    kd_scoring = method.needs_teacher and args.alpha > 0
-    return kd_scoring or args.retrain_with_kd  # the warm-up distils when there is a teacher, else it is plain CE
+    """A teacher scores (tgp, grad) or distils during retraining; the warm-up distils when one is there."""
+    return config_needs_teacher(args)
 
 
 def validate(model_args, data_args, recipe_args, args) -> list[float]:
@@ -496,18 +499,21 @@ def main(argv=None) -> dict:
         results["dense_student"] = {"trained": student_trained, "test": evaluate(dense_trainer, test_ds)}
     save_results()
 
-    # ---- 3. one scoring pass ------------------------------------------------------------------------------------
-    with timer.measure("scoring"):
-        scoring_trainer = make_trainer(
-            student,
-            stage_args(args, warmup_dir, eval_strategy="no", load_best_model_at_end=False),
-            teacher=teacher,
-            train=train_ds,
-            calibration=calibration_ds,
-            masks={},
-        )
-        scores = scoring_trainer.compute_scores()
-        del scoring_trainer
+    # ---- 3. one scoring pass (one-shot methods; a pruning schedule prunes during each run's training) ----------
+    one_shot = get_pruning_schedule(args.pruning_method) is None
+    scores = None
+    if one_shot:
+        with timer.measure("scoring"):
+            scoring_trainer = make_trainer(
+                student,
+                stage_args(args, warmup_dir, eval_strategy="no", load_best_model_at_end=False),
+                teacher=teacher,
+                train=train_ds,
+                calibration=calibration_ds,
+                masks={},
+            )
+            scores = scoring_trainer.compute_scores()
+            del scoring_trainer
     dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
 
     # ---- 4. per sparsity: mask, evaluate, retrain, evaluate, save -------------------------------------------------
@@ -518,8 +524,8 @@ def main(argv=None) -> dict:
         callbacks = []
         if recipe_args.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe_args.early_stopping_patience))
-        with timer.measure(f"{tag}/mask"):
-            masks = global_masks(scores, sparsity, args.min_layer_density)
+        with timer.measure(f"{tag}/prune"):
+            masks = global_masks(scores, sparsity, args.min_layer_density) if one_shot else None
             model = copy.deepcopy(dense_state)
             trainer = make_trainer(
                 model,
@@ -532,7 +538,8 @@ def main(argv=None) -> dict:
                 callbacks=callbacks,
                 processing_class=processor,
             )
-        run = {"sparsity": sparsity, "model_dir": run_dir, "mask_sha256": trainer.pruning_report["mask_sha256"]}
+            trainer.prune()  # one-shot: the masks are installed already; a schedule runs its setup here
+        run = {"sparsity": sparsity, "model_dir": run_dir}
         with timer.measure(f"{tag}/eval_after_pruning"):
             run["after_pruning"] = evaluate(trainer, test_ds)
         if args.num_train_epochs > 0 or args.max_steps > 0:
@@ -540,6 +547,8 @@ def main(argv=None) -> dict:
                 trainer.train()
             with timer.measure(f"{tag}/eval_after_retraining"):
                 run["after_retraining"] = evaluate(trainer, test_ds)
+        masks = trainer.masks  # final masks (a schedule may have changed them during training)
+        run["mask_sha256"] = mask_hash(masks)
         report = sparsity_report(trainer.model, masks)
         run["sparsity_report"] = compact_sparsity(report)
         layer_reports[sparsity] = report["layers"]

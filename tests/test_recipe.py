@@ -318,3 +318,17 @@ def test_default_warmup_trains_an_untrained_student(recipe, tiny_cifar, tmp_path
     assert warmup("--model_name_or_path", "test_resnet") == 2.0  # random weights: warm up like the teacher
     assert warmup("--model_name_or_path", str(tmp_path / "trained")) == 0.0  # trained weights: prune as is
     assert warmup("--model_name_or_path", "test_resnet", "--student_warmup_epochs", "0.5") == 0.5
+
+
+@pytest.mark.slow
+def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path):
+    """A non-one-shot method (IMP) prunes during each run's own training; the final sparsity is exact."""
+    results = _bad_run(
+        recipe, tiny_cifar, tmp_path / "out",
+        "--pruning_method", "imp", "--retrain_with_kd", "False", "--student_warmup_epochs", "0",
+        "--sparsity", "0.8", "--plots", "False",
+    )  # fmt: skip
+    assert "scoring" not in results["stage_seconds"] and results["teacher"] is None
+    (run,) = results["runs"]
+    prunable = run["sparsity_report"]["prunable"]
+    assert prunable["zeros"] >= round(0.8 * prunable["numel"]) and "after_retraining" in run
