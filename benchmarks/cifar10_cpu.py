@@ -397,8 +397,15 @@ ABLATION = {
     "tgp + KD warm-up": ("tgp", {}, True),
     "snip + KD warm-up": ("snip", {}, True),
     "magnitude + KD warm-up": ("magnitude", {}, True),
-    "tgp min_layer_density=0.02": ("tgp", {"min_layer_density": 0.02}, False),
-    "magnitude min_layer_density=0.02": ("magnitude", {"min_layer_density": 0.02}, False),
+    "tgp min_layer_density=0.01": ("tgp", {"min_layer_density": 0.01}, False),
+    "snip min_layer_density=0.01": ("snip", {"min_layer_density": 0.01}, False),
+    "magnitude min_layer_density=0.01": ("magnitude", {"min_layer_density": 0.01}, False),
+    "tgp + KD warm-up + min_layer_density=0.01": ("tgp", {"min_layer_density": 0.01}, True),
+    "tgp layer_density_floor=0.25": ("tgp", {"layer_density_floor": 0.25}, False),
+    "tgp layer_density_floor=0.5": ("tgp", {"layer_density_floor": 0.5}, False),
+    "tgp layer_density_floor=0.75": ("tgp", {"layer_density_floor": 0.75}, False),
+    "snip layer_density_floor=0.5": ("snip", {"layer_density_floor": 0.5}, False),
+    "magnitude layer_density_floor=0.5": ("magnitude", {"layer_density_floor": 0.5}, False),
     "tgp T=1": ("tgp", {"temperature": 1.0}, False),
     "tgp T=6": ("tgp", {"temperature": 6.0}, False),
     "tgp alpha=0.3": ("tgp", {"alpha": 0.3}, False),
@@ -549,12 +556,12 @@ def parse_args(argv=None):
     parser.add_argument("--data", default="../shared/data/cifar10")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache-dir", default="/tmp/hf_tgprune_cifar10_cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacher-width", type=int, default=24)
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--student-width", type=int, default=12)
     parser.add_argument("--student-epochs", type=int, default=3)
-    parser.add_argument("--retrain-images", type=int, default=6000)
+    parser.add_argument("--retrain-images", type=int, default=12000)
     parser.add_argument("--retrain-epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))

@@ -90,6 +90,13 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Layer-collapse guard: every pruned layer keeps at least this fraction of its weights."},
     )
+    layer_density_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Layer-collapse guard relative to the target: every pruned layer keeps at least "
+            "layer_density_floor·(1 - sparsity) of its weights (combined with min_layer_density by max), in [0, 1)."
+        },
+    )
     retrain_with_kd: bool = field(
         default=True,
         metadata={"help": "Retrain with alpha·T²·CAKLD + (1-alpha)·CE against the frozen teacher; CE only if False."},
@@ -144,6 +151,13 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
     )
 
+    @property
+    def effective_min_layer_density(self) -> float:
+        """Per-layer minimum density at `sparsity`: max(min_layer_density, layer_density_floor·(1 - sparsity))."""
+        from .masking import min_layer_density_for
+
+        return min_layer_density_for(self.sparsity, self.min_layer_density, self.layer_density_floor)
+
     def __post_init__(self):
         from .schedules import PRUNING_SCHEDULES
         from .scoring import SCORING_METHODS
@@ -191,6 +205,8 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"imp_prune_fraction must be in (0, 1), got {self.imp_prune_fraction}")
         if self.imp_epochs_per_round < 1:
             raise ValueError(f"imp_epochs_per_round must be >= 1, got {self.imp_epochs_per_round}")
+        if not 0.0 <= self.layer_density_floor < 1.0:
+            raise ValueError(f"layer_density_floor must be in [0, 1), got {self.layer_density_floor}")
         if self.save_format not in ("dense", "bitmask"):
             raise ValueError(f"save_format must be 'dense' or 'bitmask', got {self.save_format!r}")
         if self.label_names is None:

@@ -175,6 +175,17 @@ def global_masks(
     return masks
 
 
+def min_layer_density_for(sparsity: float, min_layer_density: float = 0.0, layer_density_floor: float = 0.0) -> float:
+    """The per-layer minimum density `global_masks` should use: `max(min_layer_density, floor · (1 - sparsity))`.
+
+    `layer_density_floor` is a layer-collapse guard relative to the target: with floor 0.5 at 98% sparsity every
+    pruned layer keeps at least 1% of its weights (half the global density), so the target is always reachable.
+    """
+    if not 0.0 <= layer_density_floor < 1.0:
+        raise ValueError(f"layer_density_floor must be in [0, 1), got {layer_density_floor}")
+    return max(min_layer_density, layer_density_floor * (1.0 - sparsity))
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place (parameters stay plain `nn.Parameter`s)."""

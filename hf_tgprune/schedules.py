@@ -355,7 +355,7 @@ def setup_epsd(trainer) -> dict:
         temperature=args.self_kd_temperature, self_distillation_weight=args.self_distillation_weight
     )
     scores = trainer.compute_scores(method="epsd", options=options)
-    masks = global_masks(scores, args.sparsity, args.min_layer_density)
+    masks = global_masks(scores, args.sparsity, args.effective_min_layer_density)
     del scores
     trainer._install_masks(masks)
     trainer.schedule_loss = _epsd_loss
@@ -372,7 +372,7 @@ def setup_dg2pf(trainer) -> dict:
     events = {i: args.sparsity * (i + 1) / epochs for i in range(epochs)}
 
     def mask_fn(weights, masks, sparsity):
-        return magnitude_masks(weights, sparsity, args.min_layer_density)
+        return magnitude_masks(weights, sparsity, args.effective_min_layer_density)
 
     masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()}
     callback = ScheduledMaskCallback(
@@ -435,9 +435,9 @@ def setup_imp(trainer) -> dict:
     levels = imp_sparsities(args.sparsity, args.imp_rounds, args.imp_prune_fraction)
 
     def mask_fn(weights, masks, sparsity):
-        return magnitude_masks(weights, sparsity, args.min_layer_density, previous=masks)
+        return magnitude_masks(weights, sparsity, args.effective_min_layer_density, previous=masks)
 
-    masks = magnitude_masks(params, levels[0], args.min_layer_density)
+    masks = magnitude_masks(params, levels[0], args.effective_min_layer_density)
     apply_masks(trainer.model, masks)
     events = {r * args.imp_epochs_per_round: level for r, level in enumerate(levels) if r > 0}
     callback = ScheduledMaskCallback(

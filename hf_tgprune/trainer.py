@@ -234,7 +234,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         start = time.perf_counter()
         scores = self.compute_scores()
         scoring_seconds = time.perf_counter() - start
-        masks = global_masks(scores, self.args.sparsity, self.args.min_layer_density)
+        masks = global_masks(scores, self.args.sparsity, self.args.effective_min_layer_density)
         del scores
         self._install_masks(masks)
         self.pruning_report["scoring_seconds"] = scoring_seconds

@@ -1,5 +1,7 @@
 """Seed baselines (hf_tgprune.schedules): EPSD, DG2PF, IMP, selectable by `pruning_method`."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,27 @@ def test_imp_reaches_target_after_k_rounds(tmp_path):
     for earlier, later in zip(history, history[1:]):  # a pruned weight stays pruned
         assert all(not bool((later[k] & ~earlier[k]).any()) for k in earlier)
     _assert_final_state(trainer)
+
+
+# --- layer-collapse guard relative to the target (chosen by the CIFAR-10 ablation, benchmarks/RESULTS.md) ------------
+def test_min_layer_density_for():
+    from hf_tgprune.masking import min_layer_density_for
+
+    assert min_layer_density_for(0.98, 0.0, 0.5) == pytest.approx(0.01)
+    assert min_layer_density_for(0.98, 0.05, 0.5) == 0.05
+    assert min_layer_density_for(0.9, 0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="layer_density_floor"):
+        min_layer_density_for(0.9, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "imp"])
+def test_layer_density_floor_keeps_every_layer_alive(tmp_path, method):
+    trainer = _trainer(
+        tmp_path, teacher=True, pruning_method=method, sparsity=0.98, layer_density_floor=0.5, imp_rounds=2
+    )
+    assert trainer.args.effective_min_layer_density == pytest.approx(0.01)
+    trainer.train() if method == "imp" else trainer.prune()
+    n = sum(m.numel() for m in trainer.masks.values())
+    assert _num_pruned(trainer.masks) == round(0.98 * n)
+    for name, mask in trainer.masks.items():
+        assert int(mask.sum()) >= math.ceil(0.01 * mask.numel()), name
