@@ -22,7 +22,7 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 import hf_tgprune.hub as hub
-from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
+from hf_tgprune import TeacherGuidedPruningTrainer
 from hf_tgprune.hub import HubPushError, push_sparse_folder
 from hf_tgprune.masking import load_masks, mask_hash
 from hf_tgprune.modelcard import SPEED_NOTE, create_model_card
@@ -41,7 +41,7 @@ from tests.test_serialization import (
     pruned_model,
     run_plain_loaders,
 )
-from tests.utils import IMAGE_SIZE, RandomImages, make_model
+from tests.utils import IMAGE_SIZE, RandomImages, make_model, tiny_config
 
 COMMIT = "0" * 40
 
@@ -297,22 +297,8 @@ def test_model_card_contents(tmp_path):
 
 # --- trainer integration ---------------------------------------------------------------------------------------------
 def _trainer_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        pruning_method="magnitude",
-        retrain_with_kd=False,
-        sparsity=0.8,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=0.01,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TeacherGuidedPruningConfig(**defaults)
+    defaults = dict(pruning_method="magnitude", retrain_with_kd=False, sparsity=0.8, max_steps=2, learning_rate=0.01)
+    return tiny_config(tmp_path, **{**defaults, **overrides})
 
 
 def test_trainer_save_model_writes_sparse_folders(tmp_path):

@@ -4,28 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tgprune import GlobalMaskCallback, TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, mask_hash
-from tests.utils import RandomImages, make_model
+from hf_tgprune import GlobalMaskCallback, TeacherGuidedPruningTrainer, mask_hash
+from tests.utils import RandomImages, make_model, tiny_config
 
 
 def _config(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        sparsity=0.9,
-        num_calibration_samples=16,
-        calibration_batch_size=8,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        max_steps=4,
-        learning_rate=0.05,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TeacherGuidedPruningConfig(**defaults)
+    return tiny_config(tmp_path, **{"sparsity": 0.9, "max_steps": 4, "learning_rate": 0.05, **overrides})
 
 
 def _trainer(tmp_path, student="timm_resnet", teacher="hf_resnet", **overrides):

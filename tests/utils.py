@@ -76,3 +76,24 @@ class RandomImages(Dataset):
         if self.with_labels:
             item["labels"] = self.labels[i]
         return item
+
+
+# settings every test run shares: offline, quiet, CPU, nothing saved unless asked
+TINY_RUN_DEFAULTS = dict(
+    report_to="none",
+    disable_tqdm=True,
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    num_calibration_samples=16,
+    calibration_batch_size=8,
+)
+
+
+def tiny_config(tmp_path, **overrides):
+    """A `TeacherGuidedPruningConfig` for tiny test runs in `tmp_path / "out"`; `overrides` win."""
+    from hf_tgprune import TeacherGuidedPruningConfig
+
+    return TeacherGuidedPruningConfig(**{"output_dir": str(tmp_path / "out"), **TINY_RUN_DEFAULTS, **overrides})
