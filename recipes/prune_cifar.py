@@ -78,8 +78,7 @@ from hf_tgprune.recipe_utils import (  # noqa: E402
     strip_prefix,
     write_json,
 )
-from hf_tgprune.schedules import get_pruning_schedule  # noqa: E402
-from hf_tgprune.schedules import needs_teacher as config_needs_teacher  # noqa: E402
+from hf_tgprune.schedules import get_pruning_schedule, needs_teacher  # noqa: E402
 
 logger = logging.getLogger("prune_cifar")
 
@@ -210,11 +209,6 @@ def parse_arguments(argv=None):
 # ------------------------------------------------------------------------------------------------------------------
 # Checks that run before any training
 # ------------------------------------------------------------------------------------------------------------------
-def needs_teacher(args, model_args) -> bool:
-    """A teacher scores (tgp, grad) or distils during retraining; the warm-up distils when one is there."""
-    return config_needs_teacher(args)
-
-
 def validate(model_args, data_args, recipe_args, args) -> list[float]:
     """Cross-argument checks (and the default of --student_warmup_epochs); returns the sparsities to run."""
     if model_args.student_warmup_epochs is None:
@@ -226,7 +220,7 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
             raise RecipeError(f"--sparsities: every value must be in [0, 1); got {s}.")
     if len(set(sparsities)) != len(sparsities):
         raise RecipeError(f"--sparsities has duplicates: {sparsities}.")
-    if model_args.teacher_name_or_path is None and needs_teacher(args, model_args) and model_args.teacher_epochs <= 0:
+    if model_args.teacher_name_or_path is None and needs_teacher(args) and model_args.teacher_epochs <= 0:
         raise RecipeError(
             "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
             "(or use a teacher-free setup: --pruning_method snip --retrain_with_kd False)."
@@ -283,7 +277,7 @@ def load_models(model_args, args, num_labels, id2label, label2id):
         model_args.model_name_or_path, num_labels, pretrained=model_args.pretrained, id2label=id2label,
         label2id=label2id,
     )  # fmt: skip
-    if not needs_teacher(args, model_args) and model_args.teacher_name_or_path is None:
+    if not needs_teacher(args) and model_args.teacher_name_or_path is None:
         return student, None, False
     if model_args.teacher_name_or_path is not None:
         if not has_trained_weights(model_args.teacher_name_or_path, pretrained=False):
