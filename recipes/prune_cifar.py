@@ -63,6 +63,7 @@ from hf_tgprune.data import (  # noqa: E402
     set_transforms,
 )
 from hf_tgprune.evaluation import make_compute_metrics  # noqa: E402
+from hf_tgprune.masking import min_layer_density_for  # noqa: E402
 from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier  # noqa: E402
 from hf_tgprune.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity  # noqa: E402
 from hf_tgprune.recipe_utils import (  # noqa: E402
@@ -510,6 +511,9 @@ def main(argv=None) -> dict:
             del scoring_trainer
     dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
 
+    def min_density(sparsity):  # the layer-collapse guard at this sparsity (as the trainer computes it)
+        return min_layer_density_for(sparsity, args.min_layer_density, args.layer_density_floor)
+
     # ---- 4. per sparsity: mask, evaluate, retrain, evaluate, save -------------------------------------------------
     layer_reports = {}
     for sparsity in sparsities:
@@ -519,7 +523,7 @@ def main(argv=None) -> dict:
         if recipe_args.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe_args.early_stopping_patience))
         with timer.measure(f"{tag}/prune"):
-            masks = global_masks(scores, sparsity, args.min_layer_density) if one_shot else None
+            masks = global_masks(scores, sparsity, min_density(sparsity)) if one_shot else None
             model = copy.deepcopy(dense_state)
             trainer = make_trainer(
                 model,
