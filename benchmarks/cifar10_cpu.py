@@ -392,28 +392,33 @@ def main_runs(args):
 
 # --- ablation ------------------------------------------------------------------------------------------------------
 ABLATION = {
-    # name: (method, config overrides, warm up the student with KD before scoring)
-    "tgp (defaults)": ("tgp", {}, False),
-    "tgp + KD warm-up": ("tgp", {}, True),
-    "snip + KD warm-up": ("snip", {}, True),
-    "magnitude + KD warm-up": ("magnitude", {}, True),
-    "tgp min_layer_density=0.01": ("tgp", {"min_layer_density": 0.01}, False),
-    "snip min_layer_density=0.01": ("snip", {"min_layer_density": 0.01}, False),
-    "magnitude min_layer_density=0.01": ("magnitude", {"min_layer_density": 0.01}, False),
-    "tgp + KD warm-up + min_layer_density=0.01": ("tgp", {"min_layer_density": 0.01}, True),
+    # name: (method, config overrides, warm up the student with KD before scoring). Run before layer_density_floor
+    # became the default (0.5): the variants pin it to 0.0 unless they vary it, so they rerun as they ran.
+    "tgp (no layer guard)": ("tgp", {"layer_density_floor": 0.0}, False),
+    "tgp + KD warm-up": ("tgp", {"layer_density_floor": 0.0}, True),
+    "snip + KD warm-up": ("snip", {"layer_density_floor": 0.0}, True),
+    "magnitude + KD warm-up": ("magnitude", {"layer_density_floor": 0.0}, True),
+    "tgp min_layer_density=0.01": ("tgp", {"layer_density_floor": 0.0, "min_layer_density": 0.01}, False),
+    "snip min_layer_density=0.01": ("snip", {"layer_density_floor": 0.0, "min_layer_density": 0.01}, False),
+    "magnitude min_layer_density=0.01": ("magnitude", {"layer_density_floor": 0.0, "min_layer_density": 0.01}, False),
+    "tgp + KD warm-up + min_layer_density=0.01": (
+        "tgp",
+        {"layer_density_floor": 0.0, "min_layer_density": 0.01},
+        True,
+    ),
     "tgp layer_density_floor=0.25": ("tgp", {"layer_density_floor": 0.25}, False),
     "tgp layer_density_floor=0.5": ("tgp", {"layer_density_floor": 0.5}, False),
     "tgp layer_density_floor=0.75": ("tgp", {"layer_density_floor": 0.75}, False),
     "snip layer_density_floor=0.5": ("snip", {"layer_density_floor": 0.5}, False),
     "magnitude layer_density_floor=0.5": ("magnitude", {"layer_density_floor": 0.5}, False),
-    "tgp T=1": ("tgp", {"temperature": 1.0}, False),
-    "tgp T=6": ("tgp", {"temperature": 6.0}, False),
-    "tgp alpha=0.3": ("tgp", {"alpha": 0.3}, False),
-    "tgp alpha=1.0 (KD only)": ("tgp", {"alpha": 1.0}, False),
-    "tgp calibration=256": ("tgp", {"num_calibration_samples": 256}, False),
-    "tgp calibration=4096": ("tgp", {"num_calibration_samples": 4096}, False),
-    "tgp BN train mode": ("tgp", {"scoring_bn_mode": "train"}, False),
-    "tgp sum aggregation": ("tgp", {"score_aggregation": "sum"}, False),
+    "tgp T=1": ("tgp", {"layer_density_floor": 0.0, "temperature": 1.0}, False),
+    "tgp T=6": ("tgp", {"layer_density_floor": 0.0, "temperature": 6.0}, False),
+    "tgp alpha=0.3": ("tgp", {"layer_density_floor": 0.0, "alpha": 0.3}, False),
+    "tgp alpha=1.0 (KD only)": ("tgp", {"layer_density_floor": 0.0, "alpha": 1.0}, False),
+    "tgp calibration=256": ("tgp", {"layer_density_floor": 0.0, "num_calibration_samples": 256}, False),
+    "tgp calibration=4096": ("tgp", {"layer_density_floor": 0.0, "num_calibration_samples": 4096}, False),
+    "tgp BN train mode": ("tgp", {"layer_density_floor": 0.0, "scoring_bn_mode": "train"}, False),
+    "tgp sum aggregation": ("tgp", {"layer_density_floor": 0.0, "score_aggregation": "sum"}, False),
 }
 
 
