@@ -523,11 +523,11 @@ def report(args) -> str:
     text = "\n".join(lines) + "\n"
     (out / "tables.md").write_text(text)
     if records:
-        plot(records, out / "accuracy_vs_sparsity.png")
+        plot(records, out / "accuracy_vs_sparsity.png", setup)
     return text
 
 
-def plot(records, path: Path) -> None:
+def plot(records, path: Path, setup=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,6 +544,9 @@ def plot(records, path: Path) -> None:
                 es.append(statistics.stdev(values) if len(values) > 1 else 0.0)
         if xs:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    for role, style in (("student", ":"), ("teacher", "--")):
+        if setup and role in setup:
+            ax.axhline(setup[role]["test_top1"], color="gray", linestyle=style, linewidth=1, label=f"dense {role}")
     ax.set_xlabel("sparsity of the prunable weights (%)")
     ax.set_ylabel("CIFAR-10 test top-1 after retraining (%)")
     ax.set_xticks([100 * s for s in SPARSITIES])
