@@ -4,6 +4,8 @@ from .adapters import ModelAdapter, forward_logits, get_adapter, register_adapte
 from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
+from .data import build_transforms, collate_fn, load_image_dataset, resolve_data_config, set_transforms
+from .evaluation import load_metric, make_compute_metrics
 from .hub import HubPushError, push_sparse_folder
 from .losses import cakld, teacher_guided_loss
 from .masking import (
@@ -16,6 +18,7 @@ from .masking import (
     sparsity_report,
 )
 from .modelcard import create_model_card
+from .models import load_image_classifier
 from .scoring import (
     SCORING_METHODS,
     ScoringMethod,
@@ -29,6 +32,14 @@ from .trainer import TeacherGuidedPruningTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "build_transforms",
+    "collate_fn",
+    "load_image_classifier",
+    "load_image_dataset",
+    "load_metric",
+    "make_compute_metrics",
+    "resolve_data_config",
+    "set_transforms",
     "HubPushError",
     "SparseCheckpointMixin",
     "SparseFormatError",

@@ -79,6 +79,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         ...                                       train_dataset=train, eval_dataset=val)
         >>> report = trainer.prune()   # optional: train() prunes first
         >>> trainer.train()
+
+    `masks=` installs given masks instead of scoring (e.g. masks from an earlier run); `masks={}` trains densely
+    (a teacher, or a KD warm-up of the student) with the same loss and data handling.
     """
 
     _tag_names = ["hf_tgprune", "pruning", "knowledge-distillation"]
@@ -248,6 +251,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                 self.callback_handler.remove_callback(callback)
         if any(not bool(mask.all()) for mask in masks.values()):
             self.add_callback(GlobalMaskCallback(masks))
+        if not masks:  # `masks={}`: dense training (e.g. a teacher or a warm-up), nothing pruned, nothing to report
+            self.pruning_report = None
+            return
         report = sparsity_report(self.model, masks)
         report.update(
             method=self.args.pruning_method,

@@ -205,3 +205,19 @@ def test_non_finite_scores_name_the_layer(tmp_path):
     with pytest.raises(ValueError, match="not finite"):
         trainer.prune()
     assert trainer.masks is None
+
+
+def test_empty_masks_train_densely(tmp_path):
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        teacher_model=make_model("hf_resnet", seed=1),
+        args=_config(tmp_path),
+        train_dataset=RandomImages(16),
+        masks={},
+    )
+    trainer.train()
+    assert trainer.masks == {} and trainer.pruning_report is None
+    assert not any(isinstance(c, GlobalMaskCallback) for c in trainer.callback_handler.callbacks)
+    assert sum(int((p == 0).sum()) for p in trainer.model.parameters()) < 0.01 * sum(
+        p.numel() for p in trainer.model.parameters()
+    )
