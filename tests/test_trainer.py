@@ -22,10 +22,10 @@ def _trainer(tmp_path, student="timm_resnet", teacher="hf_resnet", **overrides):
     )
 
 
-def _assert_pruned_weights_and_state_are_zero(trainer):
-    params = dict(trainer.model.named_parameters())
-    state = trainer.optimizer.state
-    for name, mask in trainer.masks.items():
+def _assert_pruned_weights_and_state_are_zero(model, optimizer, masks):
+    params = dict(model.named_parameters())
+    state = optimizer.state
+    for name, mask in masks.items():
         param = params[name]
         assert torch.count_nonzero(param[~mask]) == 0, name
         for value in state[param].values():
@@ -63,7 +63,7 @@ def test_no_reactivation(tmp_path, optim, extra):
     trainer = _trainer(tmp_path, optim=optim, **extra)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    _assert_pruned_weights_and_state_are_zero(trainer)
+    _assert_pruned_weights_and_state_are_zero(trainer.model, trainer.optimizer, trainer.masks)
     params = dict(trainer.model.named_parameters())
     # training happened: kept weights moved
     assert any(not torch.equal(before[n][m], params[n].detach()[m]) for n, m in trainer.masks.items())
@@ -95,7 +95,7 @@ def test_resume_restores_masks(tmp_path):
     resumed.train(resume_from_checkpoint=True)
     assert mask_hash(resumed.masks) == original
     assert resumed.state.global_step == 4
-    _assert_pruned_weights_and_state_are_zero(resumed)
+    _assert_pruned_weights_and_state_are_zero(resumed.model, resumed.optimizer, resumed.masks)
 
 
 def test_resume_from_foreign_checkpoint_is_an_error(tmp_path):
@@ -221,3 +221,24 @@ def test_empty_masks_train_densely(tmp_path):
     assert sum(int((p == 0).sum()) for p in trainer.model.parameters()) < 0.01 * sum(
         p.numel() for p in trainer.model.parameters()
     )
+
+
+def test_torch_compile_keeps_masks(tmp_path):
+    """Dynamo + AOTAutograd trace the masked student (plain parameters, grad hooks); pruned weights stay zero."""
+    trainer = _trainer(tmp_path, optim="sgd", optim_args="momentum=0.9", max_steps=2)
+    trainer.prune()
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GlobalMaskCallback))
+    model = trainer.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model, optimizer=optimizer)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):
+        compiled(x).logsumexp(-1).mean().backward()
+        optimizer.step()
+        callback.on_optimizer_step(trainer.args, trainer.state, trainer.control, optimizer=optimizer)
+        optimizer.zero_grad()
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
+    _assert_pruned_weights_and_state_are_zero(model, optimizer, trainer.masks)
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
