@@ -13,12 +13,14 @@ from .masking import (
     global_masks,
     load_masks,
     mask_hash,
+    min_layer_density_for,
     prunable_parameters,
     save_masks,
     sparsity_report,
 )
 from .modelcard import create_model_card
 from .models import load_image_classifier
+from .schedules import PRUNING_SCHEDULES, PruningSchedule, get_pruning_schedule, register_pruning_schedule
 from .scoring import (
     SCORING_METHODS,
     ScoringMethod,
@@ -32,6 +34,11 @@ from .trainer import TeacherGuidedPruningTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRUNING_SCHEDULES",
+    "PruningSchedule",
+    "get_pruning_schedule",
+    "min_layer_density_for",
+    "register_pruning_schedule",
     "build_transforms",
     "collate_fn",
     "load_image_classifier",
