@@ -109,20 +109,23 @@ def second_view(pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.flip(pixel_values, dims=[-1])
 
 
-def epsd_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
-    """Per-sample EPSD scoring loss (the `teacher` argument is unused: the network distils from itself)."""
+def epsd_logits_and_loss(model, batch, *, weight: float, temperature: float, reduction: str = "mean"):
+    """The network's logits and EPSD's `CE + λ·T²·KL(p_view2 ‖ p)`, the second view's prediction detached."""
     pixel_values = batch["pixel_values"]
     logits = forward_logits(model, pixel_values)
     with torch.no_grad():
         target = forward_logits(model, second_view(pixel_values))
-    return self_distillation_loss(
-        logits,
-        target,
-        batch["labels"],
-        weight=options.self_distillation_weight,
-        temperature=options.temperature,
-        reduction="none",
+    loss = self_distillation_loss(
+        logits, target, batch["labels"], weight=weight, temperature=temperature, reduction=reduction
     )
+    return logits, loss
+
+
+def epsd_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
+    """Per-sample EPSD scoring loss (the `teacher` argument is unused: the network distils from itself)."""
+    return epsd_logits_and_loss(
+        model, batch, weight=options.self_distillation_weight, temperature=options.temperature, reduction="none"
+    )[1]
 
 
 register_scoring_method(
@@ -303,16 +306,8 @@ def _track_masks(trainer, **extra) -> Callable:
 # --- EPSD -------------------------------------------------------------------------------------------------------
 def _epsd_loss(trainer, model, inputs, return_outputs=False):
     args = trainer.args
-    pixel_values = inputs["pixel_values"]
-    logits = forward_logits(model, pixel_values)
-    with torch.no_grad():
-        target = forward_logits(model, second_view(pixel_values))
-    loss = self_distillation_loss(
-        logits,
-        target,
-        inputs["labels"],
-        weight=args.self_distillation_weight,
-        temperature=args.self_kd_temperature,
+    logits, loss = epsd_logits_and_loss(
+        model, inputs, weight=args.self_distillation_weight, temperature=args.self_kd_temperature
     )
     return (loss, {"logits": logits}) if return_outputs else loss
 
