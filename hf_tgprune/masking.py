@@ -209,14 +209,24 @@ def _counts(tensors: Iterable[torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def measure_sparsity(
+    tensors: Mapping[str, torch.Tensor], layer_names: Iterable[str], parameter_names: Iterable[str]
+) -> dict:
+    """Per-layer, prunable-set and all-parameter sparsity of named tensors (zeros counted in the tensors)."""
+    layer_names = list(layer_names)
+    parameter_names = [name for name in parameter_names if name in tensors]
+    return {
+        "layers": {name: _counts([tensors[name]]) for name in layer_names},
+        "prunable": _counts(tensors[name] for name in layer_names),
+        "total": _counts(tensors[name] for name in parameter_names),
+    }
+
+
 def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict:
     """Sparsity measured from the weights: per masked layer, over the prunable set, and over all parameters."""
     params = dict(unwrap_model(model).named_parameters())
-    layers = {name: _counts([params[name]]) for name in masks}
     return {
-        "layers": layers,
-        "prunable": _counts(params[name] for name in masks),
-        "total": _counts(params.values()),
+        **measure_sparsity(params, masks, params),
         "pruned_by_mask": int(sum(int((~m).sum()) for m in masks.values())),
     }
 

@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import get_adapter, unwrap_model
+from .masking import mask_hash, measure_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +193,6 @@ def _atomic_write_text(text: str, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _mask_hash(masks: Mapping[str, torch.Tensor]) -> str:
-    from .masking import mask_hash
-
-    return mask_hash(masks)
 
 
 # --- the bitmask codec -----------------------------------------------------------------------------------------
@@ -453,26 +448,6 @@ def load_sparse_masks(path: str | os.PathLike, *, verify: bool = True) -> dict[s
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
-def _counts(tensors) -> dict[str, Any]:
-    numel = zeros = 0
-    for tensor in tensors:
-        numel += tensor.numel()
-        zeros += int((tensor == 0).sum())
-    return {"numel": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0}
-
-
-def measure_sparsity(state_dict: Mapping[str, torch.Tensor], layer_names, parameter_names) -> dict[str, Any]:
-    """Per-layer, prunable-set and all-parameter sparsity of a state dict (zeros counted in the tensors)."""
-    layer_names = list(layer_names)
-    parameter_names = [name for name in parameter_names if name in state_dict]
-    return {
-        "layers": {name: _counts([state_dict[name]]) for name in layer_names},
-        "prunable": _counts(state_dict[name] for name in layer_names),
-        "total": _counts(state_dict[name] for name in parameter_names),
-    }
-
-
-# --- writing ---------------------------------------------------------------------------------------------------
 def _masked_state_dict(
     model: nn.Module, masks: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
@@ -650,7 +625,7 @@ def save_sparse_model(
         "model_family": family,
         "sparsity": report,
         "mask": {
-            "sha256": _mask_hash(masks) if masks_given else None,
+            "sha256": mask_hash(masks) if masks_given else None,
             "source": "masks" if masks_given else "non-zero weights",
         },
         "library": _library_versions(),

@@ -25,7 +25,7 @@ from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
 from .masking import apply_masks, global_masks, load_masks, mask_hash, prunable_parameters, sparsity_report
-from .schedules import get_pruning_schedule
+from .schedules import get_pruning_schedule, resolve_scoring_method
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     @staticmethod
     def _validate_inputs(model, teacher, args, train_dataset, calibration_dataset) -> None:
         schedule = get_pruning_schedule(args.pruning_method)
-        method = get_scoring_method(schedule.scoring_method if schedule else args.pruning_method)
+        method = resolve_scoring_method(args.pruning_method)
         prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns that match nothing
         if teacher is None and method.needs_teacher and args.alpha > 0:
             raise ValueError(

@@ -7,32 +7,16 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, compute_importance_scores
+from hf_tgprune import TeacherGuidedPruningTrainer, compute_importance_scores
 from hf_tgprune.masking import prunable_parameters
 from hf_tgprune.schedules import PRUNING_SCHEDULES, ScheduledMaskCallback, imp_sparsities, needs_teacher
 from hf_tgprune.scoring import ScoringOptions
-from tests.utils import RandomImages, make_model
+from tests.utils import RandomImages, make_model, tiny_config
 
 
 def _config(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        sparsity=0.9,
-        num_calibration_samples=16,
-        calibration_batch_size=8,
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=0.05,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TeacherGuidedPruningConfig(**defaults)
+    defaults = dict(sparsity=0.9, num_train_epochs=1, learning_rate=0.05, optim="sgd", optim_args="momentum=0.9")
+    return tiny_config(tmp_path, **{**defaults, **overrides})
 
 
 def _trainer(tmp_path, teacher=False, **overrides):
