@@ -34,8 +34,9 @@ class TeacherGuidedPruningConfig(TrainingArguments):
     pruning_method: str = field(
         default="tgp",
         metadata={
-            "help": "Scoring criterion: 'tgp' (teacher-guided |θ·∂L/∂θ|), 'snip' (|θ·∂CE/∂θ|), 'grad' "
-            "(|∂L/∂θ|), 'magnitude' (|θ|) or 'random' (one-shot); or a registered pruning schedule "
+            "help": "Scoring criterion: 'tgp' (teacher-guided |θ·∂L/∂θ|), 'tgp_fisher' (teacher-guided Fisher / OBD "
+            "θ²·Σ_b g_b²), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), 'magnitude' (|θ|) or 'random' (one-shot); or a "
+            "registered pruning schedule "
             "(hf_tgprune.schedules): 'epsd', 'dg2pf' or 'imp'."
         },
     )
@@ -75,6 +76,43 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             "help": "BatchNorm/dropout mode while scoring: 'eval' (changes nothing in the student) or 'train' "
             "(the authors' code; updates BatchNorm running statistics)."
         },
+    )
+    scoring_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "0: score on `num_calibration_samples` un-augmented images. > 0: the authors' regime, score over "
+            "this many whole epochs of `train_dataset` (with its transforms, reshuffled each epoch by `seed`); "
+            "combine with scoring_bn_mode='train' and calibration_batch_size=128 to match their code."
+        },
+    )
+    pruning_rounds: int = field(
+        default=1,
+        metadata={
+            "help": "Iterative one-shot: k rounds of score -> prune to 1-(1-sparsity)^(r/k) -> recalibrate BatchNorm "
+            "-> rescore, on the same calibration data and without weight updates; costs k scoring passes. The "
+            "final count is exact. 1 = one-shot."
+        },
+    )
+    layer_allocation: str = field(
+        default="global",
+        metadata={
+            "help": "How layers share the pruning: 'global' (one ranking of the criterion's scores), 'lamp' (one "
+            "ranking of their LAMP normalisation s²/Σ_{larger in layer} s²), 'magnitude' or 'lamp_magnitude' (each "
+            "layer's kept count from the global ranking of |θ| or of its LAMP normalisation, the weights kept "
+            "inside the layer chosen by the criterion)."
+        },
+    )
+    recalibrate_bn: bool = field(
+        default=True,
+        metadata={
+            "help": "After masking, reset and re-estimate BatchNorm running statistics with forward passes over "
+            "`recalibration_samples` calibration images (no gradients, no weight change), before evaluation and "
+            "retraining. No effect on models without BatchNorm."
+        },
+    )
+    recalibration_samples: int = field(
+        default=1024,
+        metadata={"help": "Images for BatchNorm recalibration (the same seeded, un-augmented calibration sample)."},
     )
     prune_include: list[str] | None = field(
         default=None,
@@ -185,6 +223,23 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.scoring_bn_mode not in ("eval", "train"):
             raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {self.scoring_bn_mode!r}")
+        if self.scoring_epochs < 0:
+            raise ValueError(
+                f"scoring_epochs must be >= 0 (0 scores on num_calibration_samples), got {self.scoring_epochs}"
+            )
+        if self.pruning_rounds < 1:
+            raise ValueError(f"pruning_rounds must be >= 1 (1 = one-shot), got {self.pruning_rounds}")
+        if self.pruning_rounds > 1 and self.pruning_method in PRUNING_SCHEDULES:
+            raise ValueError(
+                f"pruning_rounds={self.pruning_rounds} applies to one-shot criteria; pruning_method="
+                f"{self.pruning_method!r} is a schedule with rounds of its own. Set pruning_rounds=1."
+            )
+        from .masking import LAYER_ALLOCATIONS
+
+        if self.layer_allocation not in LAYER_ALLOCATIONS:
+            raise ValueError(f"layer_allocation must be one of {LAYER_ALLOCATIONS}, got {self.layer_allocation!r}")
+        if self.recalibration_samples < 1:
+            raise ValueError(f"recalibration_samples must be >= 1, got {self.recalibration_samples}")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples must be >= 1, got {self.num_calibration_samples}")
         if self.calibration_batch_size < 1:

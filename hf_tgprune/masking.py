@@ -175,6 +175,91 @@ def global_masks(
     return masks
 
 
+LAYER_ALLOCATIONS = ("global", "lamp", "magnitude", "lamp_magnitude")
+
+
+def lamp_normalize(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAMP (Lee et al., ICLR 2021) for any non-negative criterion: `s_u² / Σ_{v in layer, s_v >= s_u} s_v²`.
+
+    Each layer's largest score becomes 1, so one global ranking of the normalised scores cannot empty a layer and
+    spreads the pruning over layers by how concentrated their scores are. Ties are ordered by flat index.
+    """
+    out = {}
+    for name, score in scores.items():
+        squared = score.detach().float().reshape(-1).square()
+        ordered, order = torch.sort(squared, stable=True)
+        suffix = ordered.flip(0).cumsum(0).flip(0)  # Σ of the scores at or above each position
+        normalised = torch.empty_like(squared)
+        normalised[order] = torch.where(suffix > 0, ordered / suffix, torch.zeros_like(ordered))
+        out[name] = normalised.reshape(score.shape)
+    return out
+
+
+def prune_zeros_first(
+    scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Scores with every weight that is already exactly zero moved below all others (to -1).
+
+    A student that is already sparse (or a mask being tightened) then loses its zeros first, and the weights that
+    still carry a value are ranked among themselves; the pruned count stays exact.
+    """
+    out = {}
+    for name, score in scores.items():
+        zero = weights[name].detach().to(score.device) == 0
+        out[name] = torch.where(zero, torch.full_like(score, -1.0), score) if bool(zero.any()) else score
+    return out
+
+
+def masks_from_counts(scores: Mapping[str, torch.Tensor], kept: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Per layer, keep the `kept[name]` highest-scoring weights (ties: the lower flat index is kept)."""
+    masks = {}
+    for name, score in scores.items():
+        keys = _sortable_keys(score, bool(torch.signbit(score).any()))
+        order = torch.sort(keys, descending=True, stable=True).indices
+        keep = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+        keep[order[: int(kept[name])]] = True
+        masks[name] = keep.reshape(score.shape)
+    return masks
+
+
+def select_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    *,
+    min_density: float = 0.0,
+    allocation: str = "global",
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks at exactly `round(sparsity · N)` pruned weights, with a choice of how layers share the pruning.
+
+    Args:
+        scores: criterion scores per prunable weight (higher = more important).
+        sparsity: target fraction of pruned weights, in [0, 1).
+        min_density: per-layer minimum density (layer-collapse guard), see `global_masks`.
+        allocation: `"global"` ranks the scores of all layers together (METHOD §1); `"lamp"` ranks their LAMP
+            normalisation (`lamp_normalize`); `"magnitude"` / `"lamp_magnitude"` take each layer's kept count from
+            the global ranking of `|θ|` (or of its LAMP normalisation) and choose *which* weights to keep inside
+            each layer by `scores` (decoupled allocation; needs `weights`).
+        weights: the current weights; when given, weights that are already zero are pruned first.
+    """
+    if allocation not in LAYER_ALLOCATIONS:
+        raise ValueError(f"layer_allocation must be one of {LAYER_ALLOCATIONS}, got {allocation!r}")
+    if allocation in ("magnitude", "lamp_magnitude"):
+        if weights is None:
+            raise ValueError(f"layer_allocation={allocation!r} needs the weights to rank by magnitude")
+        by_magnitude = {name: weights[name].detach().float().abs() for name in scores}
+        if allocation == "lamp_magnitude":
+            by_magnitude = lamp_normalize(by_magnitude)
+        counts = global_masks(prune_zeros_first(by_magnitude, weights), sparsity, min_density)
+        kept = {name: int(mask.sum()) for name, mask in counts.items()}
+        return masks_from_counts(prune_zeros_first(scores, weights), kept)
+    if allocation == "lamp":
+        scores = lamp_normalize(scores)
+    if weights is not None:
+        scores = prune_zeros_first(scores, weights)
+    return global_masks(scores, sparsity, min_density)
+
+
 def min_layer_density_for(sparsity: float, min_layer_density: float = 0.0, layer_density_floor: float = 0.0) -> float:
     """The per-layer minimum density `global_masks` should use: `max(min_layer_density, floor · (1 - sparsity))`.
 

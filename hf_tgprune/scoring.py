@@ -6,7 +6,12 @@ For the default method `"tgp"`, every prunable weight θ gets
     s(θ)    = | θ ⊙ ∂L_score/∂θ |
 
 per calibration batch, aggregated over batches with a bias-corrected EMA (momentum 0.9, divided by
-`1 - 0.9^N`) or a plain sum, in float32. Other criteria are registered next to it (`register_scoring_method`).
+`1 - 0.9^N`) or a plain sum, in float32. `"tgp_fisher"` is the teacher-guided Fisher (OBD) criterion
+
+    s(θ)    = θ² · Σ_b (∂L_score/∂θ on calibration batch b)²
+
+(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not. Other
+criteria are registered next to them (`register_scoring_method`).
 
 The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`
 with respect to the prunable weights only. With BatchNorm in eval mode (the default) no parameter or buffer of
@@ -54,6 +59,8 @@ class ScoringMethod:
     batch_loss: BatchLoss | None = None  # None: data-free (no calibration pass)
     needs_teacher: bool = False
     description: str = ""
+    # how per-batch saliencies are combined when the method prescribes it ("sum" for Fisher); None: the caller's
+    aggregation: str | None = None
 
     @property
     def data_free(self) -> bool:
@@ -106,6 +113,11 @@ def gradient_magnitude(weight, grad, generator=None) -> torch.Tensor:
     return grad.abs()
 
 
+def weight_squared_times_squared_gradient(weight, grad, generator=None) -> torch.Tensor:
+    """`θ² · g²`: summed over calibration batches this is the diagonal empirical-Fisher (OBD) saliency."""
+    return torch.mul(weight.detach(), grad).square_()
+
+
 def weight_magnitude(weight, grad=None, generator=None) -> torch.Tensor:
     return weight.detach().float().abs()
 
@@ -121,6 +133,16 @@ register_scoring_method(
         teacher_guided_batch_loss,
         needs_teacher=True,
         description="|θ·∂L/∂θ| of the teacher-guided loss alpha·T²·CAKLD + (1-alpha)·CE",
+    )
+)
+register_scoring_method(
+    ScoringMethod(
+        "tgp_fisher",
+        weight_squared_times_squared_gradient,
+        teacher_guided_batch_loss,
+        needs_teacher=True,
+        aggregation="sum",
+        description="θ²·Σ_b (∂L/∂θ on calibration batch b)² of the teacher-guided loss (Fisher / OBD)",
     )
 )
 register_scoring_method(
@@ -164,9 +186,11 @@ def compute_importance_scores(
 
     `batches` yields `{"pixel_values", "labels"}` dicts (or `None` for a rank whose shard of a batch is empty);
     `all_reduce` sums a tensor over processes (omit it in a single process). Data-free methods ignore `batches`.
+    A method that prescribes its aggregation (`tgp_fisher` sums) overrides `aggregation`.
     """
     spec = get_scoring_method(method)
     options = options or ScoringOptions()
+    aggregation = spec.aggregation or aggregation
     if aggregation not in ("ema", "sum"):
         raise ValueError(f"score_aggregation must be 'ema' or 'sum', got {aggregation!r}")
     if bn_mode not in ("eval", "train"):

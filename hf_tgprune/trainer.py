@@ -24,8 +24,17 @@ from .callbacks import MASKS_NAME, GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
-from .masking import apply_masks, global_masks, load_masks, mask_hash, prunable_parameters, sparsity_report
-from .schedules import get_pruning_schedule, resolve_scoring_method
+from .masking import (
+    apply_masks,
+    load_masks,
+    mask_hash,
+    min_layer_density_for,
+    prunable_parameters,
+    select_masks,
+    sparsity_report,
+)
+from .recalibration import batchnorm_layers, recalibrate_batchnorm
+from .schedules import get_pruning_schedule, imp_sparsities, resolve_scoring_method
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 
 logger = logging.getLogger(__name__)
@@ -176,10 +185,23 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             )
 
     # --- pruning ------------------------------------------------------------------------------------------------
-    def get_calibration_dataloader(self) -> _ShardedBatches:
-        """Calibration batches: `calibration_dataset` or a seeded sample of `train_dataset`, split across ranks."""
-        source = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
-        dataset = deterministic_sample(source, self.args.num_calibration_samples, self.args.seed)
+    def get_calibration_dataloader(self, num_samples: int | None = None, epochs: int = 0) -> _ShardedBatches:
+        """Calibration batches, split across ranks.
+
+        Args:
+            num_samples: images drawn (seeded by `seed`) from `calibration_dataset`, or from `train_dataset` when
+                there is none; default `num_calibration_samples`.
+            epochs: > 0 instead runs over this many whole epochs of `train_dataset`, reshuffled every epoch (the
+                authors' scoring regime, `scoring_epochs`).
+        """
+        if epochs > 0:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            n = len(self.train_dataset)
+            order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)]).tolist()
+            dataset = Subset(self.train_dataset, order)
+        else:
+            source = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
+            dataset = deterministic_sample(source, num_samples or self.args.num_calibration_samples, self.args.seed)
         return _ShardedBatches(
             dataset,
             self.args.calibration_batch_size,
@@ -200,8 +222,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         args = self.args
         method_name = method or args.pruning_method
         method = get_scoring_method(method_name)
-        batches = None if method.data_free else self.get_calibration_dataloader()
-        reduce = (lambda t: self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else None
+        batches = None if method.data_free else self.get_calibration_dataloader(epochs=args.scoring_epochs)
         return compute_importance_scores(
             self.model,
             batches,
@@ -212,11 +233,56 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             aggregation=args.score_aggregation,
             ema_momentum=args.ema_momentum,
             bn_mode=args.scoring_bn_mode,
-            all_reduce=reduce,
+            all_reduce=self._all_reduce_sum(),
             seed=args.seed,
             progress=self.is_world_process_zero() and not args.disable_tqdm,
             total=None if batches is None else len(batches),
         )
+
+    def _all_reduce_sum(self):
+        return (lambda t: self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else None
+
+    def recalibrate_batchnorm(self) -> int:
+        """Re-estimate BatchNorm running statistics on `recalibration_samples` calibration images (see
+        `hf_tgprune.recalibration`); returns the number of images this process forwarded (0 without BatchNorm)."""
+        if not batchnorm_layers(self.model):
+            return 0
+        batches = self.get_calibration_dataloader(num_samples=self.args.recalibration_samples)
+        return recalibrate_batchnorm(
+            self.model,
+            batches,
+            all_reduce=self._all_reduce_sum(),
+            progress=self.is_world_process_zero() and not self.args.disable_tqdm,
+            total=len(batches),
+        )
+
+    def compute_masks(self) -> dict[str, torch.Tensor]:
+        """Masks at `sparsity` from `pruning_rounds` scoring passes (one-shot when 1).
+
+        Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
+        before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
+        first, so the masks are nested and the final count is exact.
+        """
+        args = self.args
+        params = prunable_parameters(self.model, args.prune_include, args.prune_exclude)
+        levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
+        masks = None
+        for index, level in enumerate(levels):
+            if masks is not None:
+                apply_masks(self.model, masks)
+                self.recalibrate_batchnorm()
+            scores = self.compute_scores()
+            masks = select_masks(
+                scores,
+                level,
+                min_density=min_layer_density_for(level, args.min_layer_density, args.layer_density_floor),
+                allocation=args.layer_allocation,
+                weights=params,
+            )
+            del scores
+            if len(levels) > 1:
+                logger.info("Pruning round %d/%d: sparsity %.4f", index + 1, len(levels), level)
+        return masks
 
     def prune(self) -> dict:
         """Score once, apply one global mask, install the mask callback; returns the sparsity report.
@@ -235,12 +301,16 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             self.pruning_report = report
             return report
         start = time.perf_counter()
-        scores = self.compute_scores()
+        masks = self.compute_masks()
         scoring_seconds = time.perf_counter() - start
-        masks = global_masks(scores, self.args.sparsity, self.args.effective_min_layer_density)
-        del scores
         self._install_masks(masks)
-        self.pruning_report["scoring_seconds"] = scoring_seconds
+        recalibrated = self.recalibrate_batchnorm() if self.args.recalibrate_bn else 0
+        self.pruning_report.update(
+            scoring_seconds=scoring_seconds,
+            pruning_rounds=self.args.pruning_rounds,
+            layer_allocation=self.args.layer_allocation,
+            bn_recalibration_images=recalibrated,
+        )
         return self.pruning_report
 
     def _install_masks(self, masks: dict[str, torch.Tensor]) -> None:

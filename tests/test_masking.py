@@ -121,3 +121,62 @@ def test_apply_report_hash_and_roundtrip(tmp_path):
     flipped[first] = masks[first].clone()
     flipped[first].view(-1)[0] ^= True
     assert mask_hash(flipped) != mask_hash(masks)
+
+
+def test_lamp_normalize_matches_definition():
+    from hf_tgprune.masking import lamp_normalize
+
+    score = torch.tensor([[3.0, 1.0], [2.0, 0.5]])
+    got = lamp_normalize({"w": score})["w"]
+    flat = score.reshape(-1)
+    expected = torch.stack([flat[i] ** 2 / (flat[flat >= flat[i]] ** 2).sum() for i in range(4)]).reshape(2, 2)
+    torch.testing.assert_close(got, expected)
+    assert got.max() == 1.0  # every layer's largest score normalises to 1
+
+
+@pytest.mark.parametrize("allocation", ["global", "lamp", "magnitude", "lamp_magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_select_masks_exact_count_every_allocation(allocation, sparsity):
+    from hf_tgprune.masking import select_masks
+
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        "a": torch.randn(40, 30, generator=g),
+        "b": torch.randn(8, 4, 3, 3, generator=g) * 5,
+        "c": torch.randn(500, generator=g),
+    }
+    scores = {n: torch.rand(w.shape, generator=g) for n, w in weights.items()}
+    masks = select_masks(scores, sparsity, allocation=allocation, weights=weights)
+    assert _pruned(masks) == round(sparsity * sum(w.numel() for w in weights.values()))
+    if allocation == "lamp":  # the top weight of every layer survives any sparsity
+        assert all(bool(m.reshape(-1)[s.reshape(-1).argmax()]) for m, s in zip(masks.values(), scores.values()))
+
+
+def test_decoupled_allocation_counts_from_magnitude_choice_from_scores():
+    from hf_tgprune.masking import select_masks
+
+    g = torch.Generator().manual_seed(1)
+    weights = {"a": torch.randn(64, generator=g) * 10, "b": torch.randn(64, generator=g)}
+    scores = {"a": torch.rand(64, generator=g), "b": torch.rand(64, generator=g)}
+    masks = select_masks(scores, 0.75, allocation="magnitude", weights=weights)
+    by_magnitude = global_masks({n: w.abs() for n, w in weights.items()}, 0.75)
+    for name in weights:
+        kept = int(masks[name].sum())
+        assert kept == int(by_magnitude[name].sum())  # per-layer count of the magnitude ranking
+        top = torch.sort(scores[name], descending=True).indices[:kept]  # the weights chosen by the criterion
+        assert bool(masks[name][top].all())
+
+
+def test_already_zero_weights_are_pruned_first():
+    """A student that is already sparse asked for less sparsity loses its zeros first: exactly the target."""
+    from hf_tgprune.masking import select_masks
+
+    g = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(1000, generator=g), "b": torch.randn(1000, generator=g)}
+    weights["a"][:900] = 0  # 85% already zero (90% of layer a, 80% of layer b)
+    weights["b"][:800] = 0
+    scores = {n: torch.zeros_like(w) for n, w in weights.items()}  # e.g. |θ·g| with g = 0 on the live weights
+    masks = select_masks(scores, 0.9, weights=weights)
+    assert _pruned(masks) == 1800
+    zeros = {n: w == 0 for n, w in weights.items()}
+    assert all(bool((~masks[n])[zeros[n]].all()) for n in weights)  # every zero pruned, no live weight lost

@@ -160,6 +160,11 @@ def test_evaluate_reports_loss_and_metrics(tmp_path):
         (dict(pruning_method="obd"), "Unknown pruning_method"),
         (dict(alpha=2.0), "alpha"),
         (dict(score_aggregation="mean"), "score_aggregation"),
+        (dict(pruning_rounds=0), "pruning_rounds must be >= 1"),
+        (dict(pruning_rounds=3, pruning_method="imp"), "pruning_rounds=3 applies to one-shot criteria"),
+        (dict(layer_allocation="uniform"), "layer_allocation must be one of"),
+        (dict(scoring_epochs=-1), "scoring_epochs must be >= 0"),
+        (dict(recalibration_samples=0), "recalibration_samples must be >= 1"),
     ],
 )
 def test_bad_config(tmp_path, overrides, match):
@@ -242,3 +247,58 @@ def test_torch_compile_keeps_masks(tmp_path):
     _assert_pruned_weights_and_state_are_zero(model, optimizer, trainer.masks)
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
+
+
+# --- issue 8 techniques through the trainer ------------------------------------------------------------------------
+def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path):
+    running = {}
+    for flag in (True, False):
+        trainer = _trainer(tmp_path / str(flag), recalibrate_bn=flag, recalibration_samples=24)
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running_mean" in k}
+        report = trainer.prune()
+        assert report["bn_recalibration_images"] == (24 if flag else 0)
+        after = trainer.model.state_dict()
+        running[flag] = any(not torch.equal(before[k], after[k]) for k in before)
+    assert running == {True: True, False: False}
+
+
+@pytest.mark.parametrize("method", ["tgp", "tgp_fisher", "magnitude"])
+def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, monkeypatch):
+    trainer = _trainer(tmp_path, pruning_method=method, pruning_rounds=3, sparsity=0.95)
+    calls = []
+    original = trainer.compute_scores
+    monkeypatch.setattr(trainer, "compute_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    recalibrations = []
+    original_recal = trainer.recalibrate_batchnorm
+    monkeypatch.setattr(trainer, "recalibrate_batchnorm", lambda: recalibrations.append(1) or original_recal())
+    report = trainer.prune()
+    assert len(calls) == 3  # one scoring pass per round
+    assert len(recalibrations) == 3  # between rounds (2) and after the final mask (1)
+    n = report["prunable"]["numel"]
+    assert report["pruned_by_mask"] == round(0.95 * n)
+    assert report["pruning_rounds"] == 3
+
+
+def test_iterative_rounds_rescore_the_pruned_network(tmp_path):
+    """Round 2 scores the network with round 1's mask applied, so 2 rounds differ from one-shot for tgp."""
+    one = _trainer(tmp_path / "a", sparsity=0.9, recalibrate_bn=False).prune()
+    two = _trainer(tmp_path / "b", sparsity=0.9, pruning_rounds=2).prune()
+    assert one["pruned_by_mask"] == two["pruned_by_mask"]
+    assert one["mask_sha256"] != two["mask_sha256"]
+
+
+@pytest.mark.parametrize("allocation", ["lamp", "magnitude", "lamp_magnitude"])
+def test_layer_allocation_through_the_trainer(tmp_path, allocation):
+    report = _trainer(tmp_path, layer_allocation=allocation, sparsity=0.98, layer_density_floor=0.0).prune()
+    assert report["pruned_by_mask"] == round(0.98 * report["prunable"]["numel"])
+    assert report["layer_allocation"] == allocation
+
+
+def test_scoring_epochs_score_over_whole_epochs_of_the_training_set(tmp_path):
+    trainer = _trainer(tmp_path, scoring_epochs=2, calibration_batch_size=8)
+    loader = trainer.get_calibration_dataloader(epochs=2)
+    seen = [int(b["pixel_values"].shape[0]) for b in loader]
+    assert sum(seen) == 2 * len(trainer.train_dataset)  # 2 epochs of the 32 training images, not 16 samples
+    first_epoch = torch.cat([b["labels"] for b in list(trainer.get_calibration_dataloader(epochs=2))[:4]])
+    assert sorted(first_epoch.tolist()) == sorted(trainer.train_dataset.labels.tolist())
+    assert trainer.prune()["pruned_by_mask"] > 0

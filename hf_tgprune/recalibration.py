@@ -1,0 +1,98 @@
+"""BatchNorm recalibration: re-estimate running statistics after masking, without gradients or weight changes.
+
+Pruning changes what every convolution outputs, so the running mean/variance a BatchNorm layer learned for the dense
+weights no longer match: a one-shot-pruned network evaluated right away is often at chance. Resetting the running
+statistics and re-estimating them with forward passes over a few hundred images (BatchNorm in train mode, every
+other module in eval mode, `momentum=None` so the estimate is the plain average over batches) fixes that before
+evaluation and before retraining. No parameter changes; only BatchNorm buffers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm.auto import tqdm
+
+from .adapters import forward_logits, unwrap_model
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """The BatchNorm layers of `model` that track running statistics, by module name."""
+    return {
+        name: module
+        for name, module in unwrap_model(model).named_modules()
+        if isinstance(module, _BatchNorm) and module.track_running_stats
+    }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | None],
+    *,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> int:
+    """Reset and re-estimate the running statistics of every BatchNorm layer of `model`.
+
+    Args:
+        model: the (pruned) network; wrappers (DDP, `torch.compile`) are stripped.
+        batches: dicts with `pixel_values` (labels are not needed), or `None` for a rank whose shard is empty.
+        all_reduce: sums a tensor over processes; when given, every rank ends with the sample-weighted average of
+            all ranks' statistics, so all ranks hold the same buffers.
+        progress: show a progress bar.
+        total: number of batches, for the progress bar.
+
+    Returns:
+        The number of images this process forwarded (0 when the model has no BatchNorm layer).
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    network = unwrap_model(model)
+    modes = {module: module.training for module in network.modules()}
+    momenta = {layer: layer.momentum for layer in layers.values()}
+    device = next(network.parameters()).device
+    seen = 0
+    try:
+        network.eval()
+        for layer in layers.values():
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average over the recalibration batches
+            layer.train()
+        for batch in tqdm(batches, total=total, desc="Recalibrating BatchNorm", disable=not progress):
+            if batch is None:
+                continue
+            pixel_values = batch["pixel_values"].to(device)
+            forward_logits(network, pixel_values)
+            seen += pixel_values.shape[0]
+        if all_reduce is not None:
+            _average_over_processes(layers, seen, all_reduce)
+        elif seen == 0:
+            raise ValueError("BatchNorm recalibration got no images; pass a non-empty calibration set.")
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        for layer, momentum in momenta.items():
+            layer.momentum = momentum
+    return seen
+
+
+def _average_over_processes(layers: Mapping[str, _BatchNorm], seen: int, all_reduce) -> None:
+    stats = [buffer for layer in layers.values() for buffer in (layer.running_mean, layer.running_var)]
+    flat = torch.cat(
+        [s.reshape(-1).float() * seen for s in stats] + [torch.tensor([float(seen)], device=stats[0].device)]
+    )
+    flat = all_reduce(flat)
+    count = float(flat[-1])
+    if count == 0:
+        raise ValueError("BatchNorm recalibration got no images on any process; pass a non-empty calibration set.")
+    offset = 0
+    for buffer in stats:
+        numel = buffer.numel()
+        buffer.copy_((flat[offset : offset + numel] / count).view_as(buffer))
+        offset += numel
