@@ -1,0 +1,618 @@
+"""Pruning quality on *converged* timm classifiers, CIFAR-10, on a 2-core CPU (issue 8's benchmark regime).
+
+Stages (every stage is resumable: dense training checkpoints every epoch, pruning runs append one JSON line
+each to `--out`, so a killed benchmark continues where it stopped and nothing finished is recomputed):
+
+    python benchmarks/converged.py --stage setup      # dense teacher + student trained to a plateau (cached)
+    python benchmarks/converged.py --stage main       # methods x {90, 95, 98}% table
+    python benchmarks/converged.py --stage ablation   # techniques one at a time
+    python benchmarks/converged.py --stage report     # markdown tables from the JSON lines
+
+Protocol:
+
+* Data: `--data` (default `../shared/data/cifar10`, the Hub layout of `uoft-cs/cifar10`: `img`/`label`,
+  train/test), held in memory as uint8. A seeded, stratified 2,500-image validation split is carved from train
+  (22,500 left); the test split is only used for the reported numbers. `--test-data PATH` evaluates every final
+  model on another folder in the same layout too. Standard CIFAR augmentation (random crop with 4-px padding,
+  horizontal flip); images are normalised with the timm model's own mean/std, 32 px.
+* Models: timm `resnet34` teacher and `resnet10t` student (`--teacher` / `--student`), from random
+  initialisation (no weights can be downloaded), trained with cross-entropy, SGD (momentum 0.9, nesterov,
+  weight decay 5e-4), batch 128, 1 warm-up epoch then a cosine schedule over `--dense-epochs`, until the
+  validation accuracy plateaus: less than 0.5 point gained over the last 5 epochs (otherwise up to 3 more
+  5-epoch cosine cycles at a tenth of the learning rate are added). The trained models are saved with
+  `timm.models.save_for_hf` in `--cache-dir` (outside the repository) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+PLATEAU_EPOCHS = 5
+PLATEAU_GAIN = 0.5
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def load_split_uint8(path: str, split: str, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of an image-classification folder in the Hub layout as (uint8 N×3×H×W images, int64 labels)."""
+    import hashlib
+
+    key = hashlib.sha256(f"{Path(path).resolve()}|{split}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"data_{key}.pt"
+    if cache.exists():
+        data = torch.load(cache)
+        return data["x"], data["y"]
+    import datasets
+    import numpy as np
+
+    raw = datasets.load_dataset(path, split=split)
+    image_col = "img" if "img" in raw.column_names else "image"
+    label_col = "label" if "label" in raw.column_names else "labels"
+    images = np.stack([np.asarray(img.convert("RGB"), dtype=np.uint8) for img in raw[image_col]])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(raw[label_col], dtype=torch.long)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"x": x, "y": y}, cache)
+    return x, y
+
+
+def stratified_split(labels: torch.Tensor, num_val: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = num_val // len(classes)
+    val = []
+    for c in classes:
+        index = (labels == c).nonzero().reshape(-1)
+        val.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().reshape(-1), val
+
+
+def load_data(args) -> dict:
+    cache = Path(args.cache_dir)
+    x, y = load_split_uint8(args.data, "train", cache)
+    train, val = stratified_split(y, args.val_images)
+    splits = {
+        "train": (x[train], y[train]),
+        "val": (x[val], y[val]),
+        "test": load_split_uint8(args.data, "test", cache),
+    }
+    if args.test_data:
+        splits["extra_test"] = load_split_uint8(args.test_data, args.test_split, cache)
+    return splits
+
+
+class Normalizer:
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float().div_(255) - self.mean) / self.std
+
+
+def normalizer_for(model: nn.Module) -> Normalizer:
+    import timm
+
+    config = timm.data.resolve_model_data_config(model)
+    return Normalizer(config["mean"], config["std"])
+
+
+def augmented_batches(images, labels, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+    """Shuffled uint8 batches with random crop (pad 4) + horizontal flip."""
+    size = images.shape[-1]
+    padded = F.pad(images, (4, 4, 4, 4))
+    order = torch.randperm(len(labels), generator=generator)
+    stop = len(order) - batch_size + 1 if drop_last else len(order)
+    for i in range(0, stop, batch_size):
+        index = order[i : i + batch_size]
+        offsets = torch.randint(0, 9, (len(index), 2), generator=generator).tolist()
+        batch = torch.stack(
+            [padded[j, :, dy : dy + size, dx : dx + size] for j, (dy, dx) in zip(index.tolist(), offsets)]
+        )
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+        yield batch, labels[index]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, normalize: Normalizer, batch_size: int = 500) -> float:
+    images, labels = split
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = model(normalize(images[i : i + batch_size]))
+        correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(labels)
+
+
+# --- dense training to a plateau ------------------------------------------------------------------------------------
+def plateaued(history: list[float]) -> bool:
+    """Less than PLATEAU_GAIN points gained by the last PLATEAU_EPOCHS epochs over the best before them."""
+    if len(history) <= PLATEAU_EPOCHS:
+        return False
+    return max(history[-PLATEAU_EPOCHS:]) - max(history[:-PLATEAU_EPOCHS]) < PLATEAU_GAIN
+
+
+def lr_at(step: int, phases: list[tuple[int, float]], steps_per_epoch: int) -> float:
+    """Learning rate at `step`: phase 0 = 1 linear warm-up epoch then cosine; later phases are cosine cycles."""
+    for index, (epochs, peak) in enumerate(phases):
+        total = epochs * steps_per_epoch
+        if step < total:
+            warmup = steps_per_epoch if index == 0 else 0
+            if step < warmup:
+                return peak * (step + 1) / warmup
+            return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        step -= total
+    return 0.0
+
+
+def train_dense(args, role: str, architecture: str, splits) -> Path:
+    """Train `architecture` from scratch until validation accuracy plateaus; checkpoint every epoch (resumable)."""
+    import timm
+    from timm.models import save_for_hf
+
+    folder = Path(args.cache_dir) / f"dense-{role}-{architecture}-e{args.dense_epochs}"
+    record_path = folder / "training.json"
+    if record_path.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "state.pt"
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, num_classes=10)
+    normalize = normalizer_for(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.dense_lr, momentum=0.9, nesterov=True, weight_decay=args.dense_weight_decay
+    )
+    generator = torch.Generator().manual_seed(0)
+    train_x, train_y = splits["train"]
+    steps_per_epoch = len(train_y) // args.batch_size
+    state = {"epoch": 0, "step": 0, "val": [], "seconds": 0.0, "phases": [(args.dense_epochs, args.dense_lr)]}
+    if state_path.exists():
+        saved = torch.load(state_path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        state = saved["state"]
+        log(f"{role} {architecture}: resuming after epoch {state['epoch']}")
+    log(f"{role} {architecture}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    while True:
+        planned = sum(epochs for epochs, _ in state["phases"])
+        if state["epoch"] >= planned:
+            if plateaued(state["val"]) or len(state["phases"]) > args.max_extensions:
+                break
+            state["phases"].append((PLATEAU_EPOCHS, args.dense_lr * 0.1))
+            log(f"{role}: not yet at a plateau ({state['val'][-6:]}); {PLATEAU_EPOCHS} more epochs")
+            continue
+        start = time.perf_counter()
+        model.train()
+        total_loss = 0.0
+        for images, labels in augmented_batches(train_x, train_y, args.batch_size, generator):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], state["phases"], steps_per_epoch)
+            loss = F.cross_entropy(model(normalize(images)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            total_loss += loss.item()
+        state["epoch"] += 1
+        state["val"].append(evaluate(model, splits["val"], normalize))
+        state["seconds"] += time.perf_counter() - start
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "state": state,
+            },
+            state_path,
+        )
+        log(
+            f"{role} epoch {state['epoch']}/{planned}: loss {total_loss / steps_per_epoch:.3f} "
+            f"val {state['val'][-1]:.2f} ({state['seconds']:.0f} s so far)"
+        )
+    model.eval()
+    save_for_hf(model, str(folder), safe_serialization=True)
+    record = {
+        "role": role,
+        "architecture": architecture,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": state["epoch"],
+        "plateaued": plateaued(state["val"]),
+        "val_history": state["val"],
+        "seconds": state["seconds"],
+        "train_images_per_epoch": steps_per_epoch * args.batch_size,
+        "val_top1": state["val"][-1],
+        "test_top1": evaluate(model, splits["test"], normalize),
+    }
+    if "extra_test" in splits:
+        record["extra_test_top1"] = evaluate(model, splits["extra_test"], normalize)
+    atomic_write_text(record_path, json.dumps(record, indent=1))
+    state_path.unlink()
+    log(
+        f"{role} {architecture}: val {record['val_top1']:.2f} test {record['test_top1']:.2f}, {record['epochs']} epochs"
+    )
+    return folder
+
+
+def load_dense(folder: Path) -> tuple[nn.Module, dict]:
+    import timm
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    return model, json.loads((folder / "training.json").read_text())
+
+
+def setup(args, splits) -> dict:
+    teacher = train_dense(args, "teacher", args.teacher, splits)
+    student = train_dense(args, "student", args.student, splits)
+    info = {
+        "teacher": json.loads((teacher / "training.json").read_text()),
+        "student": json.loads((student / "training.json").read_text()),
+        "teacher_dir": str(teacher),
+        "student_dir": str(student),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
+        "torch": torch.__version__,
+    }
+    gap = info["teacher"]["val_top1"] - info["student"]["val_top1"]
+    log(
+        f"setup done: teacher val {info['teacher']['val_top1']:.2f}, student val {info['student']['val_top1']:.2f} "
+        f"(gap {gap:.2f})"
+    )
+    if gap < 3.0:
+        log("WARNING: the teacher is less than 3 points better than the student; choose a larger --teacher")
+    return info
+
+
+# --- one pruning run -----------------------------------------------------------------------------------------------
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images in memory -> {"pixel_values", "labels"}; with `augment`: random crop (pad 4) + flip."""
+
+    def __init__(self, images, labels, normalize: Normalizer, augment: bool = False):
+        self.labels = labels
+        self.normalize = normalize
+        self.augment = augment
+        self.size = images.shape[-1]
+        self.images = F.pad(images, (4, 4, 4, 4)) if augment else images
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if self.augment:
+            dx, dy = torch.randint(0, 9, (2,)).tolist()
+            image = image[:, dy : dy + self.size, dx : dx + self.size]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+        return {"pixel_values": self.normalize(image[None])[0], "labels": self.labels[i]}
+
+
+class PassCounter:
+    """Images through forward passes of the hooked networks, and those that also go through a backward pass."""
+
+    def __init__(self):
+        self.forward = 0
+        self.backward = 0
+        self.enabled = True
+
+    def __deepcopy__(self, memo):  # hooks copied with a network (DG2PF's dense copy) keep counting here
+        return self
+
+    def hook(self, module, inputs, output):
+        if self.enabled:
+            n = inputs[0].shape[0]
+            self.forward += n
+            if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+                self.backward += n
+
+    def attach(self, model: nn.Module):
+        return model.register_forward_hook(self.hook)
+
+
+# Variants: name -> (pruning_method, config overrides). Library defaults otherwise (at the commit that ran them).
+VARIANTS = {
+    "magnitude": ("magnitude", {}),
+    "snip": ("snip", {}),
+    "tgp": ("tgp", {}),
+    "tgp_fisher": ("tgp_fisher", {}),
+    "tgp rounds=5": ("tgp", {"pruning_rounds": 5}),
+    "tgp lamp": ("tgp", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
+    "tgp authors' scoring": (
+        "tgp",
+        {"scoring_bn_mode": "train", "scoring_epochs": 3, "calibration_batch_size": 128},
+    ),
+    "epsd": ("epsd", {}),
+    "dg2pf": ("dg2pf", {}),
+    "imp": ("imp", {}),
+    # ablation-only variants
+    "tgp no BN recalibration": ("tgp", {"recalibrate_bn": False}),
+    "tgp CE retraining": ("tgp", {"retrain_with_kd": False}),
+    "magnitude CE retraining": ("magnitude", {"retrain_with_kd": False}),
+    "tgp no layer guard": ("tgp", {"layer_density_floor": 0.0}),
+    "magnitude lamp": ("magnitude", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
+    "snip lamp": ("snip", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
+    "tgp magnitude allocation": ("tgp", {"layer_allocation": "magnitude"}),
+    "tgp lamp_magnitude allocation": ("tgp", {"layer_allocation": "lamp_magnitude", "layer_density_floor": 0.0}),
+    "tgp_fisher lamp": ("tgp_fisher", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
+    "tgp_fisher lamp_magnitude allocation": (
+        "tgp_fisher",
+        {"layer_allocation": "lamp_magnitude", "layer_density_floor": 0.0},
+    ),
+    "tgp_fisher rounds=5": ("tgp_fisher", {"pruning_rounds": 5}),
+    "tgp lamp rounds=5": ("tgp", {"layer_allocation": "lamp", "layer_density_floor": 0.0, "pruning_rounds": 5}),
+}
+MAIN_VARIANTS = [
+    "magnitude", "snip", "tgp", "tgp_fisher", "tgp rounds=5", "tgp lamp", "tgp authors' scoring",
+    "epsd", "dg2pf", "imp",
+]  # fmt: skip
+ABLATION_VARIANTS = [
+    "tgp", "magnitude", "snip", "tgp no BN recalibration", "tgp CE retraining", "magnitude CE retraining",
+    "tgp no layer guard", "tgp lamp", "magnitude lamp", "snip lamp", "tgp magnitude allocation",
+    "tgp lamp_magnitude allocation", "tgp_fisher", "tgp_fisher lamp", "tgp_fisher lamp_magnitude allocation",
+    "tgp rounds=5", "tgp_fisher rounds=5", "tgp lamp rounds=5", "tgp authors' scoring",
+]  # fmt: skip
+SPARSITIES = (0.90, 0.95, 0.98)
+
+
+def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrain_epochs: int) -> dict:
+    """Prune the converged student with `variant`, retrain it, evaluate it, save it; returns the run's record."""
+    import timm
+
+    from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
+
+    method, overrides = VARIANTS[variant]
+    overrides = dict(overrides)
+    torch.manual_seed(seed)
+    teacher, _ = load_dense(Path(info["teacher_dir"]))
+    if method == "epsd":  # EPSD prunes early: a freshly initialised student, no dense training
+        student = timm.create_model(info["student"]["architecture"], num_classes=10)
+    else:
+        student, _ = load_dense(Path(info["student_dir"]))
+    student.train()
+    normalize = normalizer_for(student)
+    subset = torch.randperm(len(splits["train"][1]), generator=torch.Generator().manual_seed(1234))
+    subset = subset[: args.retrain_images]
+    train_set = TensorImages(splits["train"][0][subset], splits["train"][1][subset], normalize, augment=True)
+    calibration = TensorImages(*splits["train"], normalize, augment=False)
+    epochs, extra = retrain_epochs, {}
+    if method == "dg2pf":
+        epochs += args.dg2pf_epochs
+        extra = dict(gradual_pruning_epochs=args.dg2pf_epochs)
+    elif method == "imp":
+        epochs += args.imp_rounds - 1
+        extra = dict(imp_rounds=args.imp_rounds, imp_epochs_per_round=1)
+    elif method == "epsd":
+        extra = dict(epsd_warmup_steps=args.epsd_warmup_steps)
+    uses_teacher = method not in ("epsd", "dg2pf")
+    recalibrate = overrides.pop("recalibrate_bn", True)
+    config = dict(
+        output_dir=str(Path(args.cache_dir) / "trainer"),
+        sparsity=sparsity,
+        pruning_method=method,
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=epochs,
+        learning_rate=args.retrain_lr,
+        lr_scheduler_type="cosine",
+        optim="sgd",
+        optim_args="momentum=0.9",
+        weight_decay=0.0,
+        retrain_with_kd=uses_teacher,
+        recalibrate_bn=False,  # done below, so that accuracy right after pruning is read with and without it
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=seed,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    config.update(overrides)
+    trainer = TeacherGuidedPruningTrainer(
+        model=student,
+        teacher_model=teacher if uses_teacher else None,
+        args=TeacherGuidedPruningConfig(**config),
+        train_dataset=train_set,
+        calibration_dataset=calibration,
+    )
+    counter = PassCounter()
+    handles = [counter.attach(student)] + ([counter.attach(teacher)] if uses_teacher else [])
+    start = time.perf_counter()
+    report = trainer.prune()
+    one_shot = method not in ("dg2pf", "imp")
+    after = {}
+    if one_shot:
+        counter.enabled = False
+        after["after_prune_val_top1"] = evaluate(student, splits["val"], normalize)
+        after["after_prune_test_top1"] = evaluate(student, splits["test"], normalize)
+        counter.enabled = True
+    if recalibrate and one_shot:
+        trainer.recalibrate_batchnorm()
+        counter.enabled = False
+        after["after_prune_recal_val_top1"] = evaluate(student, splits["val"], normalize)
+        after["after_prune_recal_test_top1"] = evaluate(student, splits["test"], normalize)
+        counter.enabled = True
+    prune_seconds = time.perf_counter() - start
+    prune_forward, prune_backward = counter.forward, counter.backward
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    masks = trainer.masks
+    params = dict(student.named_parameters())
+    zeros = sum(int((params[n].detach()[~m] == 0).sum()) for n, m in masks.items())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    numel = sum(m.numel() for m in masks.values())
+    assert pruned == round(sparsity * numel) and zeros == pruned, (variant, pruned, zeros, numel)
+    key = f"{variant}|{sparsity}|{seed}|e{retrain_epochs}"
+    saved = Path(args.cache_dir) / "models" / key.replace("|", "_").replace(" ", "-").replace("'", "")
+    trainer.save_model(str(saved))
+    record = {
+        "key": key,
+        "variant": variant,
+        "method": method,
+        "overrides": overrides,
+        "recalibrate_bn": recalibrate,
+        "sparsity": sparsity,
+        "seed": seed,
+        "retrain_epochs": retrain_epochs,
+        "epochs": epochs,
+        "val_top1": evaluate(student, splits["val"], normalize),
+        "test_top1": evaluate(student, splits["test"], normalize),
+        **after,
+        "prunable_sparsity": pruned / numel,
+        "total_sparsity": report["total"]["sparsity"] if one_shot else None,
+        "prune_seconds": prune_seconds,
+        "train_seconds": train_seconds,
+        "seconds": prune_seconds + train_seconds,
+        "prune_forward_images": prune_forward,
+        "prune_backward_images": prune_backward,
+        "forward_images": counter.forward,
+        "backward_images": counter.backward,
+        "saved_model": str(saved),
+    }
+    if "extra_test" in splits:
+        record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
+    return record
+
+
+def _load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def planned_runs(args) -> list[tuple[str, float, int, int]]:
+    """(variant, sparsity, seed, retrain epochs) of the stage, in the order they run."""
+    if args.stage == "ablation":
+        return [(v, s, 0, args.retrain_epochs) for s in args.ablation_sparsities for v in args.variants]
+    if args.stage == "long":
+        return [(v, 0.98, 0, args.long_epochs) for v in args.variants]
+    runs = []
+    for sparsity in SPARSITIES:
+        for seed in [0] if sparsity == 0.90 else range(args.seeds):
+            runs += [(v, sparsity, seed, args.retrain_epochs) for v in args.variants]
+    return runs
+
+
+def run_stage(args, splits, info) -> None:
+    out = Path(args.out)
+    path = out / "runs.jsonl"
+    done = {r["key"] for r in _load(path)}
+    for variant, sparsity, seed, epochs in planned_runs(args):
+        key = f"{variant}|{sparsity}|{seed}|e{epochs}"
+        if key in done:
+            continue
+        record = run_one(args, splits, info, variant, sparsity, seed, epochs)
+        with path.open("a") as f:  # one line per finished run: a killed stage resumes after the last one
+            f.write(json.dumps(record) + "\n")
+        log(
+            f"{variant:36s} {sparsity:.2f} seed {seed} e{epochs}: val {record['val_top1']:.2f} "
+            f"test {record['test_top1']:.2f} (after prune {record.get('after_prune_test_top1')}, recal "
+            f"{record.get('after_prune_recal_test_top1')}) {record['seconds']:.0f} s"
+        )
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", default="setup", choices=["setup", "main", "ablation", "long", "report"])
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help=f"default: the stage's list; any of {list(VARIANTS)}"
+    )
+    parser.add_argument("--ablation-sparsities", nargs="+", type=float, default=[0.95, 0.98])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds at 95%% and 98%% (one at 90%%)")
+    parser.add_argument("--retrain-images", type=int, default=12000)
+    parser.add_argument("--retrain-epochs", type=int, default=2)
+    parser.add_argument("--long-epochs", type=int, default=10)
+    parser.add_argument("--retrain-lr", type=float, default=0.01)
+    parser.add_argument("--epsd-warmup-steps", type=int, default=100)
+    parser.add_argument("--dg2pf-epochs", type=int, default=2)
+    parser.add_argument("--imp-rounds", type=int, default=6)
+    parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the script end to end")
+    parser.add_argument("--data", default="../shared/data/cifar10", help="dataset folder (Hub layout) to train on")
+    parser.add_argument("--test-data", default=None, help="another dataset folder in the same layout to test on")
+    parser.add_argument("--test-split", default="test", help="split of --test-data to evaluate")
+    parser.add_argument("--out", default="benchmarks/results/converged")
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/hf_tgprune_bench/converged"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--teacher", default="resnet34")
+    parser.add_argument("--student", default="resnet10t")
+    parser.add_argument("--val-images", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dense-epochs", type=int, default=30)
+    parser.add_argument("--dense-lr", type=float, default=0.1)
+    parser.add_argument("--dense-weight-decay", type=float, default=5e-4)
+    parser.add_argument("--max-extensions", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = {"ablation": ABLATION_VARIANTS, "long": ["tgp", "magnitude"]}.get(args.stage, MAIN_VARIANTS)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
+    if args.smoke:
+        args.cache_dir += "_smoke"
+        args.out = str(Path(args.cache_dir) / "results")
+        args.dense_epochs, args.max_extensions, args.retrain_images, args.seeds = 1, 0, 256, 1
+        args.epsd_warmup_steps, args.imp_rounds, args.long_epochs = 2, 2, 1
+    return args
+
+
+def report(args) -> str:
+    return "(report: not written yet)"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.stage == "report":
+        print(report(args))
+        return
+    splits = load_data(args)
+    if args.smoke:
+        splits["train"] = tuple(t[:1024] for t in splits["train"])
+    log(f"data: {len(splits['train'][1])} train / {len(splits['val'][1])} val / {len(splits['test'][1])} test")
+    info = setup(args, splits)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "setup.json", json.dumps(info, indent=1))
+    if args.stage != "setup":
+        run_stage(args, splits, info)
+
+
+if __name__ == "__main__":
+    main()
