@@ -7,23 +7,18 @@
   Adam moments, ...) are multiplied by the mask, so weight decay or stale momentum cannot revive a weight.
 
 No forward hooks and no `weight_orig` re-parametrisation: weights stay plain parameters, so `state_dict`,
-`deepcopy`, `torch.compile` and `from_pretrained` keep working. The masks are written into every checkpoint
-(`masks.safetensors`) so that `resume_from_checkpoint` restores them.
+`deepcopy`, `torch.compile` and `from_pretrained` keep working. The trainer writes the masks into every checkpoint
+(`masks.safetensors`, as part of saving the model) so that `resume_from_checkpoint` restores them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import unwrap_model
-from .masking import save_masks
-
-MASKS_NAME = "masks.safetensors"
 
 
 class _GradientMask:
@@ -93,8 +88,3 @@ class GlobalMaskCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(checkpoint):
-            save_masks(self.masks, os.path.join(checkpoint, MASKS_NAME))

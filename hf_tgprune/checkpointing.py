@@ -75,7 +75,6 @@ HYPERPARAMETER_FIELDS = (
     "warmup_steps",
     "seed",
 )
-_MASKS_NAME = "masks.safetensors"
 
 
 def model_name_or_path(model) -> str | None:
@@ -177,6 +176,8 @@ class SparseCheckpointMixin:
             # the mask callback already keeps pruned weights at zero during sparse retraining
             enforce_masks=not is_checkpoint,
         )
+        if is_checkpoint and hasattr(self, "save_pruning_state"):
+            self.save_pruning_state(output_dir)  # part of the checkpoint before trainer_state.json marks it complete
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -303,13 +304,6 @@ class SparseCheckpointMixin:
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        masks = getattr(self, "masks", None)
-        mask_file = Path(checkpoint_folder) / _MASKS_NAME
-        if masks is not None and not mask_file.exists():
-            # GlobalMaskCallback.on_save writes it after this hook; the pushed checkpoint must be resumable
-            from .masking import save_masks
-
-            save_masks(masks, str(mask_file))
         self._refresh_output_dir_from(checkpoint_folder)
         self.create_model_card()
         if self.args.save_strategy == SaveStrategy.STEPS:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -326,13 +328,54 @@ def mask_hash(masks: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_masks(masks: Mapping[str, torch.Tensor], path: str) -> None:
+MASKS_NAME = "masks.safetensors"
+
+
+class MaskFileError(ValueError):
+    """A masks file that cannot be read or does not match the hash recorded when it was written."""
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
+    """Write masks atomically (a temporary file, then a rename) with their `mask_hash` in the header."""
     from safetensors.torch import save_file
 
-    save_file({name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}, path)
+    path = Path(path)
+    header = {"mask_sha256": mask_hash(masks), **dict(metadata or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}, str(tmp), header)
+    os.replace(tmp, path)
 
 
-def load_masks(path: str) -> dict[str, torch.Tensor]:
+def read_masks_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata `save_masks` wrote (empty for files written without it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled headers
+        raise MaskFileError(
+            f"Cannot read the masks file {str(path)!r} ({err}); it is truncated or corrupted. Resume from an "
+            "earlier checkpoint or prune again."
+        ) from err
+
+
+def load_masks(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read masks written by `save_masks`; with `verify`, refuse a file whose content does not match its hash."""
     from safetensors.torch import load_file
 
-    return {name: m.to(torch.bool) for name, m in load_file(path).items()}
+    metadata = read_masks_metadata(path)
+    try:
+        masks = {name: m.to(torch.bool) for name, m in load_file(str(path)).items()}
+    except Exception as err:
+        raise MaskFileError(
+            f"Cannot read the masks file {str(path)!r} ({err}); it is truncated or corrupted. Resume from an "
+            "earlier checkpoint or prune again."
+        ) from err
+    expected = metadata.get("mask_sha256")
+    if verify and expected is not None and mask_hash(masks) != expected:
+        raise MaskFileError(
+            f"The masks in {str(path)!r} do not match the hash recorded when they were written ({expected[:12]}...): "
+            "the file was modified or corrupted. Resume from an earlier checkpoint or prune again."
+        )
+    return masks

@@ -17,19 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import forward_logits, num_labels
-from .callbacks import MASKS_NAME, GlobalMaskCallback
+from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
 from .masking import (
+    MASKS_NAME,
     apply_masks,
     load_masks,
     mask_hash,
     min_layer_density_for,
     prunable_parameters,
+    read_masks_metadata,
+    save_masks,
     select_masks,
     sparsity_report,
 )
@@ -339,22 +342,65 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             report["mask_sha256"][:12],
         )
 
+    # --- checkpoint state ---------------------------------------------------------------------------------------
+    def save_pruning_state(self, checkpoint_dir: str) -> None:
+        """Write the masks into a checkpoint folder (the one writer of `masks.safetensors`).
+
+        Called while the checkpoint's model is saved, so a checkpoint never counts as written (its
+        `trainer_state.json` comes later) without its masks. The file carries the mask hash and the target sparsity
+        that resume verifies.
+        """
+        if self.masks is None or not self.args.should_save:
+            return
+        save_masks(
+            self.masks,
+            os.path.join(checkpoint_dir, MASKS_NAME),
+            {"target_sparsity": repr(float(self.args.sparsity)), "pruning_method": str(self.args.pruning_method)},
+        )
+
+    def load_pruning_state(self, checkpoint_dir: str) -> None:
+        """Restore and verify the masks of a checkpoint written by `save_pruning_state`."""
+        mask_file = os.path.join(checkpoint_dir, MASKS_NAME)
+        if not os.path.isfile(mask_file):
+            raise ValueError(
+                f"{checkpoint_dir!r} has no {MASKS_NAME}: it was not written by TeacherGuidedPruningTrainer, so its "
+                "masks cannot be restored. Resume from one of its own checkpoints."
+            )
+        recorded = read_masks_metadata(mask_file).get("target_sparsity")
+        if recorded is not None and abs(float(recorded) - self.args.sparsity) > 1e-12:
+            raise ValueError(
+                f"{checkpoint_dir!r} was trained at sparsity={float(recorded)}, but this run asks for sparsity="
+                f"{self.args.sparsity}. Resume with the checkpoint's sparsity, or start a new run in another "
+                "output_dir."
+            )
+        self._install_masks(load_masks(mask_file))
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
+        """The checkpoint folder to resume from: the given one, or for `True` the newest *complete* checkpoint of
+        `output_dir` (its `trainer_state.json` written, so its model, masks and optimizer state are there)."""
+        if resume_from_checkpoint is not True:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a folder.")
+            return resume_from_checkpoint
+        folders = []
+        if os.path.isdir(self.args.output_dir):
+            for name in os.listdir(self.args.output_dir):
+                step = name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+                if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and step.isdigit():
+                    folders.append((int(step), os.path.join(self.args.output_dir, name)))
+        for _step, folder in sorted(folders, reverse=True):
+            if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+                if os.path.isfile(os.path.join(folder, MASKS_NAME)):
+                    return folder
+            logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written).", folder)
+        raise ValueError(f"No complete checkpoint to resume from in output_dir={self.args.output_dir!r}.")
+
     # --- training -----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Prune first if needed (or restore the checkpoint's masks when resuming), then train sparsely."""
         if resume_from_checkpoint:
-            checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-                if checkpoint is None:
-                    raise ValueError(f"No checkpoint to resume from in output_dir={self.args.output_dir!r}.")
-            mask_file = os.path.join(checkpoint, MASKS_NAME)
-            if not os.path.isfile(mask_file):
-                raise ValueError(
-                    f"{checkpoint!r} has no {MASKS_NAME}: it was not written by TeacherGuidedPruningTrainer, so its "
-                    "masks cannot be restored. Resume from one of its own checkpoints."
-                )
-            self._install_masks(load_masks(mask_file))
+            checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+            self.load_pruning_state(checkpoint)
             resume_from_checkpoint = checkpoint
         elif self.masks is None:
             self.prune()

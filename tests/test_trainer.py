@@ -98,6 +98,70 @@ def test_resume_restores_masks(tmp_path):
     _assert_pruned_weights_and_state_are_zero(resumed.model, resumed.optimizer, resumed.masks)
 
 
+def _two_checkpoints(tmp_path, **overrides):
+    trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=4, **overrides)
+    trainer.train()
+    return trainer, tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-4"
+
+
+def test_masks_are_written_with_the_checkpoint_before_it_counts_as_complete(tmp_path, monkeypatch):
+    """Masks are saved with the model (inside `_save`), before the optimizer state and trainer_state.json."""
+    from hf_tgprune.masking import MASKS_NAME
+
+    order = []
+    trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    original = trainer._save_optimizer_and_scheduler
+
+    def spy(output_dir):
+        order.append(("masks present", (tmp_path / "out" / "checkpoint-2" / MASKS_NAME).is_file()))
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", spy)
+    trainer.train()
+    assert order == [("masks present", True)]
+
+
+def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path):
+    """A kill while checkpoint-4 was written (no trainer_state.json yet): resume picks checkpoint-2."""
+    trainer, second, newest = _two_checkpoints(tmp_path)
+    (newest / "trainer_state.json").unlink()
+    resumed = _trainer(tmp_path, save_strategy="no", max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4 and mask_hash(resumed.masks) == mask_hash(trainer.masks)
+
+
+def test_resume_refuses_modified_masks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_tgprune.masking import MASKS_NAME, MaskFileError, read_masks_metadata
+
+    _, _, newest = _two_checkpoints(tmp_path)
+    path = newest / MASKS_NAME
+    metadata = read_masks_metadata(path)
+    masks = load_file(str(path))
+    name = next(iter(masks))
+    masks[name].view(-1)[0] = ~masks[name].view(-1)[0]  # one flipped bit, header kept
+    save_file(masks, str(path), metadata)
+    with pytest.raises(MaskFileError, match="do not match the hash"):
+        _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=str(newest))
+
+
+def test_resume_refuses_truncated_masks_naming_the_file(tmp_path):
+    from hf_tgprune.masking import MASKS_NAME, MaskFileError
+
+    _, _, newest = _two_checkpoints(tmp_path)
+    path = newest / MASKS_NAME
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(MaskFileError, match="masks.safetensors.*truncated or corrupted"):
+        _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=str(newest))
+
+
+def test_resume_refuses_another_target_sparsity(tmp_path):
+    _, _, newest = _two_checkpoints(tmp_path)
+    with pytest.raises(ValueError, match="trained at sparsity=0.9, but this run asks for sparsity=0.95"):
+        _trainer(tmp_path, max_steps=6, sparsity=0.95).train(resume_from_checkpoint=str(newest))
+
+
 def test_resume_from_foreign_checkpoint_is_an_error(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ValueError, match="masks.safetensors"):
