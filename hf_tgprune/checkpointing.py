@@ -1,40 +1,41 @@
 """Trainer integration of sparse saving, model cards and Hub pushes.
 
-`SparseCheckpointMixin` goes before `transformers.Trainer` in the bases of `TeacherGuidedPruningTrainer`:
+`SparseCheckpointMixin` goes before `transformers.Trainer` in the bases of `TeacherGuidedPruningTrainer` and
+overrides the Trainer's saving hooks only:
 
-* ``_save`` writes every ``save_model()`` output and every checkpoint with
-  :func:`hf_tgprune.serialization.save_sparse_model` (``model.safetensors`` that plain timm/transformers load,
-  ``config.json``, ``sparsity.json``). ``args.save_format="bitmask"`` applies to ``save_model()`` outputs;
-  Trainer checkpoints (``checkpoint-*``) stay dense so that ``resume_from_checkpoint`` and
-  ``load_best_model_at_end`` keep working.
-* ``create_model_card`` writes the hf_tgprune card (``README.md``) from the folder's ``sparsity.json``.
-* ``push_to_hub`` saves, writes the card and uploads ``output_dir`` through :mod:`hf_tgprune.hub`;
-  ``_push_from_checkpoint`` pushes during training according to ``hub_strategy`` (``end``, ``every_save``,
-  ``checkpoint`` -> ``last-checkpoint/``, ``all_checkpoints`` -> ``checkpoint-N/``). Every failure is a
-  :class:`hf_tgprune.hub.HubPushError`; pushes during training log the error and training goes on (the
-  checkpoint is already on disk), ``push_to_hub()`` raises it. Uploads are synchronous.
+* ``_save`` (every ``save_model()`` output and every checkpoint) writes the folder with
+  :func:`hf_tgprune.serialization.save_sparse_model`: ``model.safetensors`` that plain timm/transformers load,
+  ``config.json`` (+ the preprocessing in ``trainer.sparse_info.data_config``), ``sparsity.json``.
+  ``args.save_format="bitmask"`` applies to ``save_model()`` outputs; Trainer checkpoints (``checkpoint-*``) stay
+  dense and keep the exact training state, so that ``resume_from_checkpoint`` and ``load_best_model_at_end``
+  work; a checkpoint's masks are written inside ``_save`` (``save_pruning_state``), before the Trainer marks the
+  checkpoint complete.
+* ``_push_from_checkpoint`` (``hub_strategy`` pushes during training): the Trainer's own version copies the
+  checkpoint's weights into ``output_dir`` and uploads whatever is there, which would publish the training state
+  without its ``sparsity.json`` (or next to a stale one). Here ``output_dir`` is re-written as a sparse folder from
+  the checkpoint, then uploaded (and the checkpoint itself for ``checkpoint`` / ``all_checkpoints``).
+* ``create_model_card`` writes the hf_tgprune card from the folder's ``sparsity.json``; ``init_hf_repo`` and
+  ``push_to_hub`` upload through :mod:`hf_tgprune.hub`, which uploads exactly the files of the sparse folder and
+  turns every failure into one :class:`hf_tgprune.hub.HubPushError` naming the fix. Pushes during training log the
+  error and training goes on (the checkpoint is on disk); ``push_to_hub()`` raises it. Uploads are synchronous.
 
-Extra fields for ``sparsity.json`` and the card (``dataset``, ``base_model``, ``teacher``, ``dense_metrics``, ...)
-go in ``trainer.sparse_metadata`` (a dict) before saving.
+What ``sparsity.json`` and the card record besides the measured sparsity (dataset, metrics, the preprocessing used)
+goes in ``trainer.sparse_info`` (:class:`SparseModelInfo`) before saving.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
 from . import hub
-from .adapters import get_adapter, unwrap_model
-from .serialization import (
-    DENSE_WEIGHTS_NAME,
-    SPARSITY_FILE_NAME,
-    load_sparse,
-    save_sparse_model,
-)
+from .adapters import model_name, unwrap_model
+from .serialization import SPARSITY_FILE_NAME, read_model_state_dict, save_sparse_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 HYPERPARAMETER_FIELDS = (
     "sparsity",
     "pruning_method",
+    "pruning_method_args",
     "alpha",
     "beta",
     "temperature",
@@ -51,19 +53,15 @@ HYPERPARAMETER_FIELDS = (
     "num_calibration_samples",
     "calibration_batch_size",
     "scoring_bn_mode",
+    "scoring_epochs",
+    "pruning_rounds",
+    "layer_allocation",
+    "recalibrate_bn",
     "prune_include",
     "prune_exclude",
     "min_layer_density",
     "layer_density_floor",
     "retrain_with_kd",
-    "epsd_warmup_steps",
-    "self_distillation_weight",
-    "self_kd_alpha",
-    "self_kd_temperature",
-    "gradual_pruning_epochs",
-    "imp_rounds",
-    "imp_prune_fraction",
-    "imp_epochs_per_round",
     "learning_rate",
     "num_train_epochs",
     "max_steps",
@@ -77,30 +75,45 @@ HYPERPARAMETER_FIELDS = (
 )
 
 
-def model_name_or_path(model) -> str | None:
-    """A name for a model in the card: transformers' ``name_or_path``, or timm's architecture."""
-    if model is None:
-        return None
-    model = unwrap_model(model)
-    family = get_adapter(model).name
-    if family == "transformers":
-        return getattr(model.config, "_name_or_path", None) or type(model).__name__
-    if family == "timm":
-        return model.pretrained_cfg.get("architecture") or type(model).__name__
-    return type(model).__name__
+@dataclass
+class SparseModelInfo:
+    """What a saved folder records next to its measured sparsity (``sparsity.json`` and the model card).
+
+    Args:
+        dataset: the dataset the model was trained on (a Hub id or a name; a local path is written as its folder
+            name).
+        base_model: the model that was pruned; default: the student's name (Hub id or timm architecture).
+        teacher: the teacher; default: the teacher model's name.
+        dense_metrics: evaluation metrics of the dense model before pruning.
+        pruned_metrics: evaluation metrics of the pruned model; default: the latest ``eval_*`` metrics logged.
+        data_config: the preprocessing the model was trained and evaluated with (``hf_tgprune.data.DataConfig``
+            or a dict with ``image_size``, ``mean``, ``std``, ``interpolation``); written into the folder
+            (timm ``pretrained_cfg``, transformers ``preprocessor_config.json``) so the model loads with it.
+        extra: more JSON-able fields for ``sparsity.json``.
+    """
+
+    dataset: str | None = None
+    base_model: str | None = None
+    teacher: str | None = None
+    dense_metrics: dict[str, float] = field(default_factory=dict)
+    pruned_metrics: dict[str, float] = field(default_factory=dict)
+    data_config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _enum_value(value: Any) -> Any:
+    return getattr(value, "value", value)
 
 
 class SparseCheckpointMixin:
     """Sparse saving, model card and Hub push for `transformers.Trainer` subclasses that hold ``self.masks``."""
 
-    # --- metadata -----------------------------------------------------------------------------------------------
-    @property
-    def sparse_metadata(self) -> dict[str, Any]:
-        """User-supplied fields for ``sparsity.json`` and the model card; they override the collected ones."""
-        if getattr(self, "_sparse_metadata", None) is None:
-            self._sparse_metadata = {}
-        return self._sparse_metadata
+    def __init__(self, *args, **kwargs):
+        self.sparse_info = SparseModelInfo()
+        self.hub_push_errors: list[hub.HubPushError] = []  # failed pushes during training
+        super().__init__(*args, **kwargs)
 
+    # --- what sparsity.json records ------------------------------------------------------------------------------
     def _calibration_size(self) -> int | None:
         source = getattr(self, "calibration_dataset", None)
         if source is None:
@@ -119,42 +132,58 @@ class SparseCheckpointMixin:
                 return metrics
         return {}
 
-    def build_sparse_metadata(self) -> dict[str, Any]:
-        """What ``sparsity.json`` records next to the measured sparsity."""
-        args = self.args
-        hyperparameters = {name: getattr(args, name) for name in HYPERPARAMETER_FIELDS if hasattr(args, name)}
-        if "optim" in hyperparameters:
-            hyperparameters["optim"] = str(getattr(hyperparameters["optim"], "value", hyperparameters["optim"]))
-        if "lr_scheduler_type" in hyperparameters:
-            value = hyperparameters["lr_scheduler_type"]
-            hyperparameters["lr_scheduler_type"] = str(getattr(value, "value", value))
-        report = getattr(self, "pruning_report", None) or {}
-        extra = dict(self.sparse_metadata)
-        dense_metrics = extra.pop("dense_metrics", None)
-        pruned_metrics = extra.pop("pruned_metrics", None) or self._latest_eval_metrics()
-        metrics = extra.pop("metrics", None) or {}
-        metrics = {**({"dense": dense_metrics} if dense_metrics else {}), **metrics}
-        if pruned_metrics:
-            metrics.setdefault("pruned", pruned_metrics)
+    def sparse_record_metadata(self) -> dict[str, Any]:
+        """The fields ``sparsity.json`` records next to the measured sparsity (from the args and `sparse_info`)."""
+        args, info = self.args, self.sparse_info
+        hyperparameters = {
+            name: _enum_value(getattr(args, name)) for name in HYPERPARAMETER_FIELDS if hasattr(args, name)
+        }
+        metrics = {}
+        if info.dense_metrics:
+            metrics["dense"] = dict(info.dense_metrics)
+        pruned = info.pruned_metrics or self._latest_eval_metrics()
+        if pruned:
+            metrics["pruned"] = dict(pruned)
         metadata = {
             "method": getattr(args, "pruning_method", None),
             "target_sparsity": getattr(args, "sparsity", None),
             "hyperparameters": hyperparameters,
-            "base_model": model_name_or_path(self.model),
-            "teacher": model_name_or_path(getattr(self, "teacher_model", None)),
+            "base_model": info.base_model or model_name(self.model),
+            "teacher": info.teacher or model_name(getattr(self, "teacher_model", None)),
             "calibration_size": self._calibration_size(),
-            "dataset": None,
+            "dataset": info.dataset,
             "metrics": metrics,
             "global_step": getattr(self.state, "global_step", None),
         }
+        report = getattr(self, "pruning_report", None) or {}
         if "scoring_seconds" in report:
             metadata["scoring_seconds"] = report["scoring_seconds"]
-        metadata.update(extra)
+        metadata.update(info.extra)
         return metadata
 
     # --- saving -------------------------------------------------------------------------------------------------
+    def _write_sparse_folder(self, output_dir: str | os.PathLike, state_dict: dict | None, checkpoint: bool) -> None:
+        """One writer of sparse folders: a checkpoint (dense, the exact training state) or an output folder
+        (``args.save_format``, pruned weights zeroed)."""
+        if self.processing_class is not None:  # before: an explicit `sparse_info.data_config` overrides it
+            self.processing_class.save_pretrained(output_dir)
+        save_format = "dense" if checkpoint else getattr(self.args, "save_format", "dense")
+        logger.info("Saving sparse model (%s) to %s", save_format, output_dir)
+        save_sparse_model(
+            unwrap_model(self.model),
+            output_dir,
+            getattr(self, "masks", None),
+            save_format=save_format,
+            metadata=self.sparse_record_metadata(),
+            state_dict=state_dict,
+            # a checkpoint keeps the exact training state (methods may hold dense weights under a mask); the mask
+            # callback keeps pruned weights at zero during sparse retraining
+            enforce_masks=not checkpoint,
+            data_config=self.sparse_info.data_config,
+        )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save through `save_sparse_model` (dense by default; ``args.save_format`` for `save_model()` outputs)."""
+        """Save through `save_sparse_model` (dense checkpoints; ``args.save_format`` for `save_model()` outputs)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is not None and not state_dict:  # DeepSpeed's dummy save: leave it to the Trainer
             return super()._save(output_dir, state_dict=state_dict)
@@ -162,24 +191,9 @@ class SparseCheckpointMixin:
             return
         os.makedirs(output_dir, exist_ok=True)
         is_checkpoint = Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-        save_format = "dense" if is_checkpoint else getattr(self.args, "save_format", "dense")
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        logger.info("Saving sparse model (%s) to %s", save_format, output_dir)
-        save_sparse_model(
-            model,
-            output_dir,
-            getattr(self, "masks", None),
-            save_format=save_format,
-            metadata=self.build_sparse_metadata(),
-            state_dict=state_dict,
-            # a checkpoint keeps the exact training state (schedules may hold dense weights under a mask);
-            # the mask callback already keeps pruned weights at zero during sparse retraining
-            enforce_masks=not is_checkpoint,
-        )
-        if is_checkpoint and hasattr(self, "save_pruning_state"):
+        self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint)
+        if is_checkpoint:
             self.save_pruning_state(output_dir)  # part of the checkpoint before trainer_state.json marks it complete
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
 
     # --- model card ---------------------------------------------------------------------------------------------
     def create_model_card(
@@ -198,8 +212,6 @@ class SparseCheckpointMixin:
         """Write ``README.md`` (the hf_tgprune card) into ``output_dir`` from its ``sparsity.json``."""
         if not self.is_world_process_zero():
             return
-        from .modelcard import create_model_card
-
         output_dir = Path(self.args.output_dir)
         if not (output_dir / SPARSITY_FILE_NAME).is_file():
             return super().create_model_card(
@@ -213,10 +225,11 @@ class SparseCheckpointMixin:
                 dataset=dataset,
                 dataset_args=dataset_args,
             )
+        from .modelcard import create_model_card
+
         if isinstance(dataset, (list, tuple)):
             dataset = dataset[0] if dataset else None
-        if isinstance(tags, str):
-            tags = [tags]
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
         card = create_model_card(
             output_dir,
             repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
@@ -224,7 +237,7 @@ class SparseCheckpointMixin:
             base_model=finetuned_from,
             dataset=dataset,
             license=license,
-            tags=list(tags or []) + list(getattr(self.model, "model_tags", None) or []),
+            tags=tags + list(getattr(self.model, "model_tags", None) or []),
         )
         card.save(output_dir / "README.md")
 
@@ -233,9 +246,8 @@ class SparseCheckpointMixin:
         """Create the Hub repo (``exist_ok``); failures are a `HubPushError` naming the fix."""
         if not self.is_world_process_zero():
             return
-        repo_name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         self.hub_model_id = hub.create_hub_repo(
-            repo_name,
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
             token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             folder=self.args.output_dir,
@@ -253,25 +265,31 @@ class SparseCheckpointMixin:
     ):
         """Save the sparse model to ``output_dir``, write the model card and upload the folder (synchronously).
 
+        Args:
+            commit_message: the Hub commit message.
+            blocking: ignored (uploads are synchronous).
+            token: a write token; default ``args.hub_token`` or the one huggingface_hub finds.
+            revision: the branch to push to; default ``args.hub_revision``.
+            private: visibility if the repo is created here; default ``args.hub_private_repo``.
+            **kwargs: ``model_name``, ``dataset`` (recorded when `sparse_info.dataset` is unset), ``license``,
+                ``tags``... for the model card.
+
         Raises:
             hf_tgprune.hub.HubPushError: the push failed; ``output_dir`` is intact and can be pushed later with
                 ``hf_tgprune.push_sparse_folder``.
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
-        if kwargs.get("dataset") and "dataset" not in self.sparse_metadata:
-            dataset = kwargs["dataset"]
-            self.sparse_metadata["dataset"] = dataset[0] if isinstance(dataset, (list, tuple)) else dataset
+        dataset = kwargs.get("dataset")
+        if dataset and self.sparse_info.dataset is None:
+            self.sparse_info.dataset = dataset[0] if isinstance(dataset, (list, tuple)) else dataset
         if getattr(self, "hub_model_id", None) is None:
             self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        model_name = (
-            kwargs.pop("model_name", None)
-            or ((self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1])
-        )
-        self.create_model_card(model_name=model_name, **kwargs)
+        model_name = kwargs.pop("model_name", None) or (self.args.hub_model_id or Path(self.args.output_dir).name)
+        self.create_model_card(model_name=model_name.split("/")[-1], **kwargs)
         self._finish_current_push()
         return hub.push_sparse_folder(
             self.args.output_dir,
@@ -284,66 +302,45 @@ class SparseCheckpointMixin:
             write_model_card=False,
         )
 
-    def _refresh_output_dir_from(self, checkpoint_folder: str) -> None:
-        """Write the checkpoint's model into ``output_dir`` (``args.save_format``, masks enforced), no gathering."""
-        output_dir = Path(self.args.output_dir)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_sparse_model(
-            model,
-            output_dir,
-            getattr(self, "masks", None),
-            save_format=getattr(self.args, "save_format", "dense"),
-            metadata=self.build_sparse_metadata(),
-            state_dict=load_sparse(Path(checkpoint_folder) / DENSE_WEIGHTS_NAME),
-        )
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push during training, per ``hub_strategy``; a failure is logged and training goes on."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+        """Push during training, per ``hub_strategy``: ``output_dir`` re-written as a sparse folder from the
+        checkpoint, then the checkpoint itself for ``checkpoint`` / ``all_checkpoints``. A failure is logged and
+        training goes on."""
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == HubStrategy.END:
             return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        self._refresh_output_dir_from(checkpoint_folder)
+        self.callback_handler.on_push_begin(args, self.state, self.control)
+        # from the checkpoint's file, not the model: no gathering of sharded weights on this one process
+        self._write_sparse_folder(
+            args.output_dir, read_model_state_dict(checkpoint_folder, unwrap_model(self.model)), checkpoint=False
+        )
         self.create_model_card()
-        if self.args.save_strategy == SaveStrategy.STEPS:
+        if args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:
             commit_message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
-        try:
-            hub.push_sparse_folder(
-                self.args.output_dir,
-                self.hub_model_id,
-                token=self.args.hub_token,
-                commit_message=commit_message,
-                revision=self.args.hub_revision,
-                create_repo=False,
-                write_model_card=False,
-            )
-            if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-                path_in_repo = (
-                    "last-checkpoint"
-                    if self.args.hub_strategy == HubStrategy.CHECKPOINT
-                    else Path(checkpoint_folder).name
-                )
-                hub.push_sparse_folder(
-                    checkpoint_folder,
-                    self.hub_model_id,
-                    token=self.args.hub_token,
+        uploads = [dict(folder=args.output_dir, commit_message=commit_message)]
+        if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            uploads.append(
+                dict(
+                    folder=checkpoint_folder,
+                    path_in_repo="last-checkpoint"
+                    if args.hub_strategy == HubStrategy.CHECKPOINT
+                    else Path(checkpoint_folder).name,
                     commit_message=commit_message + ", checkpoint",
-                    revision=self.args.hub_revision,
-                    path_in_repo=path_in_repo,
+                    require_sparse_checkpoint=False,
+                )
+            )
+        try:
+            for upload in uploads:
+                hub.push_sparse_folder(
+                    repo_id=self.hub_model_id,
+                    token=args.hub_token,
+                    revision=args.hub_revision,
                     create_repo=False,
                     write_model_card=False,
-                    require_sparse_checkpoint=False,
+                    **upload,
                 )
         except hub.HubPushError as err:
             logger.error("%s Training continues; the checkpoint is saved locally.", err)
             self.hub_push_errors.append(err)
-
-    @property
-    def hub_push_errors(self) -> list:
-        """Failed pushes during training (each a `HubPushError`)."""
-        if getattr(self, "_hub_push_errors", None) is None:
-            self._hub_push_errors = []
-        return self._hub_push_errors

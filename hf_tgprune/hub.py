@@ -22,9 +22,9 @@ from huggingface_hub import HfApi
 from .serialization import (
     SPARSITY_FILE_NAME,
     SparseFormatError,
-    _resolve_weights_file,
-    _sha256_file,
     read_sparsity_record,
+    resolve_weights_file,
+    sha256_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,9 +170,9 @@ def check_sparse_folder(folder: str | os.PathLike) -> dict[str, Any]:
     """
     folder = Path(folder)
     record = read_sparsity_record(folder)
-    weights_file = _resolve_weights_file(folder / record.get("weights_file", ""))
+    weights_file = resolve_weights_file(folder / record.get("weights_file", ""))
     expected = (record.get("files") or {}).get(weights_file.name, {}).get("sha256")
-    if expected and _sha256_file(weights_file) != expected:
+    if expected and sha256_file(weights_file) != expected:
         raise SparseFormatError(f"{weights_file} does not match the SHA-256 recorded in {SPARSITY_FILE_NAME}")
     return record
 
@@ -275,12 +275,6 @@ def create_hub_repo(
         raise _fail(folder, repo_id, reason, what, fix) from err
 
 
-def sparse_folder_manifest(folder: str | os.PathLike) -> dict[str, str]:
-    """``{relative path: sha256}`` of the files a push would upload (handy to compare local and remote)."""
-    folder = Path(folder)
-    return {name: _sha256_file(folder / name) for name in sparse_folder_files(folder)}
-
-
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "HubPushError",
@@ -288,5 +282,4 @@ __all__ = [
     "create_hub_repo",
     "push_sparse_folder",
     "sparse_folder_files",
-    "sparse_folder_manifest",
 ]

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .adapters import get_adapter
 from .serialization import BITMASK_WEIGHTS_NAME, SPARSITY_FILE_NAME
+from .utils import is_hub_id, public_name
 
 CARD_TAGS = ("pruning", "sparse", "knowledge-distillation", "hf_tgprune")
 SPEED_NOTE = (
@@ -24,19 +25,7 @@ SPEED_NOTE = (
     "with the same memory as the dense one. The gain is in size once compressed (for example with the `bitmask` "
     "format of hf_tgprune) or with runtimes that have sparse kernels."
 )
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PLACEHOLDER_REPO = "<user>/<model>"
-
-
-def _is_hub_id(value: Any, *, namespaced: bool = False) -> bool:
-    """A Hub id (not a local path): the Hub rejects `base_model` values that are not existing model ids."""
-    return (
-        isinstance(value, str)
-        and bool(_REPO_ID.match(value))
-        and ".." not in value
-        and (not namespaced or "/" in value)
-        and not Path(value).expanduser().exists()
-    )
 
 
 def _fmt(value: Any) -> str:
@@ -53,17 +42,10 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def _load_snippets(family: str, save_format: str, repo_id: str) -> str:
+def _load_snippets(family: str, save_format: str, repo_id: str, preprocessing: bool) -> str:
+    adapter = get_adapter(family)
     if save_format == "bitmask":
-        if family == "timm":
-            build = f'model = timm.create_model("hf-hub:{repo_id}", pretrained=False)  # architecture only'
-            imports = "import timm"
-        elif family == "transformers":
-            build = f'model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained("{repo_id}"))'
-            imports = "from transformers import AutoConfig, AutoModelForImageClassification"
-        else:
-            build = "model = ...  # build the same architecture"
-            imports = ""
+        imports, build = adapter.card_architecture_snippet(repo_id)
         return (
             "The weights are in hf_tgprune's compact `bitmask` format (a packed mask plus the kept values, "
             "safetensors only). Read them with `hf_tgprune.load_sparse`, which restores the dense weights "
@@ -74,38 +56,17 @@ def _load_snippets(family: str, save_format: str, repo_id: str) -> str:
             f'load_sparse(hf_hub_download("{repo_id}", "{BITMASK_WEIGHTS_NAME}"), model=model)\n'
             "```\n"
         )
-    snippets = []
-    if family == "timm":
-        snippets.append(
-            "With timm (no hf_tgprune needed):\n\n```python\nimport timm\n\n"
-            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
-            "data_config = timm.data.resolve_data_config(model=model)\n"
-            "transform = timm.data.create_transform(**data_config)\n```\n"
-        )
-        snippets.append(
-            "With transformers (timm checkpoints load through `TimmWrapper`):\n\n```python\n"
-            "from transformers import AutoModelForImageClassification\n\n"
-            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()\n```\n'
-        )
-    elif family == "transformers":
-        snippets.append(
-            "With transformers (no hf_tgprune needed):\n\n```python\n"
-            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n\n"
-            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()\n```\n'
-        )
-        snippets.append(
-            "timm cannot build transformers architectures; use the transformers snippet above, or load the "
-            "state dict into your own module:\n\n```python\nfrom huggingface_hub import hf_hub_download\n"
-            "from safetensors.torch import load_file\n\n"
-            f'state_dict = load_file(hf_hub_download("{repo_id}", "model.safetensors"))\n```\n'
-        )
-    else:
-        snippets.append(
-            "A plain PyTorch state dict (build the architecture yourself):\n\n```python\n"
-            "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n\n"
-            f'model.load_state_dict(load_file(hf_hub_download("{repo_id}", "model.safetensors")))\n```\n'
-        )
-    return "\n".join(snippets)
+    return "\n".join(adapter.card_load_snippets(repo_id, preprocessing=preprocessing))
+
+
+def _preprocessing_text(preprocessing: Mapping[str, Any] | None) -> str | None:
+    if not preprocessing:
+        return None
+    side = preprocessing.get("image_size")
+    return (
+        f"{side}×{side} px ({preprocessing.get('interpolation')} resize of the shorter side, center crop), "
+        f"mean {_fmt(preprocessing.get('mean'))}, std {_fmt(preprocessing.get('std'))}"
+    )
 
 
 def _metrics_table(dense: Mapping[str, Any] | None, pruned: Mapping[str, Any] | None) -> str:
@@ -172,8 +133,14 @@ def create_model_card(
             Fields not passed explicitly (base model, teacher, dataset, method, hyperparameters, metrics as
             ``{"dense": {...}, "pruned": {...}}``, model family, format) are read from it.
         repo_id: the Hub repo the card describes (used in the load snippets).
+        model_name: the card's title; default: the repo name.
         base_model: Hub id of the model that was pruned; written to the card's ``base_model`` metadata only when it
-            is a Hub id (not a local path), since the Hub rejects anything else.
+            is a Hub id, since the Hub rejects anything else. Local paths (here and for ``teacher`` / ``dataset``)
+            are shown as their folder name.
+        teacher, dataset, method, hyperparameters, dense_metrics, pruned_metrics, save_format: override the record.
+        model_family: the adapter name (``"timm"``, ``"transformers"``, ``"torch"``) whose load snippets the card
+            shows; default: the record's ``model_family``.
+        license, tags: card metadata.
         max_layers: rows of the per-layer sparsity table (the full table is in ``sparsity.json``).
 
     Returns:
@@ -183,14 +150,15 @@ def create_model_card(
     metrics = record.get("metrics") or {}
     if metrics and not ({"dense", "pruned"} & set(metrics)):
         metrics = {"pruned": metrics}
-    base_model = base_model if base_model is not None else record.get("base_model")
-    teacher = teacher if teacher is not None else record.get("teacher")
-    dataset = dataset if dataset is not None else record.get("dataset")
+    # names as Hub ids or plain folder names: a card never shows a path of the machine that wrote it
+    base_model = public_name(base_model if base_model is not None else record.get("base_model"))
+    teacher = public_name(teacher if teacher is not None else record.get("teacher"))
+    dataset = public_name(dataset if dataset is not None else record.get("dataset"))
     method = method if method is not None else record.get("method")
     hyperparameters = dict(hyperparameters if hyperparameters is not None else record.get("hyperparameters") or {})
     dense_metrics = dense_metrics if dense_metrics is not None else metrics.get("dense")
     pruned_metrics = pruned_metrics if pruned_metrics is not None else metrics.get("pruned")
-    family = model_family or record.get("model_family") or "torch"
+    adapter = get_adapter(model_family or record.get("model_family") or "torch")
     save_format = save_format or record.get("format") or "dense"
     report = record.get("sparsity") or {}
     prunable, total = report.get("prunable") or {}, report.get("total") or {}
@@ -198,11 +166,12 @@ def create_model_card(
     repo = repo_id or _PLACEHOLDER_REPO
     name = model_name or (repo_id.split("/")[-1] if repo_id else "Pruned model")
 
-    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *(["timm"] if family == "timm" else [])]))
+    library = [adapter.library_name] if adapter.library_name == "timm" else []  # timm models are tagged `timm`
+    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *library]))
     data = ModelCardData(
-        base_model=base_model if _is_hub_id(base_model, namespaced=True) else None,
-        datasets=[dataset] if _is_hub_id(dataset) else None,
-        library_name={"timm": "timm", "transformers": "transformers"}.get(family),
+        base_model=base_model if is_hub_id(base_model, namespaced=True) else None,
+        datasets=[dataset] if is_hub_id(dataset) else None,
+        library_name=adapter.library_name,
         license=license,
         model_name=name,
         pipeline_tag="image-classification",
@@ -224,6 +193,7 @@ def create_model_card(
         ("Target sparsity", record.get("target_sparsity", hyperparameters.get("sparsity"))),
         ("Calibration samples", calibration),
         ("Dataset", dataset),
+        ("Preprocessing", _preprocessing_text(record.get("preprocessing"))),
         ("Weights format", f"`{save_format}` (`{record.get('weights_file', 'model.safetensors')}`)"),
         ("Mask SHA-256", f"`{(record.get('mask') or {}).get('sha256')}`"),
         ("Library", ", ".join(f"{k} {v}" for k, v in (record.get("library") or {}).items()) or None),
@@ -250,7 +220,7 @@ def create_model_card(
 
 ## How to load
 
-{_load_snippets(family, save_format, repo)}
+{_load_snippets(adapter.name, save_format, repo, bool(record.get("preprocessing")))}
 ## Pruning
 
 {pruning_table}

@@ -288,9 +288,9 @@ def test_model_card_contents(tmp_path):
         assert f"| `{name}` | {counts['numel']:,} | {counts['zeros']:,} |" in text
     assert record["mask"]["sha256"] in text
 
-    # a local path is no Hub id: kept in the text, left out of the metadata the Hub validates
+    # a local path is no Hub id: shown as its folder name (never the path), left out of the metadata the Hub validates
     card = create_model_card(record, base_model=str(tmp_path), model_family="transformers")
-    assert card.data.base_model is None and str(tmp_path) in card.content
+    assert card.data.base_model is None and tmp_path.name in card.content and str(tmp_path) not in card.content
     assert "AutoModelForImageClassification.from_pretrained" in card.content
     assert "hf-hub:" not in card.content
 
@@ -304,7 +304,8 @@ def _trainer_args(tmp_path, **overrides):
 def test_trainer_save_model_writes_sparse_folders(tmp_path):
     args = _trainer_args(tmp_path, save_strategy="steps", save_steps=2)
     trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
-    trainer.sparse_metadata.update(dataset="random-images", dense_metrics={"eval_accuracy": 0.5})
+    trainer.sparse_info.dataset = "random-images"
+    trainer.sparse_info.dense_metrics = {"eval_accuracy": 0.5}
     trainer.train()
     trainer.save_model()
     out = Path(args.output_dir)

@@ -1,0 +1,186 @@
+"""Reading the weights file of a sparse checkpoint (either format), verified against its checksums."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..adapters import get_adapter, unwrap_model
+from .bitmask import decode_bitmask, read_bitmask_header
+from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError, sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_weights_file(path: str | os.PathLike) -> Path:
+    """The weights file of a sparse checkpoint: `path` itself, or the one weights file in the folder `path`.
+
+    Raises:
+        FileNotFoundError: `path` does not exist or the folder holds no weights file.
+        SparseFormatError: the folder holds both formats.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"No sparse checkpoint at {path}: not a file or folder.")
+    candidates = [path / name for name in (BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME) if (path / name).is_file()]
+    if not candidates:
+        raise FileNotFoundError(
+            f"{path} holds neither {BITMASK_WEIGHTS_NAME} nor {DENSE_WEIGHTS_NAME}; pass the weights file itself."
+        )
+    if len(candidates) > 1:
+        raise SparseFormatError(
+            f"{path} holds both {BITMASK_WEIGHTS_NAME} and {DENSE_WEIGHTS_NAME}; pass the file to load explicitly."
+        )
+    return candidates[0]
+
+
+def _verify_against_sparsity_json(weights_file: Path) -> None:
+    """If a sparsity.json next to the file records its SHA-256, check it (catches corrupted dense files)."""
+    record = weights_file.parent / SPARSITY_FILE_NAME
+    if not record.is_file():
+        return
+    try:
+        files = json.loads(record.read_text(encoding="utf-8")).get("files", {})
+    except (json.JSONDecodeError, AttributeError):
+        logger.warning("Ignoring unreadable %s next to %s", record, weights_file)
+        return
+    expected = files.get(weights_file.name, {}).get("sha256") if isinstance(files, dict) else None
+    if expected and sha256_file(weights_file) != expected:
+        raise SparseFormatError(
+            f"{weights_file}: SHA-256 differs from the one recorded in {record.name}; the file is corrupted or was "
+            "modified after saving. Re-download or re-save it."
+        )
+
+
+def read_weights(
+    path: str | os.PathLike, *, verify: bool = True, return_masks: bool = False, check_record: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Path]:
+    """(tensors, masks, weights file) of a sparse checkpoint, keyed by the names in the file.
+
+    Args:
+        path: the folder or the weights file.
+        verify: check the checksums (per tensor for the bitmask format; the file's SHA-256 in ``sparsity.json``).
+        return_masks: also decode the masks of a bitmask file (dense files store none: the masks are empty).
+        check_record: compare with the SHA-256 recorded in a ``sparsity.json`` next to the file.
+    """
+    weights_file = resolve_weights_file(path)
+    if verify and check_record:
+        _verify_against_sparsity_json(weights_file)
+    try:
+        with safe_open(weights_file, framework="pt", device="cpu") as handle:
+            header = read_bitmask_header(handle)
+            if header is None:  # a plain dense safetensors file
+                state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+                masks = {}
+            else:
+                state_dict, masks = decode_bitmask(
+                    handle, header, str(weights_file), verify=verify, return_masks=return_masks
+                )
+    except SafetensorError as err:
+        raise SparseFormatError(
+            f"{weights_file} is not a readable safetensors file ({err}); it is truncated or corrupted. "
+            "Re-download or re-save it."
+        ) from err
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise SparseFormatError(f"Could not read {weights_file} ({err}); it is truncated or corrupted.") from err
+    return state_dict, masks, weights_file
+
+
+def convert_masks(
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    masks: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+) -> dict[str, torch.Tensor]:
+    """Masks renamed (or fused / split) by the same conversion as the tensors they mask.
+
+    Args:
+        convert: maps a complete ``{name: tensor}`` dict (every name of `shapes`) to the other naming, e.g.
+            ``ModelAdapter.checkpoint_state_dict`` (module names -> names on disk).
+        masks: bool masks for some of the names.
+        shapes: the shape of every tensor of the state dict.
+
+    Returns:
+        bool masks keyed by the converted names, for every converted tensor built from at least one masked one.
+    """
+    true = torch.ones((), dtype=torch.bool)
+    kept = convert({name: masks[name] if name in masks else true.expand(shape) for name, shape in shapes.items()})
+    covered = convert({name: (true if name in masks else ~true).expand(shape) for name, shape in shapes.items()})
+    return {name: kept[name].contiguous() for name, flag in covered.items() if bool(flag.any())}
+
+
+def read_model_state_dict(path: str | os.PathLike, model: nn.Module, *, verify: bool = True) -> dict:
+    """The tensors of a sparse checkpoint keyed like ``model.state_dict()`` (names on disk converted by the
+    model's adapter, e.g. transformers 5's weight renaming)."""
+    model = unwrap_model(model)
+    state_dict, _, _ = read_weights(path, verify=verify)
+    return get_adapter(model).model_state_dict(model, state_dict)
+
+
+def load_sparse(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+) -> dict[str, torch.Tensor] | nn.Module:
+    """Load a checkpoint written by :func:`save_sparse_model` (either format), bit-exactly.
+
+    Args:
+        path: the output folder, or the weights file itself (``model.bitmask.safetensors`` or any safetensors
+            file).
+        model: when given, the weights are loaded into it (``load_state_dict``, ``strict``; names on disk are
+            converted to the model's own) and the model is returned; otherwise the state dict is returned, keyed
+            by the names on disk (those ``save_pretrained`` writes). The architecture is always the caller's
+            choice: no class or loader is ever picked from a string in the checkpoint.
+        strict: passed to ``load_state_dict``.
+        verify: check the per-tensor SHA-256 of the bitmask format and, when a ``sparsity.json`` sits next to
+            the file, the file's SHA-256 recorded there.
+
+    Raises:
+        SparseFormatError: the file is corrupted, truncated, inconsistent or of an unknown format version.
+    """
+    if model is None:
+        state_dict, _, _ = read_weights(path, verify=verify)
+        return state_dict
+    unwrap_model(model).load_state_dict(read_model_state_dict(path, model, verify=verify), strict=strict)
+    return model
+
+
+def load_sparse_masks(
+    path: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The masks of a saved sparse checkpoint (True = kept).
+
+    Exact for the bitmask format. For the dense format the masks are not stored; they are rebuilt from the
+    layers listed in ``sparsity.json`` as "non-zero" (a kept weight that is exactly zero reads as pruned).
+
+    Args:
+        path: the folder or the weights file.
+        model: when given, the masks are keyed by the model's parameter names (as ``trainer.masks`` and
+            ``masks.safetensors``); otherwise by the names on disk.
+        verify: as for :func:`load_sparse`.
+    """
+    state_dict, masks, weights_file = read_weights(path, verify=verify, return_masks=True)
+    if not masks:
+        record = weights_file.parent / SPARSITY_FILE_NAME
+        if not record.is_file():
+            raise FileNotFoundError(f"No masks stored in {weights_file} and no {SPARSITY_FILE_NAME} next to it.")
+        layers = json.loads(record.read_text(encoding="utf-8"))["sparsity"]["layers"]
+        masks = {name: state_dict[name] != 0 for name in layers}
+    if model is None:
+        return masks
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+    shapes = {name: tensor.shape for name, tensor in state_dict.items()}
+    return convert_masks(lambda tensors: adapter.model_state_dict(model, tensors), masks, shapes)
