@@ -31,9 +31,11 @@ def packaged_metric_path(name: str) -> str | None:
 def load_metric(name: str, **kwargs: Any):
     """`evaluate.load` that prefers the metrics shipped with hf_tgprune.
 
-    `name` is one of `packaged_metrics()` (loaded from the local script, offline), or anything that
-    `evaluate.load` accepts (a Hub metric id or a local path). Metrics are kept in memory by default so
-    that several processes (DDP ranks) never contend for the same cache file.
+    Args:
+        name: one of `packaged_metrics()` (loaded from the local script, offline), or anything that
+            `evaluate.load` accepts (a Hub metric id or a local path).
+        **kwargs: passed to `evaluate.load`; `keep_in_memory` defaults to True so that several processes
+            (DDP ranks) never contend for the same cache file.
     """
     import evaluate
 
@@ -54,8 +56,13 @@ def _as_scores(predictions: Any) -> np.ndarray:
 def classification_metrics(scores: Any, labels: Any, top_k: Sequence[int] = (5,), metrics=None) -> dict[str, float]:
     """{"accuracy": top-1, "top{k}_accuracy": ...} from logits/scores and integer labels.
 
-    When k is at least the number of classes, top-k accuracy is 1.0 by definition (every class is in the
-    top k); the key is still reported so that result files keep the same shape for every dataset.
+    Args:
+        scores: logits or scores, shape [n_samples, n_classes] (or a tuple whose first item they are).
+        labels: integer class labels, shape [n_samples].
+        top_k: the k of the top-k accuracies reported. When k is at least the number of classes, top-k accuracy
+            is 1.0 by definition (every class is in the top k); the key is still reported so that result files
+            keep the same shape for every dataset.
+        metrics: the (accuracy, top_k_accuracy) metrics to use; loaded with `load_metric` when None.
     """
     scores = _as_scores(scores)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
@@ -74,7 +81,12 @@ def classification_metrics(scores: Any, labels: Any, top_k: Sequence[int] = (5,)
 def make_compute_metrics(top_k: Sequence[int] = (5,)) -> Callable[[Any], dict[str, float]]:
     """`compute_metrics` for `transformers.Trainer`: {"accuracy": top-1, "top5_accuracy": top-5}.
 
-    Takes an `EvalPrediction` (or a `(predictions, label_ids)` pair). The metrics are loaded once, here.
+    Args:
+        top_k: the k of the top-k accuracies reported.
+
+    Returns:
+        a function of an `EvalPrediction` (or a `(predictions, label_ids)` pair); the metrics are loaded once,
+        here.
     """
     metrics = (load_metric("accuracy"), load_metric("top_k_accuracy"))
 

@@ -7,8 +7,9 @@
   (a `config.json` with an `architecture` key);
 - transformers model ids and folders (`AutoModelForImageClassification`: a `config.json` with `model_type`).
 
-Sources are a registry (`register_model_source`), tried in order; the first whose `matches` accepts the name
-loads it. Loading never guesses silently: a path that does not exist, an unknown name and a failed download
+Sources (`MODEL_SOURCES`) are tried in order; the first whose `matches` accepts the name loads it. Once
+loaded, everything that depends on the model's library goes through its adapter (`hf_tgprune.adapters`).
+Loading never guesses silently: a path that does not exist, an unknown name and a failed download
 (offline) are `ModelLoadError`s that say what to pass instead.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapters import num_labels as model_num_labels
+from .utils import is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +47,12 @@ class LoadRequest:
 
 @dataclass(frozen=True)
 class ModelSource:
+    """One way of loading a model by name: `matches(name)` says whether it applies, `load(request)` loads."""
+
     name: str
     matches: Callable[[str], bool]
     load: Callable[[LoadRequest], nn.Module]
     always_has_weights: bool = False  # local folders: their weights are the point
-
-
-_SOURCES: list[ModelSource] = []
-
-
-def register_model_source(source: ModelSource, *, first: bool = True) -> ModelSource:
-    """Register a model source; sources registered later with `first=True` are tried before earlier ones."""
-    _SOURCES.insert(0 if first else len(_SOURCES), source)
-    return source
-
-
-def looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(os.path.expanduser(name))
 
 
 def _read_config(path: str) -> dict:
@@ -87,7 +78,7 @@ def _hub_failure(name: str, error: Exception, what: str = "") -> ModelLoadError:
 def _is_timm_name(name: str) -> bool:
     if name.startswith(("hf-hub:", "timm/")):
         return True
-    if looks_like_path(name):
+    if is_local_path(name):
         return False
     try:
         import timm
@@ -118,7 +109,7 @@ def _load_timm(request: LoadRequest) -> nn.Module:
 
 
 def _is_timm_folder(name: str) -> bool:
-    return looks_like_path(name) and "architecture" in _read_config(name)
+    return is_local_path(name) and "architecture" in _read_config(name)
 
 
 def _load_timm_folder(request: LoadRequest) -> nn.Module:
@@ -128,7 +119,7 @@ def _load_timm_folder(request: LoadRequest) -> nn.Module:
 
 # --- transformers ----------------------------------------------------------------------------------------------
 def _is_transformers_folder(name: str) -> bool:
-    return looks_like_path(name) and "model_type" in _read_config(name)
+    return is_local_path(name) and "model_type" in _read_config(name)
 
 
 def _label_kwargs(request: LoadRequest) -> dict:
@@ -154,7 +145,7 @@ def _load_transformers(request: LoadRequest, *, pretrained: bool | None = None) 
         config = AutoConfig.from_pretrained(name, **_label_kwargs(request))
         return AutoModelForImageClassification.from_config(config)
     except (OSError, ValueError) as error:
-        what = "" if looks_like_path(name) else " as a transformers model id (it is not a timm model name)"
+        what = "" if is_local_path(name) else " as a transformers model id (it is not a timm model name)"
         raise _hub_failure(request.name_or_path, error, what) from error
 
 
@@ -162,21 +153,24 @@ def _load_transformers_folder(request: LoadRequest) -> nn.Module:
     return _load_transformers(request, pretrained=True)
 
 
-# Order: most specific first (registered with first=False, so this list is the lookup order).
-for _source in (
+# The lookup order: most specific first.
+MODEL_SOURCES: tuple[ModelSource, ...] = (
     ModelSource("timm-folder", _is_timm_folder, _load_timm_folder, always_has_weights=True),
     ModelSource("transformers-folder", _is_transformers_folder, _load_transformers_folder, always_has_weights=True),
     ModelSource("timm", _is_timm_name, _load_timm),
-    ModelSource("transformers", lambda name: not looks_like_path(name), _load_transformers),
-):
-    register_model_source(_source, first=False)
+    ModelSource("transformers", lambda name: not is_local_path(name), _load_transformers),
+)
 
 
 def model_source(name_or_path: str) -> ModelSource:
-    """The source that loads `name_or_path` (raises `ModelLoadError` for a missing path or an unusable folder)."""
-    if looks_like_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+    """The source that loads `name_or_path`.
+
+    Raises:
+        ModelLoadError: a path that does not exist, or a folder that neither timm nor transformers wrote.
+    """
+    if is_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise ModelLoadError(f"{name_or_path!r}: no such file or folder ({os.path.abspath(name_or_path)}).")
-    for source in _SOURCES:
+    for source in MODEL_SOURCES:
         if source.matches(name_or_path):
             return source
     raise ModelLoadError(
@@ -203,9 +197,20 @@ def load_image_classifier(
     """Build or load an image classifier with `num_labels` outputs.
 
     Saved folders and Hub checkpoints load their weights; plain architecture names (timm) and transformers ids
-    load weights only with `pretrained=True`. A checkpoint with another number of classes gets a new,
-    randomly initialised head, unless `strict_num_labels` (a trained teacher must match the dataset), which
-    raises `ModelLoadError` instead.
+    load weights only with `pretrained=True`.
+
+    Args:
+        name_or_path: a timm name or Hub id, a transformers model id, or a folder saved by timm, transformers or
+            `hf_tgprune.save_sparse_model`.
+        num_labels: the number of classes; None keeps the checkpoint's. A checkpoint with another number gets a
+            new, randomly initialised head, unless `strict_num_labels`.
+        pretrained: load trained weights for architecture names and model ids.
+        id2label, label2id: class names for transformers configs.
+        strict_num_labels: raise instead of replacing the head (a trained teacher must match the dataset).
+
+    Raises:
+        ModelLoadError: the name cannot be loaded (missing path, unknown name, offline), or `strict_num_labels`
+            and the model predicts another number of classes.
     """
     source = model_source(name_or_path)
     request = LoadRequest(name_or_path, None if strict_num_labels else num_labels, pretrained, id2label, label2id)
