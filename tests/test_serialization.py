@@ -433,3 +433,169 @@ def test_corrupted_dense_file_is_caught_by_the_recorded_checksum(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(SparseFormatError):
         load_sparse(path, verify=False)
+
+
+# --- names on disk: transformers 5 renames (and fuses) parameters when saving ----------------------------------------
+def make_hf_dinov2_swiglu(num_labels: int = 4, seed: int = 0):
+    """Dinov2 with SwiGLU: `mlp.gate_proj` and `mlp.up_proj` in memory are one fused `mlp.weights_in` on disk."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        num_labels=num_labels,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        use_swiglu_ffn=True,
+    )
+    return Dinov2ForImageClassification(config)
+
+
+def renamed_model(name: str):
+    return make_hf_dinov2_swiglu() if name == "hf_dinov2_swiglu" else make_model(name)
+
+
+@pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2_swiglu"])
+@pytest.mark.parametrize("save_format", ["dense", "bitmask"])
+def test_renamed_transformers_parameters_save_and_reload(name, save_format, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = renamed_model(name).eval()
+    params = prunable_parameters(model)
+    masks = global_masks({n: p.detach().abs() for n, p in params.items()}, 0.9)
+    apply_masks(model, masks)
+    record = save_sparse_model(model, tmp_path, masks, save_format=save_format)
+    on_disk = load_sparse(tmp_path)
+    assert set(record["sparsity"]["layers"]) <= set(on_disk)  # named as in the file
+    assert not set(masks) <= set(on_disk)  # ... which are not the in-memory names
+    report = sparsity_report(model, masks)
+    for key in ("prunable", "total"):
+        assert (record["sparsity"][key]["numel"], record["sparsity"][key]["zeros"]) == (
+            report[key]["numel"],
+            report[key]["zeros"],
+        )
+    assert record["sparsity"]["pruned_by_mask"] == round(0.9 * report["prunable"]["numel"])
+
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    if save_format == "dense":  # plain transformers reads the file
+        plain = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+        assert torch.equal(logits_of(plain, x), logits_of(model, x))
+    fresh = load_sparse(tmp_path, renamed_model(name).__class__(model.config).eval())
+    assert torch.equal(logits_of(fresh, x), logits_of(model, x))
+    restored = load_sparse_masks(tmp_path, model=model)
+    if save_format == "bitmask":  # exact masks, keyed like trainer.masks
+        assert mask_hash(restored) == record["mask"]["sha256"] == mask_hash(masks)
+    else:
+        assert set(restored) == set(masks)
+
+
+def test_without_masks_every_weight_matrix_is_reported(tmp_path):
+    """masks=None on a renamed model: every tensor of dim >= 2 is measured from the file, none dropped."""
+    model, masks = pruned_model("hf_vit")
+    record = save_sparse_model(model, tmp_path, None)
+    on_disk = load_sparse(tmp_path)
+    matrices = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert len(record["sparsity"]["layers"]) == len(matrices)
+    assert set(record["sparsity"]["layers"]) <= set(on_disk)
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in matrices)
+    assert record["sparsity"]["prunable"]["zeros"] == zeros
+    assert record["sparsity"]["prunable"]["numel"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in matrices
+    )
+
+
+# --- the saved folder describes its preprocessing --------------------------------------------------------------------
+DATA_CONFIG = {
+    "image_size": IMAGE_SIZE,
+    "mean": (0.25, 0.5, 0.75),
+    "std": (0.5, 0.25, 0.125),
+    "interpolation": "bicubic",
+}
+
+
+def _images():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    return [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+        for h, w in ((IMAGE_SIZE, IMAGE_SIZE), (40, 48))
+    ]
+
+
+def _expected(image):
+    """The eval transform of hf_tgprune.data for DATA_CONFIG: resize the shorter side, center crop, normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(IMAGE_SIZE, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(IMAGE_SIZE),
+            T.ToTensor(),
+            T.Normalize(DATA_CONFIG["mean"], DATA_CONFIG["std"]),
+        ]
+    )(image)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "bitmask"])
+def test_timm_folder_loads_with_its_training_preprocessing(save_format, tmp_path):
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    model, masks = pruned_model("timm_resnet")
+    assert model.pretrained_cfg["input_size"][-1] != IMAGE_SIZE  # the architecture's own default is another size
+    record = save_sparse_model(model, tmp_path, masks, save_format=save_format, data_config=DATA_CONFIG)
+    assert record["preprocessing"] == {**DATA_CONFIG, "mean": [0.25, 0.5, 0.75], "std": [0.5, 0.25, 0.125]}
+    reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=save_format == "dense")
+    config = resolve_model_data_config(reloaded)
+    assert config["input_size"] == (3, IMAGE_SIZE, IMAGE_SIZE) and config["crop_pct"] == 1.0
+    assert resolve_model_data_config(reloaded, use_test_size=True)["input_size"] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert tuple(config["mean"]) == DATA_CONFIG["mean"] and config["interpolation"] == "bicubic"
+    transform = create_transform(**config, is_training=False)
+    for image in _images():
+        assert torch.allclose(transform(image), _expected(image), atol=1e-6)
+
+
+def test_transformers_folder_loads_with_its_training_preprocessing(tmp_path):
+    from transformers import AutoImageProcessor
+
+    model, masks = pruned_model("hf_resnet")
+    save_sparse_model(model, tmp_path, masks, data_config=DATA_CONFIG)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    for image in _images():
+        pixels = processor(image, return_tensors="pt")["pixel_values"][0]
+        assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert torch.allclose(pixels, _expected(image), atol=0.1 if image.size != (IMAGE_SIZE,) * 2 else 1e-5)
+
+
+def test_data_config_the_model_cannot_run_at_is_a_clear_error(tmp_path):
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="data_config does not fit"):
+        save_sparse_model(model, tmp_path, None, data_config={**DATA_CONFIG, "image_size": 64})
+    with pytest.raises(ValueError, match="data_config lacks"):
+        save_sparse_model(model, tmp_path, None, data_config={"image_size": 32})
+
+
+# --- no local paths in what is published -------------------------------------------------------------------------------
+def test_sparsity_json_and_card_carry_no_local_paths(tmp_path, monkeypatch):
+    from hf_tgprune.modelcard import create_model_card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    model, masks = pruned_model("timm_resnet")
+    metadata = {
+        "teacher": str(tmp_path / "runs" / "teacher"),
+        "base_model": "~/models/resnet",
+        "dataset": "data/cifar10",
+        "extra": {"output_dir": str(tmp_path / "out")},
+    }
+    record = save_sparse_model(model, tmp_path / "out", masks, metadata=metadata)
+    assert (record["teacher"], record["base_model"], record["dataset"]) == ("teacher", "resnet", "cifar10")
+    assert record["extra"] == {"output_dir": "out"}
+    text = (tmp_path / "out" / SPARSITY_FILE_NAME).read_text() + create_model_card(tmp_path / "out").content
+    assert str(tmp_path) not in text and "~/" not in text
