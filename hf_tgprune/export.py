@@ -1,0 +1,778 @@
+"""Inference export of pruned models: sparse kernels where they are measurably faster, and the way back to dense.
+
+CPU (any PyTorch, no new dependency):
+
+    model.eval()
+    exported, report = export_sparse_inference(model, example_inputs=torch.randn(1, 3, 224, 224))
+    print(report.format_table())         # per layer: shape, density, dense µs, sparse µs, chosen
+    logits = exported(images)            # eager inference; equal to model(images) within EXPORT_RTOL / EXPORT_ATOL
+    dense_again = to_dense(exported)     # plain nn.Linear / nn.Conv2d again: save it with save_sparse_model
+
+Every `nn.Linear` and every 1×1 `nn.Conv2d` (groups 1, padding 0) that the example forward pass calls is timed on its
+own input shape, dense against a `torch.sparse_csr` version (`y = W_csr @ x^T + b`, tokens, pixels and images folded
+into the columns), and replaced by `SparseLinear` / `SparseConv1x1` only when the sparse version is at least
+`min_speedup` times faster at every requested batch size. The choice depends on the machine, the thread count
+(`torch.get_num_threads()`) and the batch size: export with the settings you will serve with. Measured on a 2-core
+CPU with one thread: ViT-S layers at batch 1 and ~3-5% density run 4-7x faster sparse; the gain shrinks with more
+tokens per call (ViT-S at batch 32: 1-4.5x per layer, 1.2x end to end) and is gone at about 25% density. 3×3, depthwise and patch-embedding
+convolutions are never converted (no sparse CPU kernel).
+
+The exported model is an inference-only module: sparse weights and biases are buffers (no gradients). Eager mode
+is the supported path. Checked with PyTorch 2.15 on CPU: `torch.jit.script` and `torch.jit.trace` (both deprecated
+upstream) run it with the same outputs (tested); `torch.compile` runs it correctly but Dynamo cannot trace sparse
+tensors, so it breaks the graph at every sparse layer and runs those eagerly (its speed was not measured); `torch.export`
+gave matching outputs in a one-off check (not tested here). `copy.deepcopy` works; `state_dict()` holds CSR tensors
+(loadable with `torch.load`, not with safetensors): call `to_dense` before saving with the library's savers.
+
+CUDA (2:4 semi-structured): `export_semi_structured` converts Linear weights that already hold a 2:4 pattern along the
+input dim (`hf_tgprune.nm.nm_masks`) with `torch.sparse.to_sparse_semi_structured`; it needs a GPU of compute
+capability >= 8.0 and fp16/bf16 weights, and raises `SemiStructuredUnavailableError` saying so otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nm import is_nm_sparse
+
+# outputs of an exported model match the dense pruned model within these tolerances (torch.testing.assert_close):
+# the sparse kernels sum the same products in another order, a float32 rounding difference
+EXPORT_RTOL = 1e-4
+EXPORT_ATOL = 1e-5
+
+SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+# a timer gets the modules to compare and the inputs of one forward pass of the layer (one per call of the layer),
+# and returns the seconds each module needs for all of them; injectable for tests
+Timer = Callable[[Sequence[nn.Module], Sequence[torch.Tensor], int], list[float]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sparse modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _csr(weight: torch.Tensor) -> torch.Tensor:
+    """float32 CSR copy of a 2-D weight: only the nonzeros, with int32 indices (4 + 4 bytes per kept weight).
+
+    Signed zeros are not stored, so a pruned `-0.0` comes back as `+0.0`.
+    """
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": known, and tested here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = weight.detach().float().to_sparse_csr()
+        if csr.values().numel() >= 2**31:
+            return csr
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().int(),
+            csr.col_indices().int(),
+            csr.values(),
+            csr.shape,
+            device=csr.device,
+            check_invariants=True,
+        )
+
+
+def _bias_buffer(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().clone()
+
+
+def _csr_matmul(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """`weight @ columns + bias[:, None]` with a CSR `weight` `(out, in)` and dense `columns` `(in, n)`."""
+    if bias is None:
+        return torch.mm(weight, columns)
+    return torch.addmm(bias.unsqueeze(1), weight, columns)
+
+
+class _CsrModule(nn.Module):
+    """Base of the CSR modules: `copy.deepcopy` works (plain deepcopy cannot copy a CSR tensor's storage)."""
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_buffers":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__["_buffers"] = {
+            name: None if buffer is None else memo.setdefault(id(buffer), buffer.clone())
+            for name, buffer in self._buffers.items()
+        }
+        return new
+
+
+class SparseLinear(_CsrModule):
+    """`nn.Linear` for inference with a `torch.sparse_csr` float32 weight: `y = (W_csr @ x^T)^T + b`.
+
+    Every leading dimension of the input (batch, tokens, height, width) is folded into the columns of one sparse
+    matmul, so token-major inputs `(B, N, C)` (ViT MLPs) and `(B, H, W, C)` (ConvNeXt MLPs) work. The output is a
+    transposed view of the matmul result (no copy); `.contiguous()` it if you need contiguous memory.
+
+    Args:
+        weight: the dense weight `(out_features, in_features)`; stored as CSR.
+        bias: the bias `(out_features,)` or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.register_buffer("weight", _csr(weight))
+        self.register_buffer("bias", _bias_buffer(bias))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> SparseLinear:
+        return cls(linear.weight, linear.bias)
+
+    def to_dense_module(self) -> nn.Linear:
+        """The equivalent `nn.Linear` (same device; weight and bias values equal)."""
+        weight = self.weight.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def density(self) -> float:
+        return self.weight.values().numel() / max(1, self.out_features * self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = _csr_matmul(self.weight, self.bias, rows.t())
+        return out.t().reshape(list(x.shape[:-1]) + [self.out_features])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"density={self.density:.4f}"
+        )
+
+
+class SparseConv1x1(_CsrModule):
+    """A 1×1 `nn.Conv2d` (groups 1, padding 0, any stride) for inference with a `torch.sparse_csr` float32 weight.
+
+    Computes `W_csr @ X` with the pixels of all images as the columns of `X` `(in, B·H·W)`; batch 1 needs no copy of
+    the input. A stride is applied by subsampling the input first (exact for a 1×1 kernel without padding).
+
+    Args:
+        weight: the dense weight `(out, in, 1, 1)`; stored as CSR `(out, in)`.
+        bias: the bias `(out,)` or None.
+        stride: the convolution's stride `(sh, sw)`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: tuple[int, int] = (1, 1)):
+        super().__init__()
+        if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+            raise ValueError(f"SparseConv1x1 needs a (out, in, 1, 1) weight, got shape {tuple(weight.shape)}")
+        self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1])
+        self.stride = (int(stride[0]), int(stride[1]))
+        self.register_buffer("weight", _csr(weight.reshape(self.out_channels, self.in_channels)))
+        self.register_buffer("bias", _bias_buffer(bias))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d) -> SparseConv1x1:
+        reason = conv1x1_ineligibility(conv)
+        if reason:
+            raise ValueError(f"SparseConv1x1.from_dense: {reason}")
+        return cls(conv.weight, conv.bias, stride=conv.stride)
+
+    def to_dense_module(self) -> nn.Conv2d:
+        """The equivalent `nn.Conv2d` (same device; weight and bias values equal)."""
+        weight = self.weight.to_dense().reshape(self.out_channels, self.in_channels, 1, 1)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=self.bias is not None)
+        conv = conv.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @property
+    def density(self) -> float:
+        return self.weight.values().numel() / max(1, self.out_channels * self.in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        batch, channels, height, width = x.shape
+        if batch == 1:
+            out = _csr_matmul(self.weight, self.bias, x.reshape(channels, height * width))
+            return out.reshape(1, self.out_channels, height, width)
+        columns = x.transpose(0, 1).reshape(channels, batch * height * width)
+        out = _csr_matmul(self.weight, self.bias, columns)
+        return out.reshape(self.out_channels, batch, height, width).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}, "
+            f"bias={self.bias is not None}, density={self.density:.4f}"
+        )
+
+
+class SemiStructuredLinear(nn.Module):
+    """`nn.Linear` with a 2:4 semi-structured CUDA weight (`torch.sparse.to_sparse_semi_structured`), fp16/bf16.
+
+    Args:
+        weight: the dense 2:4 weight `(out, in)` on a CUDA device of compute capability >= 8.0, fp16 or bf16.
+        bias: the bias `(out,)` or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach().contiguous()), requires_grad=False)
+        self.register_buffer("bias", _bias_buffer(bias))
+
+    def to_dense_module(self) -> nn.Linear:
+        weight = self.weight.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        return F.linear(rows, self.weight, self.bias).reshape(list(x.shape[:-1]) + [self.out_features])
+
+
+SPARSE_MODULE_TYPES = (SparseLinear, SparseConv1x1, SemiStructuredLinear)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# which layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def conv1x1_ineligibility(conv: nn.Conv2d) -> str | None:
+    """Why a `nn.Conv2d` cannot become a `SparseConv1x1` (None if it can)."""
+    if tuple(conv.kernel_size) != (1, 1):
+        return f"kernel {tuple(conv.kernel_size)} is not 1x1 (no sparse CPU kernel for larger convolutions)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1)"
+    if conv.padding not in ((0, 0), "valid"):
+        return f"padding={conv.padding} (only padding 0)"
+    return None
+
+
+def _kind(module: nn.Module) -> str | None:
+    # exact types: a subclass may override forward (or be read by its parent, as nn.MultiheadAttention does)
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) is nn.Conv2d:
+        return "conv1x1"
+    return None
+
+
+def _ineligibility(module: nn.Module) -> str | None:
+    if type(module) is nn.Conv2d:
+        reason = conv1x1_ineligibility(module)
+        if reason:
+            return reason
+    if module.weight.dtype != torch.float32:
+        return f"weight dtype {module.weight.dtype} (CSR export is float32 only)"
+    return None
+
+
+def candidate_layers(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """`nn.Linear` and `nn.Conv2d` submodules of `model` (exact types), by module name, optionally filtered.
+
+    Args:
+        model: the model.
+        layers: regular expressions matched with `re.search` against module names (e.g. `[r"blocks\\.\\d+\\.mlp"]`);
+            None for all.
+
+    Raises:
+        ValueError: if a pattern matches no Linear/Conv2d module (the message lists some names).
+    """
+    # submodules only (name != ""): the model itself cannot be replaced in place
+    modules = {name: m for name, m in model.named_modules() if name and _kind(m) is not None}
+    if layers is None:
+        return modules
+    selected: set[str] = set()
+    for pattern in layers:
+        hits = {name for name in modules if re.search(pattern, name)}
+        if not hits:
+            raise ValueError(
+                f"`layers` pattern {pattern!r} matches no nn.Linear / nn.Conv2d module; patterns are regular "
+                f"expressions matched with re.search against module names such as {list(modules)[:3]}."
+            )
+        selected |= hits
+    return {name: m for name, m in modules.items() if name in selected}
+
+
+def weight_density(module: nn.Module) -> float:
+    """Fraction of nonzero entries in `module.weight`."""
+    weight = module.weight.detach()
+    return int(torch.count_nonzero(weight)) / max(1, weight.numel())
+
+
+def to_sparse_module(module: nn.Module) -> nn.Module:
+    """The CSR inference module for an `nn.Linear` or eligible 1×1 `nn.Conv2d`."""
+    kind = _kind(module)
+    if kind == "linear":
+        return SparseLinear.from_dense(module)
+    if kind == "conv1x1":
+        return SparseConv1x1.from_dense(module)
+    raise TypeError(f"to_sparse_module takes nn.Linear or a 1x1 nn.Conv2d, got {type(module).__name__}")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparsify_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Replace exactly the named layers of `model` (in place) by their CSR inference modules; no timing.
+
+    Use it to repeat an export's decision (`report.sparse_layers`) without measuring again.
+
+    Args:
+        model: the model, changed in place and returned.
+        names: module names of `nn.Linear` / eligible 1×1 `nn.Conv2d` layers.
+    """
+    if not names:
+        return model
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            raise KeyError(f"sparsify_layers: the model has no module named {name!r}")
+        reason = _ineligibility(module) if _kind(module) else f"{type(module).__name__} is not nn.Linear/nn.Conv2d"
+        if reason:
+            raise ValueError(f"sparsify_layers: layer {name!r} cannot be exported: {reason}")
+        _replace(model, name, to_sparse_module(module))
+    return model
+
+
+def to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The way back: every `SparseLinear` / `SemiStructuredLinear` becomes `nn.Linear`, `SparseConv1x1` `nn.Conv2d`.
+
+    The weights are equal to those of the pruned model that was exported (`state_dict` values compare equal with
+    `torch.equal`; a pruned `-0.0` comes back as `+0.0`), so the result saves and loads with `save_sparse_model` and
+    plain timm/transformers like any pruned model.
+
+    Args:
+        model: an exported model.
+        inplace: convert `model` itself; by default a deep copy is converted and `model` is left as it is.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SPARSE_MODULE_TYPES):
+            _replace(model, name, module.to_dense_module())
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def resize_batch(example_inputs, batch_size: int) -> tuple:
+    """The example inputs with their leading (batch) dim cycled or cut to `batch_size` (non-tensors unchanged).
+
+    Args:
+        example_inputs: a tensor or a tuple of positional arguments of the model.
+        batch_size: the batch size wanted.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size}")
+    resized = []
+    for x in _as_tuple(example_inputs):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != batch_size:
+            x = x[torch.arange(batch_size, device=x.device) % x.shape[0]]
+        resized.append(x)
+    return tuple(resized)
+
+
+@torch.inference_mode()
+def capture_input_shapes(model: nn.Module, example_inputs, names: Sequence[str]) -> dict[str, list[tuple]]:
+    """Input shapes of the named modules in one forward pass of `example_inputs` (one entry per call).
+
+    Args:
+        model: the model (in eval mode).
+        example_inputs: a tensor or a tuple of positional arguments.
+        names: module names to watch; modules the forward never calls get an empty list.
+    """
+    shapes: dict[str, list[tuple]] = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                shapes[name].append(tuple(args[0].shape))
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(hook_for(name)))
+        model(*_as_tuple(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def interleaved_min_seconds(
+    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], repeats: int = 10
+) -> list[float]:
+    """Fastest round's seconds for each module on all `inputs`, rounds interleaved (one warm-up round first).
+
+    Interleaving (A, B, A, B, ...) makes slow drifts of the machine hit every module alike, and the minimum over
+    rounds is the least disturbed measurement: other processes only ever add time, so on a shared machine it
+    estimates a kernel's own cost better than the median (timeit's advice), and a decision flips less often.
+
+    Args:
+        modules: the modules to compare (e.g. a dense layer and its sparse version).
+        inputs: the inputs of one forward pass of the layer (one per call).
+        repeats: timed rounds.
+    """
+    device = inputs[0].device if inputs else torch.device("cpu")
+    samples: list[list[float]] = [[] for _ in modules]
+    for round_index in range(repeats + 1):
+        for i, module in enumerate(modules):
+            _synchronize(device)
+            start = time.perf_counter()
+            for x in inputs:
+                module(x)
+            _synchronize(device)
+            if round_index:  # round 0 is the warm-up
+                samples[i].append(time.perf_counter() - start)
+    return [min(s) for s in samples]
+
+
+def choose_sparse(dense_seconds: Sequence[float], sparse_seconds: Sequence[float], min_speedup: float) -> bool:
+    """Sparse only if it is at least `min_speedup` times faster than dense at every measured batch size."""
+    return all(d >= min_speedup * s for d, s in zip(dense_seconds, sparse_seconds, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerExport:
+    """One layer's export decision. Times are per forward pass of the model (all calls of the layer), in µs."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    density: float
+    chosen: str  # "sparse" or "dense"
+    reason: str
+    input_shapes: dict[int, list[tuple]] = field(default_factory=dict)  # batch size -> shapes of the calls
+    dense_us: dict[int, float] = field(default_factory=dict)  # batch size -> µs
+    sparse_us: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        """The smallest dense/sparse time ratio over the batch sizes (None if not measured)."""
+        ratios = [self.dense_us[b] / self.sparse_us[b] for b in self.sparse_us if self.sparse_us[b] > 0]
+        return min(ratios) if ratios else None
+
+
+@dataclass
+class ExportReport:
+    """What `export_sparse_inference` measured and chose, per layer."""
+
+    layers: list[LayerExport]
+    batch_sizes: list[int]
+    min_speedup: float
+    max_density: float
+    threads: int
+    rtol: float = EXPORT_RTOL
+    atol: float = EXPORT_ATOL
+    max_abs_error: float | None = None  # of the verification run
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.chosen == "sparse"]
+
+    def layer_time_us(self, batch_size: int) -> dict[str, float]:
+        """Sum of the measured layers' times at `batch_size`: all dense vs as exported (the layer-level gain)."""
+        measured = [layer for layer in self.layers if batch_size in layer.dense_us]
+        dense = sum(layer.dense_us[batch_size] for layer in measured)
+        exported = sum(
+            layer.sparse_us[batch_size] if layer.chosen == "sparse" else layer.dense_us[batch_size]
+            for layer in measured
+        )
+        return {"dense_us": dense, "exported_us": exported}
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for layer, row in zip(self.layers, out["layers"]):
+            row["speedup"] = layer.speedup
+            for key in ("input_shapes", "dense_us", "sparse_us"):
+                row[key] = {str(b): v for b, v in row[key].items()}
+        out["sparse_layers"] = self.sparse_layers
+        return out
+
+    def format_table(self) -> str:
+        """A plain-text table: layer, weight shape, density, dense µs, sparse µs (first batch size), chosen."""
+        b = self.batch_sizes[0]
+        header = f"{'layer':<40} {'weight':>18} {'density':>8} {'dense µs':>10} {'sparse µs':>10} {'x':>6}  chosen"
+        lines = [f"batch size {b} (decision over batch sizes {self.batch_sizes}, {self.threads} thread(s))", header]
+        for layer in self.layers:
+            dense = f"{layer.dense_us[b]:.0f}" if b in layer.dense_us else "-"
+            sparse = f"{layer.sparse_us[b]:.0f}" if b in layer.sparse_us else "-"
+            speedup = f"{layer.speedup:.2f}" if layer.speedup is not None else "-"
+            shape = "x".join(str(s) for s in layer.weight_shape)
+            lines.append(
+                f"{layer.name:<40} {shape:>18} {layer.density:>8.4f} {dense:>10} {sparse:>10} {speedup:>6}  "
+                f"{layer.chosen} ({layer.reason})"
+            )
+        return "\n".join(lines)
+
+
+def _output_tensors(output) -> list[torch.Tensor]:
+    """The tensors in a model output: a tensor, or nested tuples/lists/mappings (transformers' ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [tensor for item in output for tensor in _output_tensors(item)]
+    return []
+
+
+@torch.inference_mode()
+def max_output_error(model: nn.Module, reference_outputs, example_inputs, rtol=EXPORT_RTOL, atol=EXPORT_ATOL) -> float:
+    """Run `model` on `example_inputs`, check its outputs against `reference_outputs`, return the max abs error.
+
+    Raises:
+        AssertionError: (from `torch.testing.assert_close`) if an output differs beyond `rtol` / `atol`.
+    """
+    outputs = _output_tensors(model(*_as_tuple(example_inputs)))
+    references = _output_tensors(reference_outputs)
+    torch.testing.assert_close(outputs, references, rtol=rtol, atol=atol)
+    return max((float((o - r).abs().max()) for o, r in zip(outputs, references) if o.numel()), default=0.0)
+
+
+def _inputs_for(shapes: Sequence[tuple], like: torch.Tensor) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype) for shape in shapes]
+
+
+def _decide_layer(
+    name: str,
+    module: nn.Module,
+    shapes: Mapping[int, list[tuple]],
+    *,
+    min_speedup: float,
+    max_density: float,
+    repeats: int,
+    timer: Timer,
+) -> LayerExport:
+    kind = _kind(module)
+    density = weight_density(module)
+    row = LayerExport(name, kind, tuple(module.weight.shape), density, "dense", "", dict(shapes))
+    reason = _ineligibility(module)
+    if reason:
+        row.reason = reason
+    elif not all(shapes.values()):
+        row.reason = "not called by the forward pass"
+    elif density > max_density:
+        row.reason = f"density {density:.3f} > max_density {max_density}"
+    else:
+        sparse = to_sparse_module(module)
+        for batch_size, layer_shapes in shapes.items():
+            inputs = _inputs_for(layer_shapes, module.weight)
+            dense_s, sparse_s = timer([module, sparse], inputs, repeats)
+            row.dense_us[batch_size], row.sparse_us[batch_size] = dense_s * 1e6, sparse_s * 1e6
+        if choose_sparse(list(row.dense_us.values()), list(row.sparse_us.values()), min_speedup):
+            row.chosen, row.reason = "sparse", f"sparse >= {min_speedup}x faster"
+        else:
+            row.reason = f"sparse not {min_speedup}x faster"
+    return row
+
+
+def export_sparse_inference(
+    model: nn.Module,
+    example_inputs,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    min_speedup: float = 1.1,
+    max_density: float = 0.5,
+    layers: Sequence[str] | None = None,
+    repeats: int = 10,
+    timer: Timer | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+) -> tuple[nn.Module, ExportReport]:
+    """Convert a pruned model's Linear / 1×1-conv layers to CSR sparse kernels where that is measurably faster.
+
+    One forward pass per batch size records every candidate layer's real input shape (forward pre-hooks); each
+    layer whose density is at most `max_density` is then timed alone on random inputs of those shapes, dense and
+    sparse interleaved (`repeats` rounds, fastest round), and converted when sparse is at least `min_speedup` times
+    faster at every batch size. Other layers, and the rest of the model, stay as they are.
+
+    Args:
+        model: the pruned model, in eval mode (`model.eval()`), float32 weights for the layers to convert.
+        example_inputs: a tensor (e.g. `torch.randn(1, 3, 224, 224)`) or a tuple of positional arguments for
+            `model(...)`, with the batch as leading dim.
+        batch_sizes: batch sizes to decide for (the example is cycled/cut along dim 0 to each); a layer is converted
+            only if sparse wins at all of them. None: the example's own batch size.
+        min_speedup: how much faster (dense time / sparse time) the sparse kernel must be; 1.1 leaves a margin
+            for timing noise.
+        max_density: layers denser than this are kept dense without timing (sparse CSR never pays there).
+        layers: regular expressions (`re.search` on module names) restricting the candidates; None for all.
+        repeats: timed rounds per layer and batch size.
+        timer: `timer(modules, inputs, repeats) -> [seconds per module]`; default `interleaved_min_seconds`.
+        inplace: convert `model` itself; by default a deep copy is converted and `model` stays dense.
+        verify: run the exported model on `example_inputs` and check its outputs against the dense model's with
+            `torch.testing.assert_close(rtol=EXPORT_RTOL, atol=EXPORT_ATOL)`.
+
+    Returns:
+        `(exported_model, report)`; `report.format_table()` prints the per-layer decisions.
+    """
+    if model.training:
+        raise ValueError("export_sparse_inference exports for inference: call model.eval() first.")
+    if min_speedup <= 0:
+        raise ValueError(f"min_speedup must be > 0 (1.1 = sparse at least 10% faster), got {min_speedup}")
+    if not 0.0 <= max_density <= 1.0:
+        raise ValueError(f"max_density must be in [0, 1], got {max_density}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    example = _as_tuple(example_inputs)
+    if not example or not isinstance(example[0], torch.Tensor):
+        raise ValueError("example_inputs must be a tensor or a tuple of model arguments starting with a tensor.")
+    batch_sizes = list(batch_sizes) if batch_sizes else [int(example[0].shape[0])]
+    timer = timer or interleaved_min_seconds
+
+    candidates = candidate_layers(model, layers)
+    names = list(candidates)
+    shapes = {b: capture_input_shapes(model, resize_batch(example, b), names) for b in batch_sizes}
+    reference = None
+    if verify:
+        with torch.inference_mode():
+            reference = model(*example)
+    rows = [
+        _decide_layer(
+            name,
+            module,
+            {b: shapes[b][name] for b in batch_sizes},
+            min_speedup=min_speedup,
+            max_density=max_density,
+            repeats=repeats,
+            timer=timer,
+        )
+        for name, module in candidates.items()
+    ]
+    report = ExportReport(rows, batch_sizes, min_speedup, max_density, torch.get_num_threads())
+    exported = sparsify_layers(model if inplace else copy.deepcopy(model), report.sparse_layers)
+    if verify:
+        report.max_abs_error = max_output_error(exported, reference, example)
+    return exported, report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2:4 semi-structured (CUDA)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class SemiStructuredUnavailableError(RuntimeError):
+    """2:4 semi-structured export needs CUDA, compute capability >= 8.0 and fp16/bf16 weights."""
+
+
+def semi_structured_requirement_error(
+    cuda_available: bool, device: torch.device, capability: tuple[int, int] | None, dtype: torch.dtype
+) -> str | None:
+    """Why 2:4 semi-structured kernels cannot run for these facts (None if they can). Pure, for testing."""
+    need = (
+        "2:4 semi-structured export (torch.sparse.to_sparse_semi_structured) needs an NVIDIA GPU of compute "
+        f"capability >= {SEMI_STRUCTURED_MIN_CAPABILITY[0]}.{SEMI_STRUCTURED_MIN_CAPABILITY[1]} (Ampere or newer) "
+        "and fp16/bf16 weights on it"
+    )
+    if not cuda_available:
+        return f"{need}; torch.cuda.is_available() is False. On CPU use export_sparse_inference (CSR) instead."
+    if device.type != "cuda":
+        return f"{need}; the model's Linear weights are on {device}. Move it first: model.half().cuda()."
+    if capability is None or tuple(capability) < SEMI_STRUCTURED_MIN_CAPABILITY:
+        return f"{need}; {device} has compute capability {capability}."
+    if dtype not in SEMI_STRUCTURED_DTYPES:
+        return f"{need}; the weights are {dtype}. Convert first: model.half() or model.to(torch.bfloat16)."
+    return None
+
+
+def _check_semi_structured(linears: Mapping[str, nn.Linear]) -> None:
+    cuda_available = torch.cuda.is_available()
+    for module in linears.values():
+        device, dtype = module.weight.device, module.weight.dtype
+        capability = torch.cuda.get_device_capability(device) if cuda_available and device.type == "cuda" else None
+        message = semi_structured_requirement_error(cuda_available, device, capability, dtype)
+        if message:
+            raise SemiStructuredUnavailableError(message)
+
+
+def export_semi_structured(
+    model: nn.Module, *, layers: Sequence[str] | None = None, inplace: bool = False
+) -> tuple[nn.Module, list[dict]]:
+    """Convert Linear layers whose weights hold a 2:4 pattern along the input dim to 2:4 semi-structured CUDA kernels.
+
+    A layer is converted when its weight has at most 2 nonzeros in every group of 4 consecutive input weights (as
+    `hf_tgprune.nm.nm_masks(scores, 2, 4)` + training with the mask produce) and PyTorch accepts its shape
+    (cuSPARSELt / CUTLASS minimum sizes, e.g. both dims multiples of 16 / 64); other layers stay dense, with the
+    reason in the report. Outputs then match the dense fp16/bf16 model up to half-precision rounding.
+
+    Args:
+        model: the pruned model on a CUDA device of compute capability >= 8.0, with fp16 or bf16 weights
+            (`model.half().cuda().eval()`).
+        layers: regular expressions (`re.search` on module names) restricting the Linear layers; None for all.
+        inplace: convert `model` itself; by default a deep copy.
+
+    Returns:
+        `(exported_model, report)` with one `{"name", "shape", "chosen", "reason"}` dict per Linear layer.
+
+    Raises:
+        SemiStructuredUnavailableError: no CUDA, a weight not on CUDA, compute capability < 8.0, or a dtype other
+            than fp16/bf16 (the message names the requirement and the fix).
+    """
+    linears = {name: m for name, m in candidate_layers(model, layers).items() if _kind(m) == "linear"}
+    if not linears:
+        raise ValueError("export_semi_structured found no nn.Linear layer to convert (check `layers`).")
+    _check_semi_structured(linears)
+    model = model if inplace else copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    report = []
+    for name in linears:
+        module = modules[name]
+        row = {"name": name, "shape": tuple(module.weight.shape), "chosen": "dense"}
+        if not is_nm_sparse(module.weight, 2, 4):
+            row["reason"] = "weight is not 2:4 sparse along the input dim"
+        else:
+            try:
+                _replace(model, name, SemiStructuredLinear(module.weight, module.bias))
+                row.update(chosen="2:4", reason="converted")
+            except RuntimeError as error:  # shape / backend constraints of torch's semi-structured kernels
+                row["reason"] = f"torch refused: {error}"
+        report.append(row)
+    return model, report
