@@ -1,7 +1,7 @@
 """Trainer integration of sparse saving, model cards and Hub pushes.
 
 `SparseCheckpointMixin` goes before `transformers.Trainer` in the bases of `TeacherGuidedPruningTrainer` and
-overrides the Trainer's saving hooks only:
+overrides the Trainer's saving and checkpoint-loading hooks only:
 
 * ``_save`` (every ``save_model()`` output and every checkpoint) writes the folder with
   :func:`hf_tgprune.serialization.save_sparse_model`: ``model.safetensors`` that plain timm/transformers load,
@@ -14,6 +14,10 @@ overrides the Trainer's saving hooks only:
   checkpoint's weights into ``output_dir`` and uploads whatever is there, which would publish the training state
   without its ``sparsity.json`` (or next to a stale one). Here ``output_dir`` is re-written as a sparse folder from
   the checkpoint, then uploaded (and the checkpoint itself for ``checkpoint`` / ``all_checkpoints``).
+* ``_load_from_checkpoint`` / ``_load_best_model`` (resume, ``load_best_model_at_end``) read a checkpoint's weights
+  strictly through the model's adapter: the Trainer's own loaders read ``model.safetensors`` with
+  ``load_state_dict(strict=False)`` under the names on disk, which in transformers 5 silently skips every renamed
+  tensor (ViT, DeiT, BEiT, Dinov2, Swin, ...).
 * ``create_model_card`` writes the hf_tgprune card from the folder's ``sparsity.json``; ``init_hf_repo`` and
   ``push_to_hub`` upload through :mod:`hf_tgprune.hub`, which uploads exactly the files of the sparse folder and
   turns every failure into one :class:`hf_tgprune.hub.HubPushError` naming the fix. Pushes during training log the
@@ -35,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 
 from . import hub
 from .adapters import model_name, unwrap_model
-from .serialization import SPARSITY_FILE_NAME, read_model_state_dict, save_sparse_model
+from .serialization import SPARSITY_FILE_NAME, load_sparse, read_model_state_dict, save_sparse_model
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +198,29 @@ class SparseCheckpointMixin:
         self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint)
         if is_checkpoint:
             self.save_pruning_state(output_dir)  # part of the checkpoint before trainer_state.json marks it complete
+
+    # --- loading checkpoints ------------------------------------------------------------------------------------
+    def _is_sparse_checkpoint(self, folder: str | None) -> bool:
+        """A checkpoint written by `_save` that this process loads itself (not DeepSpeed / FSDP shards)."""
+        sharded = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        return folder is not None and not sharded and (Path(folder) / SPARSITY_FILE_NAME).is_file()
+
+    def _load_sparse_checkpoint(self, folder: str, model) -> None:
+        """Load a checkpoint's weights strictly, names on disk converted to the model's own (the Trainer reads the
+        file with ``load_state_dict(strict=False)``, which silently skips every tensor that transformers 5 renames
+        when saving: ViT, DeiT, BEiT, Dinov2, Swin, ...)."""
+        logger.info("Loading model weights from %s", folder)
+        load_sparse(folder, unwrap_model(model), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._is_sparse_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_sparse_checkpoint(resume_from_checkpoint, self.model if model is None else model)
+
+    def _load_best_model(self) -> None:
+        if not self._is_sparse_checkpoint(self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        self._load_sparse_checkpoint(self.state.best_model_checkpoint, self.model)
 
     # --- model card ---------------------------------------------------------------------------------------------
     def create_model_card(
