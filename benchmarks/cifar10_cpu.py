@@ -289,12 +289,15 @@ def run_one(args, splits, models, method: str, sparsity: float, seed: int, overr
     extra = {}
     if method == "dg2pf":
         epochs += args.dg2pf_epochs
-        extra = dict(gradual_pruning_epochs=args.dg2pf_epochs)
+        extra = dict(pruning_method_args={"gradual_pruning_epochs": args.dg2pf_epochs})
     elif method == "imp":
         epochs += args.imp_rounds - 1
-        extra = dict(imp_rounds=args.imp_rounds, imp_epochs_per_round=1)
-    elif method == "epsd":
-        extra = dict(epsd_warmup_steps=args.epsd_warmup_steps)
+        extra = dict(pruning_method_args={"rounds": args.imp_rounds, "epochs_per_round": 1})
+    elif method == "epsd":  # the warm-up steps run before the retraining epochs, in the same Trainer run
+        extra = dict(
+            pruning_method_args={"warmup_steps": args.epsd_warmup_steps},
+            max_steps=args.epsd_warmup_steps + epochs * -(-len(train_set) // 128),
+        )
     uses_teacher = method not in ("epsd", "dg2pf")
     config = dict(
         output_dir=str(Path(args.cache_dir) / "trainer"),

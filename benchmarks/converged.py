@@ -411,12 +411,16 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     epochs, extra = retrain_epochs, {}
     if method == "dg2pf":
         epochs += args.dg2pf_epochs
-        extra = dict(gradual_pruning_epochs=args.dg2pf_epochs)
+        extra = dict(pruning_method_args={"gradual_pruning_epochs": args.dg2pf_epochs})
     elif method == "imp":
         epochs += args.imp_rounds - 1
-        extra = dict(imp_rounds=args.imp_rounds, imp_epochs_per_round=1)
-    elif method == "epsd":
-        extra = dict(epsd_warmup_steps=args.epsd_warmup_steps)
+        extra = dict(pruning_method_args={"rounds": args.imp_rounds, "epochs_per_round": 1})
+    elif method == "epsd":  # the warm-up steps run before the retraining epochs, in the same Trainer run
+        steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+        extra = dict(
+            pruning_method_args={"warmup_steps": args.epsd_warmup_steps},
+            max_steps=args.epsd_warmup_steps + retrain_epochs * steps_per_epoch,
+        )
     uses_teacher = method not in ("epsd", "dg2pf")
     recalibrate = overrides.pop("recalibrate_bn", True)
     config = dict(
@@ -453,8 +457,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     counter = PassCounter()
     handles = [counter.attach(student)] + ([counter.attach(teacher)] if uses_teacher else [])
     start = time.perf_counter()
-    report = trainer.prune()
-    one_shot = method not in ("dg2pf", "imp")
+    trainer.prune()
+    one_shot = trainer.method.one_shot  # the others prune during training: no single "right after pruning" point
     after = {}
     if one_shot:
         counter.enabled = False
@@ -497,7 +501,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "test_top1": evaluate(student, splits["test"], normalize),
         **after,
         "prunable_sparsity": pruned / numel,
-        "total_sparsity": report["total"]["sparsity"] if one_shot else None,
+        "total_sparsity": trainer.pruning_report["total"]["sparsity"],
         "prune_seconds": prune_seconds,
         "train_seconds": train_seconds,
         "seconds": prune_seconds + train_seconds,

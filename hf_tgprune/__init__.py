@@ -18,9 +18,9 @@ from .masking import (
     save_masks,
     sparsity_report,
 )
+from .methods import MethodConfig, PruningMethod, get_method, register_method
 from .modelcard import create_model_card
 from .models import load_image_classifier
-from .schedules import PRUNING_SCHEDULES, PruningSchedule, get_pruning_schedule, register_pruning_schedule
 from .scoring import (
     SCORING_METHODS,
     ScoringMethod,
@@ -34,11 +34,11 @@ from .trainer import TeacherGuidedPruningTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRUNING_SCHEDULES",
-    "PruningSchedule",
-    "get_pruning_schedule",
+    "MethodConfig",
+    "PruningMethod",
+    "get_method",
     "min_layer_density_for",
-    "register_pruning_schedule",
+    "register_method",
     "build_transforms",
     "collate_fn",
     "load_image_classifier",

@@ -13,12 +13,16 @@ No forward hooks and no `weight_orig` re-parametrisation: weights stay plain par
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
 
 from .adapters import unwrap_model
+
+logger = logging.getLogger(__name__)
 
 
 class _GradientMask:
@@ -73,7 +77,8 @@ class GlobalMaskCallback(TrainerCallback):
             handle.remove()
         self._hooks = []
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def start(self, model, optimizer=None) -> None:
+        """Bind to `model`, zero pruned weights and optimizer state, and mask gradients from now on."""
         self.bind(model)
         self.enforce(optimizer)
         self._remove_hooks()
@@ -83,8 +88,152 @@ class GlobalMaskCallback(TrainerCallback):
                 # the optimizer), masking in place
                 self._hooks.append(param.register_post_accumulate_grad_hook(_GradientMask(multiplier)))
 
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.start(model, optimizer)
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.enforce(optimizer)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
+
+
+class ScheduledMaskCallback(GlobalMaskCallback):
+    """A `GlobalMaskCallback` whose masks change at epoch boundaries (gradual and iterative schedules).
+
+    Args:
+        masks: the masks training starts with.
+        events: epoch index (0-based, applied at its beginning) -> sparsity to prune to.
+        mask_fn: `mask_fn(weights, masks, sparsity)` returns new masks from the current (dense) weights.
+        target: the final sparsity.
+        simulated_until: with E, epochs < E use *simulated* pruning: the model's weights are masked outside the
+            optimizer step, gradients reach every weight and the optimizer updates a dense copy (restored right
+            before each step), so pruned weights can recover; at the beginning of epoch E the masks are recomputed
+            at `target` from the dense weights and fixed (hard masks, as in `GlobalMaskCallback`).
+        on_change: `on_change(masks, finished)` is told about every new set of masks.
+
+    `state_dict()` / `load_state_dict()` hold what a checkpoint needs to resume the schedule exactly: the events
+    already applied, whether the schedule finished, and (while simulating) the dense weights under the mask.
+    """
+
+    def __init__(self, masks, events, mask_fn, target, *, simulated_until=None, on_change=None):
+        super().__init__(masks)
+        self.events = dict(events)
+        self.mask_fn = mask_fn
+        self.target = target
+        self.simulated_until = simulated_until
+        self.on_change = on_change
+        self.simulating = simulated_until is not None and simulated_until > 0
+        self.finished = not self.events and not self.simulating
+        self.applied: set[int] = set()
+        self.dense: dict[str, torch.Tensor] | None = None
+        self._named: dict[str, torch.nn.Parameter] = {}
+
+    # --- resumable state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"applied": sorted(self.applied), "finished": self.finished, "simulating": self.simulating}
+        if self.dense is not None:
+            state["tensors"] = {f"dense.{name}": weight.detach().cpu() for name, weight in self.dense.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.applied = set(state.get("applied", []))
+        self.finished = bool(state.get("finished", False))
+        self.simulating = bool(state.get("simulating", self.simulating))
+        tensors = state.get("tensors") or {}
+        dense = {name[len("dense.") :]: t for name, t in tensors.items() if name.startswith("dense.")}
+        self.dense = dense or None
+
+    # --- mask changes -------------------------------------------------------------------------------------------
+    def _switch(self, masks, model, optimizer) -> None:
+        """Switch to new hard masks: pruned weights, their gradients and optimizer state are zeroed from now on."""
+        self.masks = dict(masks)
+        self.start(model, optimizer)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return self.dense if self.dense is not None else {name: self._named[name] for name in self.masks}
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.masks, self.finished)
+
+    @torch.no_grad()
+    def _set_simulated(self, masks) -> None:
+        self.masks = {name: mask.to(self._named[name].device) for name, mask in masks.items()}
+        if self.dense is None:
+            self.dense = {name: self._named[name].detach().clone() for name in self.masks}
+        self.dense = {name: weight.to(self._named[name].device) for name, weight in self.dense.items()}
+        for name, mask in self.masks.items():
+            self._named[name].copy_(self.dense[name] * mask)
+
+    @torch.no_grad()
+    def _finalize(self, model, optimizer, hooks: bool) -> None:
+        masks = self.mask_fn(self._weights(), self.masks, self.target)
+        if self.dense is not None:
+            for name, weight in self.dense.items():
+                self._named[name].copy_(weight)
+            self.dense = None
+        self.simulating = False
+        self.finished = True
+        if hooks:
+            self._switch(masks, model, optimizer)
+        else:
+            self.masks = dict(masks)
+            self.bind(model)
+            self.enforce(optimizer)
+        self._notify()
+
+    # --- Trainer events -----------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._named = dict(unwrap_model(model).named_parameters())
+        if self.simulating:
+            self.bind(model)
+            self._set_simulated(self.masks)
+        else:
+            super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
+
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.finished:
+            return
+        # the epoch that begins (state.epoch is fractional when resuming inside an epoch)
+        epoch = math.floor((state.epoch or 0) + 1e-6)
+        if epoch in self.applied:  # resumed inside an epoch whose event already ran
+            return
+        if self.simulated_until is not None and epoch >= self.simulated_until:
+            self.applied.add(epoch)
+            self._finalize(model, optimizer, hooks=True)
+        elif epoch in self.events:
+            self.applied.add(epoch)
+            masks = self.mask_fn(self._weights(), self.masks, self.events[epoch])
+            if self.simulating:
+                self._set_simulated(masks)
+            else:
+                self._switch(masks, model, optimizer)
+            self.finished = self.simulated_until is None and epoch >= max(self.events)
+            self._notify()
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.simulating:  # the optimizer updates the dense weights with the gradients of the masked forward
+            for name, weight in self.dense.items():
+                self._named[name].copy_(weight)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.simulating:
+            for name, mask in self.masks.items():
+                param = self._named[name]
+                self.dense[name].copy_(param)
+                param.mul_(mask)
+        else:
+            super().on_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.finished:
+            logger.warning(
+                "Training ended before the pruning schedule did: masks completed at the target sparsity %.4f now, "
+                "without retraining. Train for more epochs.",
+                self.target,
+            )
+            self._finalize(model, optimizer, hooks=False)
+        super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)

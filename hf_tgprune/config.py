@@ -34,10 +34,18 @@ class TeacherGuidedPruningConfig(TrainingArguments):
     pruning_method: str = field(
         default="tgp",
         metadata={
-            "help": "Scoring criterion: 'tgp' (teacher-guided |θ·∂L/∂θ|), 'tgp_fisher' (teacher-guided Fisher / OBD "
-            "θ²·Σ_b g_b²), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), 'magnitude' (|θ|) or 'random' (one-shot); or a "
-            "registered pruning schedule "
-            "(hf_tgprune.schedules): 'epsd', 'dg2pf' or 'imp'."
+            "help": "Pruning method (hf_tgprune.methods): one-shot 'tgp' (teacher-guided |θ·∂L/∂θ|), 'tgp_fisher' "
+            "(teacher-guided Fisher / OBD θ²·Σ_b g_b²), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), 'magnitude' (|θ|), "
+            "'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
+        },
+    )
+    pruning_method_args: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings of the chosen pruning_method, as a dict, a JSON object or 'key=value,key=value': "
+            "epsd: warmup_steps (100), self_distillation_weight (1.0), temperature (4.0); dg2pf: "
+            "gradual_pruning_epochs (5), self_kd_alpha (0.75), self_kd_temperature (4.0); imp: rounds (None), "
+            "prune_fraction (0.15), epochs_per_round (1)."
         },
     )
     alpha: float = field(
@@ -141,43 +149,6 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         default=True,
         metadata={"help": "Retrain with alpha·T²·CAKLD + (1-alpha)·CE against the frozen teacher; CE only if False."},
     )
-    epsd_warmup_steps: int = field(
-        default=100,
-        metadata={"help": "EPSD: training steps (CE + λ·self-distillation) of the fresh student before scoring."},
-    )
-    self_distillation_weight: float = field(
-        default=1.0,
-        metadata={"help": "EPSD: weight λ of the self-distillation term in CE + λ·L_SD (scoring and training)."},
-    )
-    self_kd_alpha: float = field(
-        default=0.75,
-        metadata={"help": "DG2PF: alpha of the self-KD loss alpha·T²·KL(p_dense‖p) + (1-alpha)·CE, in [0, 1]."},
-    )
-    self_kd_temperature: float = field(
-        default=4.0,
-        metadata={"help": "Temperature of the self-distillation losses of DG2PF and EPSD (> 0)."},
-    )
-    gradual_pruning_epochs: int = field(
-        default=5,
-        metadata={
-            "help": "DG2PF: epochs s_e of the gradual schedule (epoch i prunes to sparsity·i/s_e, simulated "
-            "pruning); the remaining epochs are pruned fine-tuning with fixed masks and CE."
-        },
-    )
-    imp_rounds: int | None = field(
-        default=None,
-        metadata={
-            "help": "IMP: number of prune-and-retrain rounds k; each round prunes 1-(1-sparsity)^(1/k) of the "
-            "remaining weights. None: as many rounds of `imp_prune_fraction` as the target needs."
-        },
-    )
-    imp_prune_fraction: float = field(
-        default=0.15,
-        metadata={"help": "IMP: fraction of the remaining weights pruned per round when `imp_rounds` is None."},
-    )
-    imp_epochs_per_round: int = field(
-        default=1, metadata={"help": "IMP: retraining epochs between two pruning rounds."}
-    )
     save_format: str = field(
         default="dense",
         metadata={
@@ -199,19 +170,16 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         return min_layer_density_for(self.sparsity, self.min_layer_density, self.layer_density_floor)
 
     def __post_init__(self):
-        from .schedules import PRUNING_SCHEDULES
-        from .scoring import SCORING_METHODS
+        from .methods import build_method, get_method
 
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"sparsity must be in [0, 1) (0 keeps every weight), got {self.sparsity}. "
                 "Pass e.g. --sparsity 0.95 for 95% sparsity."
             )
-        if self.pruning_method not in SCORING_METHODS and self.pruning_method not in PRUNING_SCHEDULES:
-            raise ValueError(
-                f"Unknown pruning_method {self.pruning_method!r}; choose one of "
-                f"{sorted(set(SCORING_METHODS) | set(PRUNING_SCHEDULES))}."
-            )
+        build_method(self.pruning_method, self.pruning_method_args)  # unknown method or settings: a clear error
+        if self.pruning_method == "dense":
+            self.sparsity = 0.0
         for name in ("alpha", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -229,10 +197,10 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             )
         if self.pruning_rounds < 1:
             raise ValueError(f"pruning_rounds must be >= 1 (1 = one-shot), got {self.pruning_rounds}")
-        if self.pruning_rounds > 1 and self.pruning_method in PRUNING_SCHEDULES:
+        if self.pruning_rounds > 1 and not get_method(self.pruning_method).one_shot:
             raise ValueError(
-                f"pruning_rounds={self.pruning_rounds} applies to one-shot criteria; pruning_method="
-                f"{self.pruning_method!r} is a schedule with rounds of its own. Set pruning_rounds=1."
+                f"pruning_rounds={self.pruning_rounds} applies to one-shot methods; pruning_method="
+                f"{self.pruning_method!r} prunes during training on a schedule of its own. Set pruning_rounds=1."
             )
         from .masking import LAYER_ALLOCATIONS
 
@@ -246,22 +214,6 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
         if not 0.0 <= self.min_layer_density <= 1.0:
             raise ValueError(f"min_layer_density must be in [0, 1], got {self.min_layer_density}")
-        if self.epsd_warmup_steps < 0:
-            raise ValueError(f"epsd_warmup_steps must be >= 0, got {self.epsd_warmup_steps}")
-        if self.self_distillation_weight < 0:
-            raise ValueError(f"self_distillation_weight must be >= 0, got {self.self_distillation_weight}")
-        if not 0.0 <= self.self_kd_alpha <= 1.0:
-            raise ValueError(f"self_kd_alpha must be in [0, 1], got {self.self_kd_alpha}")
-        if self.self_kd_temperature <= 0:
-            raise ValueError(f"self_kd_temperature must be > 0, got {self.self_kd_temperature}")
-        if self.gradual_pruning_epochs < 1:
-            raise ValueError(f"gradual_pruning_epochs must be >= 1, got {self.gradual_pruning_epochs}")
-        if self.imp_rounds is not None and self.imp_rounds < 1:
-            raise ValueError(f"imp_rounds must be >= 1 or None, got {self.imp_rounds}")
-        if not 0.0 < self.imp_prune_fraction < 1.0:
-            raise ValueError(f"imp_prune_fraction must be in (0, 1), got {self.imp_prune_fraction}")
-        if self.imp_epochs_per_round < 1:
-            raise ValueError(f"imp_epochs_per_round must be >= 1, got {self.imp_epochs_per_round}")
         if not 0.0 <= self.layer_density_floor < 1.0:
             raise ValueError(f"layer_density_floor must be in [0, 1), got {self.layer_density_floor}")
         if self.save_format not in ("dense", "bitmask"):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .adapters import forward_logits, unwrap_model
 from .losses import teacher_guided_loss
 from .masking import prunable_parameters
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,16 @@ class ScoringMethod:
         return self.batch_loss is None
 
 
-SCORING_METHODS: dict[str, ScoringMethod] = {}
+SCORING_METHODS: Registry[ScoringMethod] = Registry("scoring method")
 
 
 def register_scoring_method(method: ScoringMethod) -> ScoringMethod:
-    SCORING_METHODS[method.name] = method
-    return method
+    """Register a scoring criterion under `method.name` (a name can be registered once)."""
+    return SCORING_METHODS.register(method.name, method)
 
 
 def get_scoring_method(name: str) -> ScoringMethod:
-    if name not in SCORING_METHODS:
-        raise ValueError(f"Unknown pruning_method {name!r}; choose one of {sorted(SCORING_METHODS)}.")
-    return SCORING_METHODS[name]
+    return SCORING_METHODS.get(name)
 
 
 # --- losses and saliencies --------------------------------------------------------------------------------------

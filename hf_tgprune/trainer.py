@@ -7,6 +7,7 @@ The trainer composes the library's modules and overrides only the hooks it needs
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from .config import TeacherGuidedPruningConfig
 from .losses import teacher_guided_loss
 from .masking import (
     MASKS_NAME,
+    MaskFileError,
     apply_masks,
     load_masks,
     mask_hash,
@@ -36,11 +38,47 @@ from .masking import (
     select_masks,
     sparsity_report,
 )
+from .methods import build_method, get_method
+from .methods.imp import imp_sparsities
 from .recalibration import batchnorm_layers, recalibrate_batchnorm
-from .schedules import get_pruning_schedule, imp_sparsities, resolve_scoring_method
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 
 logger = logging.getLogger(__name__)
+
+PRUNING_STATE_NAME = "pruning_state.json"
+PRUNING_STATE_TENSORS = "pruning_state.safetensors"
+
+
+def write_json_atomic(value, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(value, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path!r} is truncated or corrupted ({err}); resume from an earlier checkpoint.") from err
+
+
+def save_tensors_atomic(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors' own error types for truncated files
+        raise ValueError(f"{path!r} is truncated or corrupted ({err}); resume from an earlier checkpoint.") from err
 
 
 def deterministic_sample(dataset: Dataset, num_samples: int, seed: int) -> Dataset:
@@ -92,8 +130,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         >>> report = trainer.prune()   # optional: train() prunes first
         >>> trainer.train()
 
-    `masks=` installs given masks instead of scoring (e.g. masks from an earlier run); `masks={}` trains densely
-    (a teacher, or a KD warm-up of the student) with the same loss and data handling.
+    `masks=` installs given masks instead of scoring (e.g. masks from an earlier run). To train without pruning
+    (a teacher, or a KD warm-up of the student) with the same loss and data handling, use `pruning_method="dense"`.
+    The pruning method (`args.pruning_method`, `hf_tgprune.methods`) is `trainer.method`.
     """
 
     _tag_names = ["hf_tgprune", "pruning", "knowledge-distillation"]
@@ -120,7 +159,12 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             raise TypeError(
                 f"args must be a TeacherGuidedPruningConfig (it extends TrainingArguments), got {type(args).__name__}"
             )
-        self._validate_inputs(model, teacher_model, args, train_dataset, calibration_dataset)
+        if masks is not None and not masks:
+            raise ValueError(
+                "masks={} no longer means dense training: pass pruning_method='dense' in the config instead."
+            )
+        method = build_method(args.pruning_method, args.pruning_method_args)
+        self._validate_inputs(model, teacher_model, args, method, train_dataset, calibration_dataset)
         super().__init__(
             model=model,
             args=args,
@@ -141,25 +185,24 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             teacher_model.eval().requires_grad_(False)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.calibration_dataset = calibration_dataset
-        # set by a pruning schedule (hf_tgprune.schedules) that trains with its own loss
-        self.schedule_loss = None
+        self.method = method
         self.masks: dict[str, torch.Tensor] | None = None
         self.pruning_report: dict | None = None
+        self._pruned = False
         if masks is not None:
-            self._install_masks(dict(masks))
+            self.install_masks(dict(masks))
+            self._pruned = True
 
     # --- validation ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _validate_inputs(model, teacher, args, train_dataset, calibration_dataset) -> None:
-        schedule = get_pruning_schedule(args.pruning_method)
-        method = resolve_scoring_method(args.pruning_method)
+    def _validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset) -> None:
         prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns that match nothing
-        if teacher is None and method.needs_teacher and args.alpha > 0:
+        if teacher is None and method.scoring_needs_teacher(args):
             raise ValueError(
                 f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, or choose a "
                 "teacher-free method such as 'snip', 'magnitude' or 'random'."
             )
-        if teacher is None and args.retrain_with_kd and not (schedule and schedule.own_loss):
+        if teacher is None and method.needs_teacher(args):
             raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
         if teacher is not None:
             student_labels, teacher_labels = num_labels(model), num_labels(teacher)
@@ -168,7 +211,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                     f"Teacher and student disagree on the number of labels ({teacher_labels} vs {student_labels}); "
                     "build both with the dataset's number of classes (timm `num_classes`, transformers `num_labels`)."
                 )
-        if method.data_free:
+        if not method.needs_calibration_data():
             return
         source, argument = (
             (calibration_dataset, "calibration_dataset")
@@ -223,7 +266,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         `method` / `options` override `args.pruning_method` and the options built from the config (schedules use it).
         """
         args = self.args
-        method_name = method or args.pruning_method
+        method_name = method or self.method.criterion
+        if method_name is None:
+            raise ValueError(f"pruning_method={args.pruning_method!r} scores no weights.")
         method = get_scoring_method(method_name)
         batches = None if method.data_free else self.get_calibration_dataloader(epochs=args.scoring_epochs)
         return compute_importance_scores(
@@ -259,80 +304,127 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             total=len(batches),
         )
 
+    def prunable_parameters(self) -> dict[str, nn.Parameter]:
+        """The weights this run prunes (`prune_include` / `prune_exclude`, default: conv/linear except the head)."""
+        return prunable_parameters(self.model, self.args.prune_include, self.args.prune_exclude)
+
+    def min_layer_density(self, sparsity: float) -> float:
+        """Per-layer minimum density at `sparsity` (the layer-collapse guard of the config)."""
+        return min_layer_density_for(sparsity, self.args.min_layer_density, self.args.layer_density_floor)
+
+    def select_masks(self, scores: Mapping[str, torch.Tensor], sparsity: float | None = None) -> dict:
+        """Masks from scores at `sparsity` (default `args.sparsity`): the config's layer allocation and guard,
+        already-zero weights first, exactly `round(sparsity·N)` pruned."""
+        sparsity = self.args.sparsity if sparsity is None else sparsity
+        return select_masks(
+            scores,
+            sparsity,
+            min_density=self.min_layer_density(sparsity),
+            allocation=self.args.layer_allocation,
+            weights=self.prunable_parameters(),
+        )
+
     def compute_masks(self) -> dict[str, torch.Tensor]:
-        """Masks at `sparsity` from `pruning_rounds` scoring passes (one-shot when 1).
+        """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
 
         Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
         before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
         first, so the masks are nested and the final count is exact.
         """
         args = self.args
-        params = prunable_parameters(self.model, args.prune_include, args.prune_exclude)
         levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
         masks = None
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
                 self.recalibrate_batchnorm()
-            scores = self.compute_scores()
-            masks = select_masks(
-                scores,
-                level,
-                min_density=min_layer_density_for(level, args.min_layer_density, args.layer_density_floor),
-                allocation=args.layer_allocation,
-                weights=params,
-            )
+            scores = self.compute_scores(method=self.method.criterion)
+            masks = self.select_masks(scores, level)
             del scores
             if len(levels) > 1:
                 logger.info("Pruning round %d/%d: sparsity %.4f", index + 1, len(levels), level)
         return masks
 
-    def prune(self) -> dict:
-        """Score once, apply one global mask, install the mask callback; returns the sparsity report.
+    def prune(self, scores: Mapping[str, torch.Tensor] | None = None) -> dict | None:
+        """Prune with `args.pruning_method` (`trainer.method`) and install the mask callback; returns the report.
 
-        When `pruning_method` names a registered pruning schedule (`hf_tgprune.schedules`: 'epsd', 'dg2pf', 'imp'),
-        the schedule's `setup` runs instead: it prunes (now or during training), installs its own mask callback and
-        possibly its own loss, and returns the report.
+        One-shot methods score once (or `pruning_rounds` times), apply one mask and recalibrate BatchNorm
+        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`) install their initial masks
+        (if any) and callbacks here. Calling it again returns the same report.
+
+        Args:
+            scores: importance scores already computed by `compute_scores()` on these same (dense) weights. One-shot
+                scores do not depend on the target, so one scoring pass can serve several sparsities (one trainer
+                per sparsity, each on a copy of the dense model). One-shot methods with `pruning_rounds=1` only.
         """
-        if self.masks is not None:
+        if self._pruned:
             return self.pruning_report
-        schedule = get_pruning_schedule(self.args.pruning_method)
-        if schedule is not None:
-            start = time.perf_counter()
-            report = schedule.setup(self)
-            report["pruning_seconds"] = time.perf_counter() - start
-            self.pruning_report = report
-            return report
+        if scores is not None and not (self.method.one_shot and self.args.pruning_rounds == 1):
+            raise ValueError(
+                "prune(scores=...) reuses one scoring pass, which only one-shot methods with pruning_rounds=1 can "
+                f"do (pruning_method={self.args.pruning_method!r}, pruning_rounds={self.args.pruning_rounds}). Call "
+                "prune() without scores."
+            )
+        self._pruned = True
         start = time.perf_counter()
-        masks = self.compute_masks()
-        scoring_seconds = time.perf_counter() - start
-        self._install_masks(masks)
-        recalibrated = self.recalibrate_batchnorm() if self.args.recalibrate_bn else 0
-        self.pruning_report.update(
-            scoring_seconds=scoring_seconds,
-            pruning_rounds=self.args.pruning_rounds,
-            layer_allocation=self.args.layer_allocation,
-            bn_recalibration_images=recalibrated,
-        )
+        masks = self.select_masks(scores) if scores is not None else self.method.prune(self)
+        for callback in self.method.callbacks(self):
+            self.add_callback(callback)
+        if masks is None:
+            return self.pruning_report
+        self.install_masks(masks)
+        seconds = time.perf_counter() - start
+        if self.method.one_shot:
+            recalibrated = self.recalibrate_batchnorm() if self.args.recalibrate_bn else 0
+            self.pruning_report.update(
+                scoring_seconds=seconds,
+                pruning_rounds=self.args.pruning_rounds,
+                layer_allocation=self.args.layer_allocation,
+                bn_recalibration_images=recalibrated,
+            )
+        else:
+            self.pruning_report["pruning_seconds"] = seconds
         return self.pruning_report
 
-    def _install_masks(self, masks: dict[str, torch.Tensor]) -> None:
+    def install_masks(self, masks: Mapping[str, torch.Tensor], started: bool = False) -> None:
+        """Zero the pruned weights and enforce `masks` from now on (replacing any earlier mask callback).
+
+        Args:
+            masks: bool tensors keyed by parameter name, True = kept.
+            started: True when called during training (e.g. a method that prunes after a warm-up): the callback
+                starts masking gradients and optimizer state at once instead of at `on_train_begin`.
+        """
+        masks = dict(masks)
         apply_masks(self.model, masks)
         self.masks = masks
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, GlobalMaskCallback):
                 self.callback_handler.remove_callback(callback)
-        if any(not bool(mask.all()) for mask in masks.values()):
-            self.add_callback(GlobalMaskCallback(masks))
-        if not masks:  # `masks={}`: dense training (e.g. a teacher or a warm-up), nothing pruned, nothing to report
-            self.pruning_report = None
-            return
+        callback = self.method.mask_callback(self, masks)
+        if callback is None and any(not bool(mask.all()) for mask in masks.values()):
+            callback = GlobalMaskCallback(masks)
+        if callback is not None:
+            self.add_callback(callback)
+            if started:
+                callback.start(self.model, self.optimizer)
+        self.masks_changed(masks, finished=getattr(callback, "finished", None))
+
+    def masks_changed(self, masks: Mapping[str, torch.Tensor], finished: bool | None) -> None:
+        """Record new masks (called by mask callbacks whose masks change during training) and update the report.
+
+        Args:
+            masks: the masks now enforced.
+            finished: whether the method's schedule is complete (None for methods without a schedule).
+        """
+        self.masks = dict(masks)
         report = sparsity_report(self.model, masks)
         report.update(
             method=self.args.pruning_method,
             target_sparsity=self.args.sparsity,
             mask_sha256=mask_hash(masks),
         )
+        if finished is not None:
+            report["schedule_finished"] = finished
         self.pruning_report = report
         logger.info(
             "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s)",
@@ -344,36 +436,86 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
 
     # --- checkpoint state ---------------------------------------------------------------------------------------
     def save_pruning_state(self, checkpoint_dir: str) -> None:
-        """Write the masks into a checkpoint folder (the one writer of `masks.safetensors`).
+        """Write what resuming needs into a checkpoint folder: the one writer of `masks.safetensors`.
 
-        Called while the checkpoint's model is saved, so a checkpoint never counts as written (its
-        `trainer_state.json` comes later) without its masks. The file carries the mask hash and the target sparsity
-        that resume verifies.
+        Called while the checkpoint's model is saved (before the Trainer writes `trainer_state.json`, which marks a
+        checkpoint complete). Writes the masks (with their hash), the method's state (`pruning_state.safetensors`
+        for tensors, e.g. DG2PF's dense weights under the mask) and, last, `pruning_state.json` with the method,
+        its settings, the target sparsity and the mask hash; every file is written atomically.
         """
-        if self.masks is None or not self.args.should_save:
+        if not self.args.should_save:
             return
-        save_masks(
-            self.masks,
-            os.path.join(checkpoint_dir, MASKS_NAME),
-            {"target_sparsity": repr(float(self.args.sparsity)), "pruning_method": str(self.args.pruning_method)},
-        )
+        state = dict(self.method.state_dict())
+        tensors = state.pop("tensors", None) or {}
+        record = {
+            "format_version": 1,
+            "pruning_method": self.args.pruning_method,
+            "pruning_method_args": self.method.config.to_dict(),
+            "target_sparsity": float(self.args.sparsity),
+            "mask_sha256": None,
+            "method_state": state,
+            "method_tensors": sorted(tensors),
+        }
+        if self.masks is not None:
+            record["mask_sha256"] = mask_hash(self.masks)
+            save_masks(
+                self.masks,
+                os.path.join(checkpoint_dir, MASKS_NAME),
+                {"target_sparsity": repr(float(self.args.sparsity)), "pruning_method": str(self.args.pruning_method)},
+            )
+        if tensors:
+            save_tensors_atomic(tensors, os.path.join(checkpoint_dir, PRUNING_STATE_TENSORS))
+        write_json_atomic(record, os.path.join(checkpoint_dir, PRUNING_STATE_NAME))
 
     def load_pruning_state(self, checkpoint_dir: str) -> None:
-        """Restore and verify the masks of a checkpoint written by `save_pruning_state`."""
+        """Restore and verify what `save_pruning_state` wrote, and let the method continue from it.
+
+        Refuses (with a message naming the fix) a checkpoint of another method or target sparsity, masks whose
+        content does not match their recorded hash, and truncated files.
+        """
+        record_file = os.path.join(checkpoint_dir, PRUNING_STATE_NAME)
         mask_file = os.path.join(checkpoint_dir, MASKS_NAME)
-        if not os.path.isfile(mask_file):
+        if os.path.isfile(record_file):
+            record = read_json(record_file)
+        elif os.path.isfile(mask_file):  # written by hf_tgprune 0.1: fixed masks only
+            recorded = read_masks_metadata(mask_file).get("target_sparsity")
+            record = {"pruning_method": self.args.pruning_method, "method_state": {}, "method_tensors": []}
+            record["target_sparsity"] = float(recorded) if recorded is not None else self.args.sparsity
+        else:
             raise ValueError(
-                f"{checkpoint_dir!r} has no {MASKS_NAME}: it was not written by TeacherGuidedPruningTrainer, so its "
-                "masks cannot be restored. Resume from one of its own checkpoints."
+                f"{checkpoint_dir!r} has no {MASKS_NAME} or {PRUNING_STATE_NAME}: it was not written by "
+                "TeacherGuidedPruningTrainer, so its masks cannot be restored. Resume from one of its own checkpoints."
             )
-        recorded = read_masks_metadata(mask_file).get("target_sparsity")
-        if recorded is not None and abs(float(recorded) - self.args.sparsity) > 1e-12:
+        if record["pruning_method"] != self.args.pruning_method and not (
+            self.method.one_shot and get_method(record["pruning_method"]).one_shot
+        ):  # one-shot masks are fixed, whichever criterion made them; a schedule's state belongs to its method
             raise ValueError(
-                f"{checkpoint_dir!r} was trained at sparsity={float(recorded)}, but this run asks for sparsity="
-                f"{self.args.sparsity}. Resume with the checkpoint's sparsity, or start a new run in another "
+                f"{checkpoint_dir!r} was written by a pruning_method={record['pruning_method']!r} run, but this run "
+                f"uses pruning_method={self.args.pruning_method!r}. Resume with the checkpoint's method, or start a "
+                "new run in another output_dir."
+            )
+        if abs(float(record["target_sparsity"]) - self.args.sparsity) > 1e-12:
+            raise ValueError(
+                f"{checkpoint_dir!r} was trained at sparsity={float(record['target_sparsity'])}, but this run asks for "
+                f"sparsity={self.args.sparsity}. Resume with the checkpoint's sparsity, or start a new run in another "
                 "output_dir."
             )
-        self._install_masks(load_masks(mask_file))
+        masks = None
+        if os.path.isfile(mask_file):
+            masks = load_masks(mask_file)
+            if record.get("mask_sha256") not in (None, mask_hash(masks)):
+                raise MaskFileError(
+                    f"The masks in {mask_file!r} are not the ones this checkpoint recorded in {PRUNING_STATE_NAME} "
+                    "(the file was replaced). Resume from an earlier checkpoint or prune again."
+                )
+        elif record.get("mask_sha256") is not None:
+            raise MaskFileError(f"{checkpoint_dir!r} recorded masks but {MASKS_NAME} is missing; resume from another.")
+        state = dict(record.get("method_state") or {})
+        if record.get("method_tensors"):
+            state["tensors"] = load_tensors(os.path.join(checkpoint_dir, PRUNING_STATE_TENSORS))
+        self.method.load_state_dict(state)
+        self.method.resume(self, masks)
+        self._pruned = True
 
     def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
         """The checkpoint folder to resume from: the given one, or for `True` the newest *complete* checkpoint of
@@ -390,7 +532,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                     folders.append((int(step), os.path.join(self.args.output_dir, name)))
         for _step, folder in sorted(folders, reverse=True):
             if os.path.isfile(os.path.join(folder, "trainer_state.json")):
-                if os.path.isfile(os.path.join(folder, MASKS_NAME)):
+                if os.path.isfile(os.path.join(folder, PRUNING_STATE_NAME)) or os.path.isfile(
+                    os.path.join(folder, MASKS_NAME)
+                ):
                     return folder
             logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written).", folder)
         raise ValueError(f"No complete checkpoint to resume from in output_dir={self.args.output_dir!r}.")
@@ -402,7 +546,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
             self.load_pruning_state(checkpoint)
             resume_from_checkpoint = checkpoint
-        elif self.masks is None:
+        else:
             self.prune()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
@@ -413,8 +557,10 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`alpha·T²·CAKLD + (1-alpha)·CE` against the frozen teacher when `retrain_with_kd`, plain CE otherwise."""
-        if self.schedule_loss is not None:
-            return self.schedule_loss(self, model, inputs, return_outputs)
+        own = self.method.compute_loss(self, model, inputs)
+        if own is not None:
+            loss, logits = own
+            return (loss, {"logits": logits}) if return_outputs else loss
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         logits = forward_logits(model, pixel_values)
         args = self.args

@@ -43,7 +43,6 @@ from hf_tgprune import (  # noqa: E402
     TeacherGuidedPruningConfig,
     TeacherGuidedPruningTrainer,
     get_adapter,
-    global_masks,
     mask_hash,
     sparsity_report,
 )
@@ -63,7 +62,7 @@ from hf_tgprune.data import (  # noqa: E402
     set_transforms,
 )
 from hf_tgprune.evaluation import make_compute_metrics  # noqa: E402
-from hf_tgprune.masking import min_layer_density_for  # noqa: E402
+from hf_tgprune.methods import build_method, get_method  # noqa: E402
 from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier  # noqa: E402
 from hf_tgprune.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity  # noqa: E402
 from hf_tgprune.recipe_utils import (  # noqa: E402
@@ -79,7 +78,6 @@ from hf_tgprune.recipe_utils import (  # noqa: E402
     strip_prefix,
     write_json,
 )
-from hf_tgprune.schedules import get_pruning_schedule, needs_teacher  # noqa: E402
 
 logger = logging.getLogger("prune_cifar")
 
@@ -221,7 +219,11 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
             raise RecipeError(f"--sparsities: every value must be in [0, 1); got {s}.")
     if len(set(sparsities)) != len(sparsities):
         raise RecipeError(f"--sparsities has duplicates: {sparsities}.")
-    if model_args.teacher_name_or_path is None and needs_teacher(args) and model_args.teacher_epochs <= 0:
+    if (
+        model_args.teacher_name_or_path is None
+        and build_method(args.pruning_method, args.pruning_method_args).needs_teacher(args)
+        and model_args.teacher_epochs <= 0
+    ):
         raise RecipeError(
             "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
             "(or use a teacher-free setup: --pruning_method snip --retrain_with_kd False)."
@@ -278,7 +280,10 @@ def load_models(model_args, args, num_labels, id2label, label2id):
         model_args.model_name_or_path, num_labels, pretrained=model_args.pretrained, id2label=id2label,
         label2id=label2id,
     )  # fmt: skip
-    if not needs_teacher(args) and model_args.teacher_name_or_path is None:
+    if (
+        not build_method(args.pruning_method, args.pruning_method_args).needs_teacher(args)
+        and model_args.teacher_name_or_path is None
+    ):
         return student, None, False
     if model_args.teacher_name_or_path is not None:
         if not has_trained_weights(model_args.teacher_name_or_path, pretrained=False):
@@ -335,15 +340,16 @@ def quality(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def dense_args(args, output_dir, epochs, learning_rate=None, with_kd=False, has_validation=True):
-    """Config of a dense (unpruned) training stage: no mask (the trainer gets masks={}), CE or KD."""
+    """Config of a dense (unpruned) training stage (`pruning_method="dense"`), CE or KD."""
     return stage_args(
         args,
         output_dir,
         num_train_epochs=epochs,
         learning_rate=learning_rate or args.learning_rate,
         retrain_with_kd=with_kd,
-        pruning_method="magnitude",  # no pruning happens in dense stages; a teacher-free method passes validation
-        sparsity=0.0,
+        pruning_method="dense",
+        pruning_method_args=None,
+        pruning_rounds=1,
         prune_include=None,
         prune_exclude=None,
         eval_strategy=args.eval_strategy if has_validation else "no",
@@ -445,7 +451,6 @@ def main(argv=None) -> dict:
                        has_validation=has_validation),
             train=train_ds,
             validation=validation_ds,
-            masks={},
         )  # fmt: skip
         if not teacher_is_trained:
             with timer.measure("teacher_training"):
@@ -475,7 +480,6 @@ def main(argv=None) -> dict:
         train=train_ds,
         validation=validation_ds,
         calibration=calibration_ds,
-        masks={},
     )  # fmt: skip
     if model_args.student_warmup_epochs > 0:
         with timer.measure("student_warmup"):
@@ -494,10 +498,11 @@ def main(argv=None) -> dict:
         results["dense_student"] = {"trained": student_trained, "test": evaluate(dense_trainer, test_ds)}
     save_results()
 
-    # ---- 3. one scoring pass (one-shot methods; a pruning schedule prunes during each run's training) ----------
-    one_shot = get_pruning_schedule(args.pruning_method) is None
+    # ---- 3. one scoring pass shared by all sparsities (one-shot methods with one round; the others prune during
+    # each run's own training) ----------------------------------------------------------------------------------
+    shared_scores = get_method(args.pruning_method).one_shot and args.pruning_rounds == 1
     scores = None
-    if one_shot:
+    if shared_scores:
         with timer.measure("scoring"):
             scoring_trainer = make_trainer(
                 student,
@@ -505,14 +510,10 @@ def main(argv=None) -> dict:
                 teacher=teacher,
                 train=train_ds,
                 calibration=calibration_ds,
-                masks={},
             )
             scores = scoring_trainer.compute_scores()
             del scoring_trainer
     dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
-
-    def min_density(sparsity):  # the layer-collapse guard at this sparsity (as the trainer computes it)
-        return min_layer_density_for(sparsity, args.min_layer_density, args.layer_density_floor)
 
     # ---- 4. per sparsity: mask, evaluate, retrain, evaluate, save -------------------------------------------------
     layer_reports = {}
@@ -523,7 +524,6 @@ def main(argv=None) -> dict:
         if recipe_args.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe_args.early_stopping_patience))
         with timer.measure(f"{tag}/prune"):
-            masks = global_masks(scores, sparsity, min_density(sparsity)) if one_shot else None
             model = copy.deepcopy(dense_state)
             trainer = make_trainer(
                 model,
@@ -532,11 +532,10 @@ def main(argv=None) -> dict:
                 train=train_ds,
                 validation=validation_ds,
                 calibration=calibration_ds,
-                masks=masks,
                 callbacks=callbacks,
                 processing_class=processor,
             )
-            trainer.prune()  # one-shot: the masks are installed already; a schedule runs its setup here
+            trainer.prune(scores=scores)  # one-shot: masks from the shared scores; the other methods set up here
         run = {"sparsity": sparsity, "model_dir": run_dir}
         with timer.measure(f"{tag}/eval_after_pruning"):
             run["after_pruning"] = evaluate(trainer, test_ds)

@@ -326,7 +326,7 @@ def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path):
     results = _bad_run(
         recipe, tiny_cifar, tmp_path / "out",
         "--pruning_method", "imp", "--retrain_with_kd", "False", "--student_warmup_epochs", "0",
-        "--sparsity", "0.8", "--imp_rounds", "2", "--plots", "False",
+        "--sparsity", "0.8", "--pruning_method_args", "rounds=2", "--plots", "False",
     )  # fmt: skip
     assert "scoring" not in results["stage_seconds"] and results["teacher"] is None
     (run,) = results["runs"]

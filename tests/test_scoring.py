@@ -122,7 +122,7 @@ def test_empty_or_unlabelled_calibration_is_an_error():
         compute_importance_scores(student, [], teacher=teacher)
     with pytest.raises(ValueError, match="labels"):
         compute_importance_scores(student, [{"pixel_values": torch.randn(2, 3, 32, 32)}], teacher=teacher)
-    with pytest.raises(ValueError, match="Unknown pruning_method"):
+    with pytest.raises(ValueError, match="Unknown scoring method"):
         compute_importance_scores(student, _batches(), method="nope")
 
 

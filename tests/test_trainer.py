@@ -225,7 +225,7 @@ def test_evaluate_reports_loss_and_metrics(tmp_path):
         (dict(alpha=2.0), "alpha"),
         (dict(score_aggregation="mean"), "score_aggregation"),
         (dict(pruning_rounds=0), "pruning_rounds must be >= 1"),
-        (dict(pruning_rounds=3, pruning_method="imp"), "pruning_rounds=3 applies to one-shot criteria"),
+        (dict(pruning_rounds=3, pruning_method="imp"), "pruning_rounds=3 applies to one-shot methods"),
         (dict(layer_allocation="uniform"), "layer_allocation must be one of"),
         (dict(scoring_epochs=-1), "scoring_epochs must be >= 0"),
         (dict(recalibration_samples=0), "recalibration_samples must be >= 1"),
@@ -276,16 +276,22 @@ def test_non_finite_scores_name_the_layer(tmp_path):
     assert trainer.masks is None
 
 
-def test_empty_masks_train_densely(tmp_path):
+def test_empty_masks_point_to_the_dense_method(tmp_path):
+    with pytest.raises(ValueError, match="pruning_method='dense'"):
+        TeacherGuidedPruningTrainer(
+            model=make_model("timm_resnet"), args=_config(tmp_path, retrain_with_kd=False), masks={}
+        )
+
+
+def test_dense_method_trains_densely(tmp_path):
     trainer = TeacherGuidedPruningTrainer(
         model=make_model("timm_resnet"),
         teacher_model=make_model("hf_resnet", seed=1),
-        args=_config(tmp_path),
+        args=_config(tmp_path, pruning_method="dense"),
         train_dataset=RandomImages(16),
-        masks={},
     )
     trainer.train()
-    assert trainer.masks == {} and trainer.pruning_report is None
+    assert trainer.masks is None and trainer.pruning_report is None
     assert not any(isinstance(c, GlobalMaskCallback) for c in trainer.callback_handler.callbacks)
     assert sum(int((p == 0).sum()) for p in trainer.model.parameters()) < 0.01 * sum(
         p.numel() for p in trainer.model.parameters()

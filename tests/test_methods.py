@@ -1,4 +1,4 @@
-"""Seed baselines (hf_tgprune.schedules): EPSD, DG2PF, IMP, selectable by `pruning_method`."""
+"""Pruning methods (hf_tgprune.methods): the registry, method settings, and the seed baselines EPSD, DG2PF, IMP."""
 
 import math
 
@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from hf_tgprune import TeacherGuidedPruningTrainer, compute_importance_scores
+from hf_tgprune.callbacks import ScheduledMaskCallback
 from hf_tgprune.masking import prunable_parameters
-from hf_tgprune.schedules import PRUNING_SCHEDULES, ScheduledMaskCallback, imp_sparsities, needs_teacher
+from hf_tgprune.methods import METHODS, PruningMethod, build_method, register_method
+from hf_tgprune.methods.imp import imp_sparsities
 from hf_tgprune.scoring import ScoringOptions
 from tests.utils import RandomImages, make_model, tiny_config
 
@@ -50,10 +52,46 @@ class _Spy(TrainerCallback):
             setattr(self, event, fn)
 
 
-@pytest.mark.parametrize("method", ["tgp", "snip", "grad", "magnitude", "random", "epsd", "dg2pf", "imp"])
+@pytest.mark.parametrize(
+    "method", ["tgp", "tgp_fisher", "snip", "grad", "magnitude", "random", "epsd", "dg2pf", "imp", "dense"]
+)
 def test_config_accepts_every_registered_method(tmp_path, method):
     assert _config(tmp_path, pruning_method=method).pruning_method == method
-    assert {"epsd", "dg2pf", "imp"} <= set(PRUNING_SCHEDULES)
+    assert method in METHODS
+
+
+def test_registry_refuses_a_duplicate_name():
+    class Again(PruningMethod):
+        name = "tgp"
+        criterion = "tgp"
+
+    with pytest.raises(ValueError, match="pruning_method named 'tgp' is already registered"):
+        register_method(Again)
+
+
+def test_method_settings_from_dict_json_or_key_value_string(tmp_path):
+    for args in (
+        {"rounds": 3, "epochs_per_round": 2},
+        '{"rounds": 3, "epochs_per_round": 2}',
+        "rounds=3,epochs_per_round=2",
+    ):
+        method = build_method("imp", args)
+        assert method.config.rounds == 3 and method.config.epochs_per_round == 2
+    assert build_method("imp", "rounds=None").config.rounds is None
+    with pytest.raises(ValueError, match=r"\['warmup_steps'\] are not settings of pruning_method='imp'"):
+        _config(tmp_path, pruning_method="imp", pruning_method_args={"warmup_steps": 3})
+    with pytest.raises(ValueError, match="are not settings of pruning_method='tgp'; its settings are none"):
+        _config(tmp_path, pruning_method="tgp", pruning_method_args="rounds=2")
+
+
+def test_dense_method_trains_without_pruning(tmp_path):
+    trainer = _trainer(tmp_path, teacher=True, pruning_method="dense", max_steps=2)
+    assert trainer.args.sparsity == 0.0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.prune() is None and trainer.masks is None
+    trainer.train()
+    assert trainer.masks is None and trainer.state.global_step == 2
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
 @pytest.mark.parametrize(
@@ -69,20 +107,21 @@ def test_config_accepts_every_registered_method(tmp_path, method):
     ],
 )
 def test_needs_teacher(tmp_path, method, kd, expected):
-    assert needs_teacher(_config(tmp_path, pruning_method=method, retrain_with_kd=kd)) is expected
+    assert build_method(method).needs_teacher(_config(tmp_path, pruning_method=method, retrain_with_kd=kd)) is expected
 
 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(gradual_pruning_epochs=0), "gradual_pruning_epochs"),
-        (dict(imp_rounds=0), "imp_rounds"),
-        (dict(imp_prune_fraction=1.0), "imp_prune_fraction"),
-        (dict(self_kd_alpha=1.5), "self_kd_alpha"),
-        (dict(epsd_warmup_steps=-1), "epsd_warmup_steps"),
+        (dict(pruning_method="dg2pf", pruning_method_args={"gradual_pruning_epochs": 0}), "gradual_pruning_epochs"),
+        (dict(pruning_method="imp", pruning_method_args={"rounds": 0}), "imp rounds"),
+        (dict(pruning_method="imp", pruning_method_args={"prune_fraction": 1.0}), "prune_fraction"),
+        (dict(pruning_method="dg2pf", pruning_method_args={"self_kd_alpha": 1.5}), "self_kd_alpha"),
+        (dict(pruning_method="epsd", pruning_method_args={"warmup_steps": -1}), "warmup_steps"),
+        (dict(pruning_method="imp", pruning_method_args="rounds"), "key=value"),
     ],
 )
-def test_bad_schedule_config(tmp_path, overrides, match):
+def test_bad_method_settings(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **overrides)
 
@@ -122,28 +161,41 @@ def test_epsd_scores_match_autograd(aggregation):
         torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-8)
 
 
-def test_epsd_warms_up_prunes_and_trains_without_teacher(tmp_path):
-    trainer = _trainer(tmp_path, pruning_method="epsd", epsd_warmup_steps=3, sparsity=0.95)
+def test_epsd_warms_up_through_the_trainer_then_prunes_and_trains_without_teacher(tmp_path):
+    """The warm-up steps are the Trainer's own steps (its optimizer: AdamW here); pruning happens after step 3."""
+    trainer = _trainer(
+        tmp_path, pruning_method="epsd", pruning_method_args={"warmup_steps": 3}, sparsity=0.95, optim="adamw_torch"
+    )
     assert trainer.teacher_model is None
+    assert trainer.prune() is None and trainer.masks is None  # nothing pruned before the warm-up
+    pruned_at = []
+
+    def step_end(args, state, control, **kwargs):
+        pruned_at.append(trainer.masks is not None)
+
+    trainer.add_callback(_Spy(on_step_end=step_end))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    report = trainer.prune()
-    assert report["warmup_steps"] == 3 and report["method"] == "epsd"
-    # the warm-up trained the fresh student before scoring: some kept weight moved
-    params = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(before[n][m], params[n].detach()[m]) for n, m in trainer.masks.items())
-    n = report["prunable"]["numel"]
-    assert report["pruned_by_mask"] == round(0.95 * n)
     batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
     trainer.model.eval()
     ce = F.cross_entropy(trainer.model(batch["pixel_values"]), batch["labels"])
     assert trainer.compute_loss(trainer.model, batch) > ce  # CE + λ·SD
     trainer.train()
+    # EPSD's callback (added by prune(), before the spy) prunes at the end of step 3
+    assert pruned_at == [False, False, True, True]
+    report = trainer.pruning_report
+    assert report["warmup_steps"] == 3 and report["method"] == "epsd"
+    assert report["pruned_by_mask"] == round(0.95 * report["prunable"]["numel"])
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n][m], params[n].detach()[m]) for n, m in trainer.masks.items())
+    assert any("exp_avg" in s for s in trainer.optimizer.state.values())  # the warm-up used the Trainer's AdamW
     _assert_final_state(trainer)
 
 
 # --- DG2PF ------------------------------------------------------------------------------------------------------
 def test_dg2pf_weights_recover_during_schedule_not_after(tmp_path):
-    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=2, num_train_epochs=4)
+    trainer = _trainer(
+        tmp_path, pruning_method="dg2pf", pruning_method_args={"gradual_pruning_epochs": 2}, num_train_epochs=4
+    )
     report = trainer.prune()
     assert report["pruned_by_mask"] == 0 and not report["schedule_finished"]
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ScheduledMaskCallback))
@@ -194,7 +246,7 @@ def test_dg2pf_weights_recover_during_schedule_not_after(tmp_path):
 
 
 def test_dg2pf_loss_is_self_kd_then_ce(tmp_path):
-    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=1)
+    trainer = _trainer(tmp_path, pruning_method="dg2pf", pruning_method_args={"gradual_pruning_epochs": 1})
     trainer.prune()
     batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
     model = trainer.model.eval()  # the dense copy is in eval mode: same BatchNorm statistics
@@ -207,7 +259,13 @@ def test_dg2pf_loss_is_self_kd_then_ce(tmp_path):
 
 
 def test_schedule_cut_short_still_reaches_exact_sparsity(tmp_path):
-    trainer = _trainer(tmp_path, pruning_method="dg2pf", gradual_pruning_epochs=5, num_train_epochs=1, sparsity=0.8)
+    trainer = _trainer(
+        tmp_path,
+        pruning_method="dg2pf",
+        pruning_method_args="gradual_pruning_epochs=5",
+        num_train_epochs=1,
+        sparsity=0.8,
+    )
     trainer.train()
     _assert_final_state(trainer)
     assert trainer.pruning_report["schedule_finished"]
@@ -223,10 +281,17 @@ def test_imp_sparsities():
 
 
 def test_imp_reaches_target_after_k_rounds(tmp_path):
-    trainer = _trainer(tmp_path, teacher=True, pruning_method="imp", imp_rounds=3, num_train_epochs=4, sparsity=0.9)
+    trainer = _trainer(
+        tmp_path,
+        teacher=True,
+        pruning_method="imp",
+        pruning_method_args={"rounds": 3},
+        num_train_epochs=4,
+        sparsity=0.9,
+    )
     report = trainer.prune()
     n = report["prunable"]["numel"]
-    levels = report["imp_sparsities"]
+    levels = imp_sparsities(0.9, rounds=3)
     assert report["pruned_by_mask"] == round(levels[0] * n) and levels[0] == pytest.approx(1 - 0.1 ** (1 / 3))
     history = [dict(trainer.masks)]
 
@@ -256,7 +321,12 @@ def test_min_layer_density_for():
 @pytest.mark.parametrize("method", ["magnitude", "imp"])
 def test_layer_density_floor_keeps_every_layer_alive(tmp_path, method):
     trainer = _trainer(
-        tmp_path, teacher=True, pruning_method=method, sparsity=0.98, layer_density_floor=0.5, imp_rounds=2
+        tmp_path,
+        teacher=True,
+        pruning_method=method,
+        sparsity=0.98,
+        layer_density_floor=0.5,
+        pruning_method_args={"rounds": 2} if method == "imp" else None,
     )
     assert trainer.args.effective_min_layer_density == pytest.approx(0.01)
     trainer.train() if method == "imp" else trainer.prune()
@@ -264,3 +334,54 @@ def test_layer_density_floor_keeps_every_layer_alive(tmp_path, method):
     assert _num_pruned(trainer.masks) == round(0.98 * n)
     for name, mask in trainer.masks.items():
         assert int(mask.sum()) >= math.ceil(0.01 * mask.numel()), name
+
+
+# --- interrupted schedules resume exactly ---------------------------------------------------------------------------
+def _final(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, dict(trainer.masks)
+
+
+@pytest.mark.parametrize(
+    "method,method_args,checkpoint",
+    [
+        ("imp", {"rounds": 3}, "checkpoint-6"),  # inside epoch 1, after its pruning round
+        ("dg2pf", {"gradual_pruning_epochs": 2}, "checkpoint-2"),  # inside the simulated (gradual) phase
+        ("dg2pf", {"gradual_pruning_epochs": 1}, "checkpoint-6"),  # inside pruned fine-tuning
+        ("epsd", {"warmup_steps": 3}, "checkpoint-2"),  # inside the warm-up, before pruning
+    ],
+)
+def test_interrupted_method_resumes_to_the_same_masks_and_weights(tmp_path, method, method_args, checkpoint):
+    settings = dict(
+        teacher=method == "imp",
+        pruning_method=method,
+        pruning_method_args=method_args,
+        num_train_epochs=3,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    full = _trainer(tmp_path / "full", **settings)
+    full.train()
+    weights, masks = _final(full)
+    resumed = _trainer(tmp_path / "full", **settings)  # a fresh trainer with the same (dense) model
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / checkpoint))
+    resumed_weights, resumed_masks = _final(resumed)
+    assert {k: torch.equal(v, resumed_masks[k]) for k, v in masks.items()} == {k: True for k in masks}
+    for name, value in weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_final_state(resumed)
+
+
+def test_dg2pf_resume_refuses_another_dense_model(tmp_path):
+    settings = dict(pruning_method="dg2pf", num_train_epochs=1, save_strategy="steps", save_steps=2)
+    _trainer(tmp_path, **settings).train()
+    other = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=5), args=_config(tmp_path, **settings), train_dataset=RandomImages(32)
+    )
+    with pytest.raises(ValueError, match="resume with the same dense model"):
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_resume_refuses_another_method_when_either_prunes_on_a_schedule(tmp_path):
+    _trainer(tmp_path, teacher=True, pruning_method="imp", max_steps=2, save_strategy="steps", save_steps=2).train()
+    with pytest.raises(ValueError, match="pruning_method='imp' run, but this run uses pruning_method='magnitude'"):
+        _trainer(tmp_path, teacher=True, pruning_method="magnitude", max_steps=4).train(resume_from_checkpoint=True)

@@ -1,0 +1,175 @@
+"""The pruning-method protocol and its registry: `pruning_method` names one entry here.
+
+A method is a small class with its own settings dataclass (`config_class`, filled from
+`TeacherGuidedPruningConfig.pruning_method_args`). `TeacherGuidedPruningTrainer` composes it through a few hooks:
+
+- `prune(trainer)`: masks to install before training (`None`: none yet, e.g. a method that prunes later);
+- `callbacks(trainer)`: mask callbacks for methods whose masks change during training;
+- `compute_loss(trainer, model, inputs)`: the method's own training loss, or `None` for the trainer's (KD or CE);
+- `state_dict()` / `load_state_dict(state)` and `resume(trainer, masks)`: what a checkpoint needs to continue a
+  half-finished run exactly.
+
+The trainer offers methods its public building blocks: `compute_scores`, `compute_masks`, `select_masks`,
+`install_masks`, `masks_changed`, `recalibrate_batchnorm`, `teacher_model`. Add a method with one file:
+
+    @register_method
+    class MyMethod(PruningMethod):
+        name = "my_method"
+        criterion = "snip"
+
+        def prune(self, trainer):
+            return trainer.compute_masks()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from ..registry import Registry
+from ..scoring import get_scoring_method
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Settings of one pruning method (`pruning_method_args`); subclasses add fields with `help` metadata."""
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | str | None, method: str) -> MethodConfig:
+        """Build from a dict, a JSON object string or a `key=value,key=value` string (as on the command line)."""
+        values = parse_method_args(args)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"pruning_method_args {unknown} are not settings of pruning_method={method!r}; its settings are "
+                f"{sorted(fields) or 'none'}."
+            )
+        converted = {}
+        for key, value in values.items():
+            converted[key] = _convert(value, fields[key].type) if isinstance(value, str) else value
+        return cls(**converted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_method_args(args: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    if args is None or args == "":
+        return {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    text = args.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"pruning_method_args is not valid JSON ({err}): {args!r}") from err
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"pruning_method_args must be 'key=value,key=value' or a JSON object, got {args!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _convert(value: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if value.lower() == "none" and "None" in text:
+        return None
+    if "bool" in text:
+        return value.lower() in ("1", "true", "yes")
+    if "int" in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    return value
+
+
+class PruningMethod:
+    """Base class: a one-shot method (score once, one mask, fixed through training) unless hooks are overridden.
+
+    Class attributes:
+        name: the `pruning_method` value.
+        criterion: the registered scoring criterion (`hf_tgprune.scoring`) that ranks weights; None prunes nothing.
+        config_class: the method's settings dataclass.
+        own_loss: True when the method trains with its own loss (it then needs no teacher for retraining).
+        one_shot: True when the masks are fixed by `prune()` and do not depend on training, so one scoring pass can
+            serve several sparsities.
+        description: one line for listings.
+    """
+
+    name: ClassVar[str]
+    criterion: ClassVar[str | None] = None
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    own_loss: ClassVar[bool] = False
+    one_shot: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    # --- what the method needs (validated before any work) --------------------------------------------------------
+    def scoring_needs_teacher(self, args) -> bool:
+        return self.criterion is not None and get_scoring_method(self.criterion).needs_teacher and args.alpha > 0
+
+    def needs_teacher(self, args) -> bool:
+        """A teacher is needed to score, or to retrain with KD (unless the method trains with its own loss)."""
+        return self.scoring_needs_teacher(args) or (args.retrain_with_kd and not self.own_loss)
+
+    def needs_calibration_data(self) -> bool:
+        return self.criterion is not None and not get_scoring_method(self.criterion).data_free
+
+    # --- hooks ------------------------------------------------------------------------------------------------------
+    def prune(self, trainer) -> dict[str, torch.Tensor] | None:
+        """Masks to install before training (exactly `round(sparsity·N)` pruned for one-shot methods)."""
+        return trainer.compute_masks()
+
+    def callbacks(self, trainer) -> list:
+        """Callbacks to add with the masks (the default `GlobalMaskCallback` is the trainer's)."""
+        return []
+
+    def mask_callback(self, trainer, masks):
+        """The callback that enforces `masks` during training; None: the trainer's `GlobalMaskCallback`."""
+        return None
+
+    def compute_loss(self, trainer, model, inputs):
+        """`(loss, logits)` of the method's own training loss, or None for the trainer's loss."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able values, plus tensors under the key `"tensors"`, to resume a half-finished run."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` (called on resume, before `resume`)."""
+
+    def resume(self, trainer, masks: dict[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's masks (the default: fixed masks)."""
+        if masks is not None:
+            trainer.install_masks(masks)
+
+
+METHODS: Registry[type[PruningMethod]] = Registry("pruning_method")
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: register a `PruningMethod` under `cls.name` (a name can be registered once)."""
+    if cls.criterion is not None:
+        get_scoring_method(cls.criterion)  # its criterion must exist
+    return METHODS.register(cls.name, cls)
+
+
+def get_method(name: str) -> type[PruningMethod]:
+    return METHODS.get(name)
+
+
+def build_method(name: str, method_args: Mapping[str, Any] | str | None = None) -> PruningMethod:
+    """An instance of the method `name` with its settings from `method_args` (validated)."""
+    cls = get_method(name)
+    return cls(cls.config_class.from_args(method_args, name))
