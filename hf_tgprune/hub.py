@@ -148,7 +148,12 @@ def _fail(folder: Path, repo_id: str, reason: str, what: str, fix: str) -> HubPu
 def sparse_folder_files(
     folder: str | os.PathLike, ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS
 ) -> list[str]:
-    """The files of `folder` that a push uploads (relative POSIX paths, sorted)."""
+    """The files of `folder` that a push uploads (relative POSIX paths, sorted).
+
+    Args:
+        folder: the local folder.
+        ignore_patterns: ``fnmatch`` patterns of relative paths left out (hidden files are always left out).
+    """
     folder = Path(folder)
     files = []
     for path in sorted(folder.rglob("*")):
@@ -166,7 +171,9 @@ def sparse_folder_files(
 def check_sparse_folder(folder: str | os.PathLike) -> dict[str, Any]:
     """Check that `folder` is a complete sparse checkpoint before it is uploaded; returns its sparsity record.
 
-    The weights file named in ``sparsity.json`` must exist and match the SHA-256 recorded there.
+    Raises:
+        FileNotFoundError: no ``sparsity.json`` or no weights file.
+        SparseFormatError: the weights file named in ``sparsity.json`` does not match the SHA-256 recorded there.
     """
     folder = Path(folder)
     record = read_sparsity_record(folder)
@@ -262,7 +269,17 @@ def push_sparse_folder(
 def create_hub_repo(
     repo_id: str, *, token: str | None = None, private: bool | None = None, folder: str | os.PathLike = "."
 ) -> str:
-    """``create_repo(exist_ok=True)`` with the same error handling as :func:`push_sparse_folder`; returns the id."""
+    """``create_repo(exist_ok=True)`` with the same error handling as :func:`push_sparse_folder`; returns the id.
+
+    Args:
+        repo_id: ``"user-or-org/name"`` (or a bare name in the token's namespace).
+        token: a write token; defaults to the one huggingface_hub finds.
+        private: visibility of a new repo.
+        folder: the local folder named in error messages.
+
+    Raises:
+        HubPushError: no token, offline mode, 401, 403, 404 or network errors, naming the fix.
+    """
     folder = Path(folder)
     if token is None and huggingface_hub.get_token() is None:
         raise _fail(folder, repo_id, "no_token", "no Hugging Face token was found", _TOKEN_FIX)
