@@ -302,21 +302,27 @@ def _trainer_args(tmp_path, **overrides):
 
 
 def test_trainer_save_model_writes_sparse_folders(tmp_path):
+    import timm
+
     args = _trainer_args(tmp_path, save_strategy="steps", save_steps=2)
     trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
     trainer.sparse_info.dataset = "random-images"
     trainer.sparse_info.dense_metrics = {"eval_accuracy": 0.5}
+    trainer.sparse_info.data_config = {"image_size": IMAGE_SIZE, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     trainer.train()
     trainer.save_model()
     out = Path(args.output_dir)
     record = json.loads((out / SPARSITY_FILE_NAME).read_text())
+    from timm.data import resolve_model_data_config
+
+    for folder in (out, out / "checkpoint-2"):  # outputs and checkpoints declare the preprocessing used
+        declared = resolve_model_data_config(timm.create_model(f"local-dir:{folder}", pretrained=False))
+        assert declared["input_size"] == (3, IMAGE_SIZE, IMAGE_SIZE) and tuple(declared["std"]) == (0.25,) * 3
     assert record["mask"]["sha256"] == trainer.pruning_report["mask_sha256"]
     assert record["method"] == "magnitude" and record["dataset"] == "random-images"
     assert record["metrics"]["dense"] == {"eval_accuracy": 0.5} and record["hyperparameters"]["sparsity"] == 0.8
     assert record["calibration_size"] == 16 and record["global_step"] == 2
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    import timm
-
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert torch.equal(logits_of(reloaded, x), logits_of(trainer.model.eval(), x))
     assert (out / "checkpoint-2" / SPARSITY_FILE_NAME).is_file() and (
