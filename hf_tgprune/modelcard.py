@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .adapters import get_adapter
+from .adapters import ModelAdapter, get_adapter
 from .serialization import BITMASK_WEIGHTS_NAME, SPARSITY_FILE_NAME
 from .utils import is_hub_id, public_name
 
@@ -42,8 +42,15 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def _load_snippets(family: str, save_format: str, repo_id: str, preprocessing: bool) -> str:
-    adapter = get_adapter(family)
+def _adapter_named(family: str):
+    """The adapter that wrote the folder; the plain-torch one for a family this process does not know."""
+    try:
+        return get_adapter(family)
+    except KeyError:
+        return get_adapter("torch")
+
+
+def _load_snippets(adapter: ModelAdapter, save_format: str, repo_id: str, preprocessing: bool) -> str:
     if save_format == "bitmask":
         imports, build = adapter.card_architecture_snippet(repo_id)
         return (
@@ -158,7 +165,7 @@ def create_model_card(
     hyperparameters = dict(hyperparameters if hyperparameters is not None else record.get("hyperparameters") or {})
     dense_metrics = dense_metrics if dense_metrics is not None else metrics.get("dense")
     pruned_metrics = pruned_metrics if pruned_metrics is not None else metrics.get("pruned")
-    adapter = get_adapter(model_family or record.get("model_family") or "torch")
+    adapter = _adapter_named(model_family or record.get("model_family") or "torch")
     save_format = save_format or record.get("format") or "dense"
     report = record.get("sparsity") or {}
     prunable, total = report.get("prunable") or {}, report.get("total") or {}
@@ -220,7 +227,7 @@ def create_model_card(
 
 ## How to load
 
-{_load_snippets(adapter.name, save_format, repo, bool(record.get("preprocessing")))}
+{_load_snippets(adapter, save_format, repo, bool(record.get("preprocessing")))}
 ## Pruning
 
 {pruning_table}

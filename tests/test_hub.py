@@ -294,6 +294,14 @@ def test_model_card_contents(tmp_path):
     assert "AutoModelForImageClassification.from_pretrained" in card.content
     assert "hf-hub:" not in card.content
 
+    # the preprocessing the model was trained with, and how to load it the standard way
+    preprocessing = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
+    card = create_model_card({**record, "preprocessing": preprocessing}, model_family="transformers")
+    assert "| Preprocessing | 32×32 px" in card.content and "AutoImageProcessor.from_pretrained" in card.content
+    assert "resolve_model_data_config" in create_model_card(record).content
+    # a family this process does not know: the plain PyTorch snippet
+    assert "build the architecture yourself" in create_model_card(record, model_family="unknown").content
+
 
 # --- trainer integration ---------------------------------------------------------------------------------------------
 def _trainer_args(tmp_path, **overrides):
