@@ -41,11 +41,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     (``accelerate.utils.extract_model_from_parallel``; the parameters are shared with the wrapper)."""
     from accelerate.utils import extract_model_from_parallel
 
-    while True:
+    # every wrapper holds the model in `.module` (DDP, DataParallel, DeepSpeed, FSDP) or `._orig_mod` (compile):
+    # a plain model returns at once, without accelerate's walk over its modules (this runs at every step)
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         inner = extract_model_from_parallel(model, keep_torch_compile=False)
         if inner is model:
-            return model
+            break
         model = inner
+    return model
 
 
 def preprocessing_dict(data_config: Any) -> dict[str, Any]:
