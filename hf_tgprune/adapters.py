@@ -108,6 +108,8 @@ class ModelAdapter:
     name = "torch"
     #: ``library_name`` of the model card (the Hub's "Use this model" button), None for plain torch
     library_name: str | None = None
+    #: extra tags of the model card
+    card_tags: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter drives `model`."""
@@ -193,6 +195,7 @@ class TimmAdapter(ModelAdapter):
 
     name = "timm"
     library_name = "timm"
+    card_tags = ("timm",)
 
     def matches(self, model: nn.Module) -> bool:
         return all(hasattr(model, attr) for attr in ("get_classifier", "pretrained_cfg", "num_classes"))

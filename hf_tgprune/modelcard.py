@@ -173,8 +173,7 @@ def create_model_card(
     repo = repo_id or _PLACEHOLDER_REPO
     name = model_name or (repo_id.split("/")[-1] if repo_id else "Pruned model")
 
-    library = [adapter.library_name] if adapter.library_name == "timm" else []  # timm models are tagged `timm`
-    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *library]))
+    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or []), *adapter.card_tags]))
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model, namespaced=True) else None,
         datasets=[dataset] if is_hub_id(dataset) else None,
