@@ -276,9 +276,15 @@ def load_dense(folder: Path) -> tuple[nn.Module, dict]:
     return model, json.loads((folder / "training.json").read_text())
 
 
-def setup(args, splits) -> dict:
-    teacher = train_dense(args, "teacher", args.teacher, splits)
-    student = train_dense(args, "student", args.student, splits)
+def setup(args, splits) -> dict | None:
+    """Train (or reuse) the dense teacher and student; with `--roles`, only those (e.g. one per process)."""
+    folders = {}
+    for role, architecture in (("teacher", args.teacher), ("student", args.student)):
+        if role in args.roles:
+            folders[role] = train_dense(args, role, architecture, splits)
+    if len(folders) < 2:
+        return None
+    teacher, student = folders["teacher"], folders["student"]
     info = {
         "teacher": json.loads((teacher / "training.json").read_text()),
         "student": json.loads((student / "training.json").read_text()),
@@ -582,6 +588,9 @@ def parse_args(argv=None):
     parser.add_argument("--dense-lr", type=float, default=0.1)
     parser.add_argument("--dense-weight-decay", type=float, default=5e-4)
     parser.add_argument("--max-extensions", type=int, default=3)
+    parser.add_argument(
+        "--roles", nargs="+", default=["teacher", "student"], help="train only these dense models (e.g. in parallel)"
+    )
     args = parser.parse_args(argv)
     if args.variants is None:
         args.variants = {"ablation": ABLATION_VARIANTS, "long": ["tgp", "magnitude"]}.get(args.stage, MAIN_VARIANTS)
@@ -612,6 +621,8 @@ def main(argv=None):
         splits["train"] = tuple(t[:1024] for t in splits["train"])
     log(f"data: {len(splits['train'][1])} train / {len(splits['val'][1])} val / {len(splits['test'][1])} test")
     info = setup(args, splits)
+    if info is None:
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "setup.json", json.dumps(info, indent=1))
     if args.stage != "setup":
