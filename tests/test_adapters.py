@@ -58,6 +58,9 @@ TWO_HEADS = {
         ),
         {"head.linear", "head_dist.linear"},
     ),
+    "timm pit distilled": (lambda: _timm("pit_ti_distilled_224", img_size=32), {"head", "head_dist"}),
+    "timm efficientformer": (lambda: _timm("efficientformer_l1"), {"head", "head_dist"}),
+    "timm swiftformer": (lambda: _timm("swiftformer_xs"), {"head", "head_dist"}),
     "hf DeiTForImageClassificationWithTeacher": (
         lambda: _hf("DeiTConfig", "DeiTForImageClassificationWithTeacher", **HF_VIT_ARGS),
         {"cls_classifier", "distillation_classifier"},
