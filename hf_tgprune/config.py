@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 def _launched_without_accelerator() -> bool:
@@ -15,6 +18,16 @@ def _launched_without_accelerator() -> bool:
         return False
     has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
     return not torch.cuda.is_available() and not has_xpu
+
+
+def parse_nm_pattern(pattern: str) -> tuple[int, int]:
+    """`"2:4"` -> `(2, 4)`; a clear error for anything else."""
+    n, sep, m = str(pattern).partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit() or not 0 < int(n) < int(m):
+        raise ValueError(
+            f"sparsity_pattern must be 'unstructured' or 'N:M' with integers 0 < N < M (e.g. '2:4'), got {pattern!r}"
+        )
+    return int(n), int(m)
 
 
 @dataclass
@@ -108,6 +121,15 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             "ranking of their LAMP normalisation s²/Σ_{larger in layer} s²), 'magnitude' or 'lamp_magnitude' (each "
             "layer's kept count from the global ranking of |θ| or of its LAMP normalisation, the weights kept "
             "inside the layer chosen by the criterion)."
+        },
+    )
+    sparsity_pattern: str = field(
+        default="unstructured",
+        metadata={
+            "help": "'unstructured' (any weight, exactly round(sparsity·N) pruned) or 'N:M' semi-structured, e.g. "
+            "'2:4': in every prunable layer keep the N highest-scoring of every M consecutive input weights (exactly "
+            "N/M per layer, the layout NVIDIA sparse tensor cores run, see hf_tgprune.export.export_semi_structured). "
+            "With N:M, `sparsity` becomes 1 - N/M and layers whose input size is not a multiple of M stay dense."
         },
     )
     recalibrate_bn: bool = field(
@@ -206,6 +228,23 @@ class TeacherGuidedPruningConfig(TrainingArguments):
 
         if self.layer_allocation not in LAYER_ALLOCATIONS:
             raise ValueError(f"layer_allocation must be one of {LAYER_ALLOCATIONS}, got {self.layer_allocation!r}")
+        if self.sparsity_pattern != "unstructured":
+            n, m = parse_nm_pattern(self.sparsity_pattern)
+            if (
+                self.pruning_rounds > 1
+                or self.layer_allocation != "global"
+                or not get_method(self.pruning_method).one_shot
+            ):
+                raise ValueError(
+                    f"sparsity_pattern={self.sparsity_pattern!r} fixes the density of every layer: use it with a "
+                    "one-shot pruning_method, pruning_rounds=1 and layer_allocation='global'."
+                )
+            if abs(self.sparsity - (1 - n / m)) > 1e-12:
+                logger.warning(
+                    "sparsity_pattern=%r prunes exactly %s of every group of %d: sparsity=%s is replaced by %s.",
+                    self.sparsity_pattern, m - n, m, self.sparsity, 1 - n / m,
+                )  # fmt: skip
+                self.sparsity = 1 - n / m
         if self.recalibration_samples < 1:
             raise ValueError(f"recalibration_samples must be >= 1, got {self.recalibration_samples}")
         if self.num_calibration_samples < 1:

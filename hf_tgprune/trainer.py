@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .adapters import forward_logits, num_labels
 from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
-from .config import TeacherGuidedPruningConfig
+from .config import TeacherGuidedPruningConfig, parse_nm_pattern
 from .losses import teacher_guided_loss
 from .masking import (
     MASKS_NAME,
@@ -33,6 +33,7 @@ from .masking import (
     mask_hash,
     min_layer_density_for,
     prunable_parameters,
+    prune_zeros_first,
     read_masks_metadata,
     save_masks,
     select_masks,
@@ -40,6 +41,7 @@ from .masking import (
 )
 from .methods import build_method, get_method
 from .methods.imp import imp_sparsities
+from .nm import nm_incompatible_layers, nm_masks
 from .recalibration import batchnorm_layers, recalibrate_batchnorm
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 
@@ -316,6 +318,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         """Masks from scores at `sparsity` (default `args.sparsity`): the config's layer allocation and guard,
         already-zero weights first, exactly `round(sparsity·N)` pruned."""
         sparsity = self.args.sparsity if sparsity is None else sparsity
+        if self.args.sparsity_pattern != "unstructured":
+            return self._nm_masks(scores)
         return select_masks(
             scores,
             sparsity,
@@ -323,6 +327,20 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             allocation=self.args.layer_allocation,
             weights=self.prunable_parameters(),
         )
+
+    def _nm_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n, m = parse_nm_pattern(self.args.sparsity_pattern)
+        weights = self.prunable_parameters()
+        dense = set(nm_incompatible_layers(weights, m))
+        if dense:
+            logger.warning(
+                "sparsity_pattern=%r: %d layer(s) whose input size is not a multiple of %d stay dense: %s",
+                self.args.sparsity_pattern, len(dense), m, sorted(dense),
+            )  # fmt: skip
+        ranked = prune_zeros_first({k: v for k, v in scores.items() if k not in dense}, weights)
+        masks = nm_masks(ranked, n, m)
+        masks.update({name: torch.ones_like(scores[name], dtype=torch.bool) for name in dense})
+        return {name: masks[name] for name in scores}
 
     def compute_masks(self) -> dict[str, torch.Tensor]:
         """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).

@@ -372,3 +372,37 @@ def test_scoring_epochs_score_over_whole_epochs_of_the_training_set(tmp_path):
     first_epoch = torch.cat([b["labels"] for b in list(trainer.get_calibration_dataloader(epochs=2))[:4]])
     assert sorted(first_epoch.tolist()) == sorted(trainer.train_dataset.labels.tolist())
     assert trainer.prune()["pruned_by_mask"] > 0
+
+
+# --- N:M semi-structured pattern (issue 12) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("student", ["timm_resnet", "hf_vit"])
+def test_two_four_pattern_exact_per_layer_and_kept_through_training(tmp_path, student):
+    from hf_tgprune.nm import is_nm_sparse, nm_incompatible_layers
+
+    trainer = _trainer(tmp_path, student, "timm_resnet", sparsity_pattern="2:4", optim="sgd", optim_args="momentum=0.9")
+    assert trainer.args.sparsity == 0.5
+    trainer.prune()
+    params = trainer.prunable_parameters()
+    dense = set(nm_incompatible_layers(params, 4))
+    assert set(trainer.masks) == set(params) and len(dense) < len(params)
+    trainer.train()
+    for name, weight in params.items():
+        if name in dense:  # input size not a multiple of 4 (e.g. a 3-channel 3x3 stem): left dense
+            assert bool(trainer.masks[name].all()), name
+        else:
+            assert is_nm_sparse(weight.detach(), 2, 4, exact=True), name
+            assert int(trainer.masks[name].sum()) == weight.numel() // 2
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(sparsity_pattern="4:2"), "0 < N < M"),
+        (dict(sparsity_pattern="2-4"), "'N:M'"),
+        (dict(sparsity_pattern="2:4", pruning_rounds=2), "one-shot pruning_method, pruning_rounds=1"),
+        (dict(sparsity_pattern="2:4", pruning_method="imp"), "one-shot pruning_method"),
+    ],
+)
+def test_bad_sparsity_pattern(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **overrides)
