@@ -163,7 +163,7 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         metadata={
             "help": "Layer-collapse guard relative to the target: every pruned layer keeps at least "
             "layer_density_floor·(1 - sparsity) of its weights (combined with min_layer_density by max), in [0, 1); "
-            "0 disables it. Default 0.5 (e.g. >= 1% of every layer at 98% sparsity): the CIFAR-10 ablation in "
+            "0 disables it. Default 0.5 (e.g. at least 0.01 of every layer at sparsity 0.98): the CIFAR-10 ablation in "
             "benchmarks/RESULTS.md, where it was the one setting that clearly helped every criterion."
         },
     )
@@ -176,7 +176,7 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         metadata={
             "help": "Format of `save_model()` / `push_to_hub()` outputs: 'dense' (config.json + model.safetensors that "
             "plain timm and transformers load) or 'bitmask' (compact model.bitmask.safetensors, about 0.13x the dense "
-            "size at 90% sparsity, read with hf_tgprune.load_sparse). Trainer checkpoints are always dense."
+            "size at sparsity 0.9, read with hf_tgprune.load_sparse). Trainer checkpoints are always dense."
         },
     )
     remove_unused_columns: bool = field(

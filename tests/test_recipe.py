@@ -275,6 +275,30 @@ def test_offline_hub_dataset_error_from_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_help_lists_every_argument():
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--help"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in (
+        "--sparsities",
+        "--pruning_method_args",
+        "--recalibrate_bn",
+        "--layer_density_floor",
+        "--learning_rate",
+    ):
+        assert flag in result.stdout
+
+
+def test_every_config_help_string_formats_with_argparse():
+    """A bare % in a help string crashes `--help` (argparse formats help strings with %)."""
+    from transformers import HfArgumentParser
+
+    from hf_tgprune import TeacherGuidedPruningConfig
+
+    assert "--pruning_method" in HfArgumentParser(TeacherGuidedPruningConfig).format_help()
+
+
 @pytest.mark.slow
 def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch):
     """`--sparsities` scores once and masks nested sparsities from the same scores (in-process, tiny)."""
