@@ -605,8 +605,116 @@ def parse_args(argv=None):
     return args
 
 
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _runs(records, variant, sparsity, epochs, seed=None):
+    return [
+        r
+        for r in records
+        if r["variant"] == variant
+        and abs(r["sparsity"] - sparsity) < 1e-9
+        and r["retrain_epochs"] == epochs
+        and (seed is None or r["seed"] == seed)
+    ]
+
+
 def report(args) -> str:
-    return "(report: not written yet)"
+    """Markdown tables from `runs.jsonl` and `setup.json` (printed and written to `tables.md` in `--out`)."""
+    out = Path(args.out)
+    records = _load(out / "runs.jsonl")
+    lines = []
+    setup_file = out / "setup.json"
+    if setup_file.exists():
+        setup_info = json.loads(setup_file.read_text())
+        lines += [
+            f"Machine: {setup_info['machine']}, torch {setup_info['torch']}.",
+            "",
+            "| network | parameters | epochs (plateau reached) | wall time (s) | val top-1 | test top-1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for role in ("teacher", "student"):
+            e = setup_info[role]
+            lines.append(
+                f"| {role}: timm `{e['architecture']}` | {e['parameters']:,} | {e['epochs']} ({e['plateaued']}) | "
+                f"{e['seconds']:.0f} | {e['val_top1']:.2f} | {e['test_top1']:.2f} |"
+            )
+        lines.append("")
+    epochs = args.retrain_epochs
+    variants = [v for v in VARIANTS if any(r["variant"] == v and r["retrain_epochs"] == epochs for r in records)]
+    header = "| method | " + " | ".join(
+        f"{int(round(s * 100))}%: after prune / + BN recal / retrained" for s in SPARSITIES
+    )
+    lines += [
+        f"Test top-1 (%) with {epochs} retraining epochs (mean ± std over seeds; n = seeds), right after pruning "
+        "(BatchNorm statistics of the dense model), after BatchNorm recalibration, and after retraining; compute per "
+        "run (pruning + retraining, evaluation excluded).",
+        "",
+        header + " | n | wall time (s) | fwd images | bwd images |",
+        "|---|" + "---|" * len(SPARSITIES) + "---|---|---|---|",
+    ]
+    for variant in variants:
+        cells, rows = [], []
+        for sparsity in SPARSITIES:
+            runs = _runs(records, variant, sparsity, epochs)
+            rows += runs
+            cells.append(
+                f"{_mean_std([r.get('after_prune_test_top1') for r in runs])} / "
+                f"{_mean_std([r.get('after_prune_recal_test_top1') for r in runs])} / "
+                f"**{_mean_std([r['test_top1'] for r in runs])}**"
+            )
+        counts = "/".join(str(len(_runs(records, variant, s, epochs))) for s in SPARSITIES)
+        seconds = sum(r["seconds"] for r in rows) / len(rows)
+        fwd = sum(r["forward_images"] for r in rows) / len(rows)
+        bwd = sum(r["backward_images"] for r in rows) / len(rows)
+        lines.append(
+            f"| {variant} | " + " | ".join(cells) + f" | {counts} | {seconds:.0f} | {fwd:,.0f} | {bwd:,.0f} |"
+        )
+    lines.append("")
+    # ablation: seed 0, validation split, against tgp
+    ablation_sparsities = sorted({r["sparsity"] for r in records if r["seed"] == 0 and r["sparsity"] > 0.9})
+    if ablation_sparsities:
+        lines += [
+            "Seed 0, validation top-1 (%) after retraining, Δ against `tgp` with the same seed:",
+            "",
+            "| variant | " + " | ".join(f"{int(round(s * 100))}% val | Δ | test" for s in ablation_sparsities) + " |",
+            "|---|" + "---|---|---|" * len(ablation_sparsities),
+        ]
+        for variant in variants:
+            cells = []
+            for sparsity in ablation_sparsities:
+                run = _runs(records, variant, sparsity, epochs, seed=0)
+                base = _runs(records, "tgp", sparsity, epochs, seed=0)
+                if not run:
+                    cells.append("— | — | —")
+                    continue
+                delta = f"{run[0]['val_top1'] - base[0]['val_top1']:+.2f}" if base else "—"
+                cells.append(f"{run[0]['val_top1']:.2f} | {delta} | {run[0]['test_top1']:.2f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    long_runs = [r for r in records if r["retrain_epochs"] != epochs]
+    if long_runs:
+        lines += [
+            "| variant | sparsity | retraining epochs | seed | val top-1 | test top-1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in long_runs:
+            lines.append(
+                f"| {r['variant']} | {r['sparsity']} | {r['retrain_epochs']} | {r['seed']} | {r['val_top1']:.2f} | "
+                f"{r['test_top1']:.2f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tables.md", text)
+    return text
 
 
 def main(argv=None):
