@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 
 import torch
 from transformers import TrainingArguments
@@ -183,6 +185,21 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
     )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        """TrainingArguments' device setup, with `ddp_timeout` honoured on CPU (gloo) too.
+
+        transformers passes `ddp_timeout` to the process group only for accelerator backends; on CPU the group kept
+        its 30-minute default, so a frozen rank blocked the others that long. Initialising accelerate's shared state
+        first with the timeout makes every collective (the scoring all-reduce, DDP) fail within `ddp_timeout`.
+        """
+        from accelerate import PartialState
+
+        use_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState._shared_state == {}:
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
+        return TrainingArguments._setup_devices.func(self)
 
     @property
     def effective_min_layer_density(self) -> float:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +25,12 @@ def _run(cmd, out):
 
 @pytest.mark.slow
 def test_two_processes_share_the_single_process_mask(tmp_path):
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate CLI not on PATH"
     single = _run([sys.executable, str(SCRIPT), str(tmp_path / "single")], tmp_path / "single")
     multi = _run(
         [
-            accelerate,
-            "launch",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
             "--multi_gpu",
             "--num_processes",
             "2",
@@ -58,3 +56,23 @@ def test_two_processes_share_the_single_process_mask(tmp_path):
     assert multi[0]["weights_hash"] == multi[1]["weights_hash"]
     assert all(r["pruned_weights_zero"] for r in multi + single)
     assert abs(multi[0]["prunable_sparsity"] - 0.9) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_fails_the_job_within_ddp_timeout(tmp_path):
+    """On CPU (gloo) too: a rank that stops answering fails the others within `ddp_timeout`, not 30 minutes."""
+    import time
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561"]
+    start = time.monotonic()
+    result = subprocess.run(
+        cmd + [str(SCRIPT.parent / "frozen_rank.py"), str(tmp_path / "out"), "15"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 150, f"the job took {elapsed:.0f} s to fail with ddp_timeout=15"

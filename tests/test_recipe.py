@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,12 +81,10 @@ def _count_zeros(state_dict, names):
 
 @pytest.mark.slow
 def test_recipe_two_processes_end_to_end(tiny_cifar, tmp_path):
-    accelerate = shutil.which("accelerate")
-    assert accelerate, "accelerate CLI not on PATH"
     out = tmp_path / "run"
     _run(
         [
-            accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
             str(RECIPE),
             *_common_args(tiny_cifar, out),

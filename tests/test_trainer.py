@@ -379,7 +379,9 @@ def test_scoring_epochs_score_over_whole_epochs_of_the_training_set(tmp_path):
 def test_two_four_pattern_exact_per_layer_and_kept_through_training(tmp_path, student):
     from hf_tgprune.nm import is_nm_sparse, nm_incompatible_layers
 
-    trainer = _trainer(tmp_path, student, "timm_resnet", sparsity_pattern="2:4", optim="sgd", optim_args="momentum=0.9")
+    trainer = _trainer(
+        tmp_path, student, "timm_resnet", sparsity_pattern="2:4", optim="sgd", optim_args="momentum=0.9"
+    )
     assert trainer.args.sparsity == 0.5
     trainer.prune()
     params = trainer.prunable_parameters()
