@@ -1,51 +1,59 @@
 #!/usr/bin/env python
-"""Teacher-guided one-shot pruning of an image classifier, end to end.
+"""Teacher-guided one-shot pruning of an image classifier, end to end, with `hf_tgprune`.
 
     accelerate launch recipes/prune_cifar.py --dataset_name ../shared/data/cifar10 --model_name_or_path resnet18 \
-        --sparsity 0.9 --output_dir outputs/resnet18-tgp
+        --sparsities 0.9 0.95 --output_dir outputs/resnet18-tgp
 
-Stages (each timed in results.json):
-  1. teacher       load a trained teacher (--teacher_name_or_path), or train one (--teacher_epochs) and save it
-                   in <output_dir>/teacher for reuse;
-  2. student       load the student; optional KD warm-up of the dense student (--student_warmup_epochs);
-  3. scoring       ONE scoring pass over a calibration sample of the training part (hf_tgprune.scoring)
-                   for one-shot methods (tgp, snip, grad, magnitude, random); the schedules of
-                   hf_tgprune.schedules (epsd, dg2pf, imp) prune during each run's own training instead;
-  4. per sparsity  (--sparsity, or --sparsities 0.9 0.95 0.98 reusing the same scores) a fresh copy of the
-                   dense student gets one global mask (hf_tgprune.masking.global_masks), is evaluated, retrained
-                   sparsely with or without KD, evaluated again and saved in <output_dir>/sparsity-<s>;
-  5. report        results.json (top-1/top-5 of teacher, dense student, after pruning, after retraining; sparsity
-                   per layer and in total; wall time per stage) and PNG plots.
+Stages (each timed in results.json, each reused by `--resume_from_checkpoint True` once finished):
+  1. teacher       load a trained teacher (--teacher_name_or_path), or train one and save it in <output_dir>/teacher;
+  2. student       load the student; optional KD warm-up (--student_warmup_epochs) saved in <output_dir>/dense-student;
+  3. scoring       one scoring pass (`trainer.compute_scores()`), shared by every sparsity of a one-shot method;
+  4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
+                   evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
+  5. report        results.json and PNG plots.
 
-Arguments: see --help. Everything can also come from one YAML/JSON file (`prune_cifar.py config.yaml`, or
-`--config config.yaml` followed by overrides). Works with timm and transformers models, on one or several
-GPUs or CPU processes (`accelerate launch --config_file recipes/accelerate_configs/<...>.yaml`).
+Arguments: see --help. Everything can also come from a YAML/JSON file (`prune_cifar.py config.yaml`, or
+`--config config.yaml` followed by overrides).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
-# Running from a source checkout without `pip install -e .`: make `hf_tgprune` importable.
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# The recipe's own helpers (recipe_utils, plots) live next to it; from a source checkout without `pip install -e .`
+# the library is one folder up.
+sys.path[1:1] = [
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+]
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from accelerate import PartialState  # noqa: E402
+from recipe_utils import (  # noqa: E402
+    RESULTS_NAME,
+    RecipeError,
+    StageTimer,
+    check_output_dir,
+    check_sparsities,
+    compact_sparsity,
+    format_summary,
+    hub_repo_for,
+    parse_recipe_args,
+    read_json,
+    resume_requested,
+    run_dirname,
+    stage_args,
+    strip_prefix,
+    write_json,
+)
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed  # noqa: E402
 
-from hf_tgprune import (  # noqa: E402
-    TeacherGuidedPruningConfig,
-    TeacherGuidedPruningTrainer,
-    get_adapter,
-    mask_hash,
-    sparsity_report,
-)
+from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, sparsity_report  # noqa: E402
+from hf_tgprune.adapters import image_processor  # noqa: E402
 from hf_tgprune.data import (  # noqa: E402
     DataError,
     available_augmentations,
@@ -64,20 +72,6 @@ from hf_tgprune.data import (  # noqa: E402
 from hf_tgprune.evaluation import make_compute_metrics  # noqa: E402
 from hf_tgprune.methods import build_method, get_method  # noqa: E402
 from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier  # noqa: E402
-from hf_tgprune.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity  # noqa: E402
-from hf_tgprune.recipe_utils import (  # noqa: E402
-    RecipeError,
-    StageTimer,
-    check_output_dir,
-    compact_sparsity,
-    format_summary,
-    hub_repo_for,
-    parse_recipe_args,
-    run_dirname,
-    stage_args,
-    strip_prefix,
-    write_json,
-)
 
 logger = logging.getLogger("prune_cifar")
 
@@ -199,10 +193,13 @@ RECIPE_DEFAULTS = {
 def parse_arguments(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TeacherGuidedPruningConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return parse_recipe_args(parser, argv)
+        model_args, data_args, recipe_args, args = parse_recipe_args(parser, argv)
     except ValueError as error:  # validation in the dataclasses' __post_init__ (e.g. --sparsity 1.5)
         raise RecipeError(str(error)) from error
+    recipe_args.sparsity_given = any(a == "--sparsity" or a.startswith("--sparsity=") for a in argv)
+    return model_args, data_args, recipe_args, args
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -213,17 +210,13 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
     if model_args.student_warmup_epochs is None:
         trained = has_trained_weights(model_args.model_name_or_path, model_args.pretrained)
         model_args.student_warmup_epochs = 0.0 if trained else model_args.teacher_epochs
-    sparsities = recipe_args.sparsities or [args.sparsity]
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise RecipeError(f"--sparsities: every value must be in [0, 1); got {s}.")
-    if len(set(sparsities)) != len(sparsities):
-        raise RecipeError(f"--sparsities has duplicates: {sparsities}.")
-    if (
-        model_args.teacher_name_or_path is None
-        and build_method(args.pruning_method, args.pruning_method_args).needs_teacher(args)
-        and model_args.teacher_epochs <= 0
-    ):
+    sparsities = check_sparsities(args.sparsity, recipe_args.sparsities, getattr(recipe_args, "sparsity_given", False))
+    if (args.fp16 or args.bf16) and args.use_cpu:
+        raise RecipeError("--fp16/--bf16 need a GPU; this run is on the CPU. Drop the flag (CPU runs use float32).")
+    if args.per_device_train_batch_size < 1 or args.calibration_batch_size < 1:
+        raise RecipeError("--per_device_train_batch_size and --calibration_batch_size must be >= 1.")
+    method = build_method(args.pruning_method, args.pruning_method_args)  # validated by the config already
+    if model_args.teacher_name_or_path is None and method.needs_teacher(args) and model_args.teacher_epochs <= 0:
         raise RecipeError(
             "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
             "(or use a teacher-free setup: --pruning_method snip --retrain_with_kd False)."
@@ -252,12 +245,9 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
 def load_data(data_args, args):
     with args.main_process_first(desc="loading the dataset"):
         raw = load_image_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
-            data_dir=data_args.data_dir,
-        )
+            data_args.dataset_name, data_args.dataset_config_name, image_column=data_args.image_column,
+            label_column=data_args.label_column, data_dir=data_args.data_dir,
+        )  # fmt: skip
     splits = resolve_splits(
         raw, data_args.validation_split_percentage, seed=args.seed, train_split=data_args.train_split,
         test_split=data_args.test_split,
@@ -274,15 +264,15 @@ def load_data(data_args, args):
     return splits
 
 
-def load_models(model_args, args, num_labels, id2label, label2id):
-    """(student, teacher or None, teacher_is_trained). Fails before training on a bad path or label mismatch."""
+def load_models(model_args, args, num_labels, id2label, label2id, teacher_dir, resume):
+    """(student, teacher or None, whether the teacher is trained). Fails before training on a bad path or label
+    mismatch; on resume, a teacher this recipe trained and saved is reloaded from `teacher_dir`."""
+    labels = dict(id2label=id2label, label2id=label2id)
     student = load_image_classifier(
-        model_args.model_name_or_path, num_labels, pretrained=model_args.pretrained, id2label=id2label,
-        label2id=label2id,
-    )  # fmt: skip
-    if (
-        not build_method(args.pruning_method, args.pruning_method_args).needs_teacher(args)
-        and model_args.teacher_name_or_path is None
+        model_args.model_name_or_path, num_labels, pretrained=model_args.pretrained, **labels
+    )
+    if not build_method(args.pruning_method, args.pruning_method_args).needs_teacher(args) and (
+        model_args.teacher_name_or_path is None
     ):
         return student, None, False
     if model_args.teacher_name_or_path is not None:
@@ -291,70 +281,37 @@ def load_models(model_args, args, num_labels, id2label, label2id):
                 f"--teacher_name_or_path {model_args.teacher_name_or_path!r} is an architecture name, not a trained "
                 "model. Pass a saved folder or Hub checkpoint, or use --teacher_architecture to train one."
             )
-        teacher = load_image_classifier(
-            model_args.teacher_name_or_path, num_labels, id2label=id2label, label2id=label2id, strict_num_labels=True
-        )
+        teacher = load_image_classifier(model_args.teacher_name_or_path, num_labels, strict_num_labels=True, **labels)
         return student, teacher, True
+    if resume and os.path.isfile(os.path.join(teacher_dir, "sparsity.json")):
+        return student, load_image_classifier(teacher_dir, num_labels, strict_num_labels=True, **labels), True
     architecture = model_args.teacher_architecture or model_args.model_name_or_path
-    teacher = load_image_classifier(
-        architecture, num_labels, pretrained=model_args.pretrained, id2label=id2label, label2id=label2id
-    )
-    return student, teacher, False
-
-
-def image_processor_for(model, name_or_path):
-    """The transformers image processor of a transformers student, when one can be loaded."""
-    if get_adapter(model).name != "transformers":
-        return None
-    try:
-        return transformers.AutoImageProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        return None
+    return student, load_image_classifier(architecture, num_labels, pretrained=model_args.pretrained, **labels), False
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Stages
 # ------------------------------------------------------------------------------------------------------------------
-def make_trainer(model, args, *, teacher=None, train=None, validation=None, calibration=None, masks=None, **kw):
+def make_trainer(model, args, *, teacher=None, train=None, validation=None, calibration=None, **kw):
     return TeacherGuidedPruningTrainer(
-        model=model,
-        teacher_model=teacher,
-        args=args,
-        data_collator=collate_fn,
-        train_dataset=train,
-        eval_dataset=validation,
-        calibration_dataset=calibration,
-        compute_metrics=make_compute_metrics(),
-        masks=masks,
-        **kw,
-    )
+        model=model, teacher_model=teacher, args=args, data_collator=collate_fn, train_dataset=train,
+        eval_dataset=validation, calibration_dataset=calibration, compute_metrics=make_compute_metrics(), **kw,
+    )  # fmt: skip
 
 
 def evaluate(trainer, dataset) -> dict[str, float]:
-    return strip_prefix(trainer.evaluate(eval_dataset=dataset, metric_key_prefix="test"), "test")
-
-
-def quality(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics that describe the model (not the evaluation's speed)."""
+    metrics = strip_prefix(trainer.evaluate(eval_dataset=dataset, metric_key_prefix="test"), "test")
     return {k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")}
 
 
 def dense_args(args, output_dir, epochs, learning_rate=None, with_kd=False, has_validation=True):
-    """Config of a dense (unpruned) training stage (`pruning_method="dense"`), CE or KD."""
+    """Config of a dense (unpruned) training stage: `pruning_method="dense"`, CE or KD."""
     return stage_args(
-        args,
-        output_dir,
-        num_train_epochs=epochs,
-        learning_rate=learning_rate or args.learning_rate,
-        retrain_with_kd=with_kd,
-        pruning_method="dense",
-        pruning_method_args=None,
-        pruning_rounds=1,
-        prune_include=None,
-        prune_exclude=None,
-        eval_strategy=args.eval_strategy if has_validation else "no",
-        load_best_model_at_end=False,
-    )
+        args, output_dir, num_train_epochs=epochs, learning_rate=learning_rate or args.learning_rate,
+        retrain_with_kd=with_kd, pruning_method="dense", pruning_method_args=None, pruning_rounds=1,
+        sparsity_pattern="unstructured", prune_include=None, prune_exclude=None,
+        eval_strategy=args.eval_strategy if has_validation else "no", load_best_model_at_end=False,
+    )  # fmt: skip
 
 
 def retrain_args(args, output_dir, sparsity, patience, has_validation):
@@ -363,14 +320,14 @@ def retrain_args(args, output_dir, sparsity, patience, has_validation):
         changes.update(eval_strategy="no", load_best_model_at_end=False)
     if patience is not None:
         changes.update(
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            load_best_model_at_end=True,
-            metric_for_best_model="accuracy",
-            greater_is_better=True,
-            save_total_limit=2,
-        )
+            eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="accuracy",
+            greater_is_better=True, save_total_limit=2,
+        )  # fmt: skip
     return stage_args(args, output_dir, **changes)
+
+
+def has_checkpoint(folder: str) -> bool:
+    return os.path.isdir(folder) and any(name.startswith("checkpoint-") for name in os.listdir(folder))
 
 
 def main(argv=None) -> dict:
@@ -381,207 +338,175 @@ def main(argv=None) -> dict:
         level=logging.INFO if state.is_main_process else logging.WARNING,
     )
     timer = StageTimer()
+    out = args.output_dir
 
     # ---- checks and data: everything that can be wrong fails here, before any training -------------------------
+    resume = resume_requested(args.resume_from_checkpoint, out)
     sparsities = validate(model_args, data_args, recipe_args, args)
-    check_output_dir(args.output_dir, recipe_args.overwrite_output_dir)
+    check_output_dir(out, recipe_args.overwrite_output_dir, resume)
     state.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(args.seed)
+    teacher_dir, warmup_dir = os.path.join(out, "teacher"), os.path.join(out, "dense-student")
     with timer.measure("load"):
         splits = load_data(data_args, args)
         id2label, label2id = label_mappings(splits.train)
         num_labels = len(id2label)
-        student, teacher, teacher_is_trained = load_models(model_args, args, num_labels, id2label, label2id)
-        processor = image_processor_for(student, model_args.model_name_or_path)
-        # the student's resolution and normalisation; the teacher sees the same batches, so it must run on them
-        data_config = resolve_data_config(
-            student,
-            processor,
-            image_size=data_args.image_size,
-            native_size=native_image_size(splits.train),
-            also_fit=[teacher] if teacher is not None else [],
+        student, teacher, teacher_is_trained = load_models(
+            model_args, args, num_labels, id2label, label2id, teacher_dir, resume
         )
+        # the student's resolution and normalisation (its image processor, if its library has one); the teacher sees
+        # the same batches, so it must run on them
+        data_config = resolve_data_config(
+            student, image_processor(student, model_args.model_name_or_path), image_size=data_args.image_size,
+            native_size=native_image_size(splits.train), also_fit=[teacher] if teacher is not None else [],
+        )  # fmt: skip
         train_transform, eval_transform = build_transforms(data_config, data_args.augmentation)
         train_ds = set_transforms(splits.train, train_transform)
         validation_ds = None if splits.validation is None else set_transforms(splits.validation, eval_transform)
         test_ds = set_transforms(splits.test, eval_transform)
-        # calibration: from the training part only, deterministic, without augmentation
+        # calibration: from the training part only, deterministic (the trainer's own sampler), no augmentation
         calibration_ds = set_transforms(
             sample_calibration(splits.train, args.num_calibration_samples, seed=args.seed), eval_transform
         )
     has_validation = validation_ds is not None
-    out = args.output_dir
-    results = {
-        "command": sys.argv,
-        "world_size": state.num_processes,
-        "device": str(args.device),
-        "dataset": {
-            "name": data_args.dataset_name,
-            "num_labels": num_labels,
-            "train": len(train_ds),
-            "validation": len(validation_ds) if has_validation else 0,
-            "test": len(test_ds),
-            "calibration": len(calibration_ds),
-        },
-        "data_config": dataclasses.asdict(data_config),
-        "student": model_args.model_name_or_path,
-        "method": {
-            k: getattr(args, k)
-            for k in ("pruning_method", "alpha", "beta", "temperature", "normalize_logits", "score_aggregation")
-        }
-        | {"retrain_with_kd": args.retrain_with_kd, "sparsities": sparsities},
-        "teacher": None,
-        "dense_student": None,
-        "runs": [],
-    }
-    logger.info("Data: %s; input %s", results["dataset"], data_config)
+    results = read_json(os.path.join(out, RESULTS_NAME)) if resume else {}
+    results.update(
+        command=sys.argv, world_size=state.num_processes, device=str(args.device),
+        dataset={"name": data_args.dataset_name, "num_labels": num_labels, "train": len(train_ds),
+                 "validation": len(validation_ds) if has_validation else 0, "test": len(test_ds),
+                 "calibration": len(calibration_ds)},
+        data_config=data_config, pruning={"method": args.pruning_method, "sparsities": sparsities},
+    )  # fmt: skip
+    results.setdefault("teacher", None)
+    results.setdefault("runs", [])
+    results.setdefault("in_progress", {})
 
     def save_results():
-        results["stage_seconds"] = dict(timer.seconds)
-        results["total_seconds"] = timer.total
+        results["stage_seconds"] = {**results.get("stage_seconds", {}), **timer.seconds}
         if state.is_main_process:
-            write_json(os.path.join(out, "results.json"), results)
+            write_json(os.path.join(out, RESULTS_NAME), results)
+
+    def info(trainer, **fields):  # what the saved folder and its card record
+        trainer.sparse_info.dataset = data_args.dataset_name
+        trainer.sparse_info.data_config = data_config
+        for key, value in fields.items():
+            setattr(trainer.sparse_info, key, value)
 
     # ---- 1. teacher ---------------------------------------------------------------------------------------------
     if teacher is not None:
-        teacher_dir = os.path.join(out, "teacher")
-        teacher_trainer = make_trainer(
-            teacher,
-            dense_args(args, teacher_dir, model_args.teacher_epochs, model_args.teacher_learning_rate,
-                       has_validation=has_validation),
-            train=train_ds,
-            validation=validation_ds,
-        )  # fmt: skip
+        teacher_args = dense_args(args, teacher_dir, model_args.teacher_epochs, model_args.teacher_learning_rate,
+                                  has_validation=has_validation)  # fmt: skip
+        teacher_trainer = make_trainer(teacher, teacher_args, train=train_ds, validation=validation_ds)
         if not teacher_is_trained:
             with timer.measure("teacher_training"):
                 teacher_trainer.train()
-            if state.is_main_process:
-                from hf_tgprune.serialization import save_sparse_model
-
-                save_sparse_model(teacher, teacher_dir, metadata={"dataset": data_args.dataset_name})
+            info(teacher_trainer)
+            teacher_trainer.save_model(teacher_dir)
             logger.info("Saved the trained teacher to %s (reuse it with --teacher_name_or_path)", teacher_dir)
-        with timer.measure("teacher_evaluation"):
-            results["teacher"] = {
-                "source": model_args.teacher_name_or_path or teacher_dir,
-                "trained_here": not teacher_is_trained,
-                "test": evaluate(teacher_trainer, test_ds),
-            }
+        if results["teacher"] is None:
+            with timer.measure("teacher_evaluation"):
+                results["teacher"] = {
+                    "source": model_args.teacher_name_or_path or teacher_dir,
+                    "trained_here": model_args.teacher_name_or_path is None,
+                    "test": evaluate(teacher_trainer, test_ds),
+                }
         teacher.eval().requires_grad_(False)
         save_results()
 
     # ---- 2. dense student (optional KD warm-up) ---------------------------------------------------------------
     student_trained = has_trained_weights(model_args.model_name_or_path, model_args.pretrained)
-    warmup_dir = os.path.join(out, "dense-student")
-    dense_trainer = make_trainer(
-        student,
-        dense_args(args, warmup_dir, model_args.student_warmup_epochs, with_kd=teacher is not None,
-                   has_validation=has_validation),
-        teacher=teacher,
-        train=train_ds,
-        validation=validation_ds,
-        calibration=calibration_ds,
-    )  # fmt: skip
-    if model_args.student_warmup_epochs > 0:
+    warm_args = dense_args(args, warmup_dir, model_args.student_warmup_epochs, with_kd=teacher is not None,
+                           has_validation=has_validation)  # fmt: skip
+    if model_args.student_warmup_epochs > 0 and resume and "dense_student" in results:
+        warmed = load_image_classifier(warmup_dir, num_labels, id2label=id2label, label2id=label2id)
+        student.load_state_dict(warmed.state_dict())
+        student_trained = True
+    dense_trainer = make_trainer(student, warm_args, teacher=teacher, train=train_ds, validation=validation_ds)
+    if model_args.student_warmup_epochs > 0 and not student_trained:
         with timer.measure("student_warmup"):
             dense_trainer.train()
         student_trained = True
-        if state.is_main_process:
-            from hf_tgprune.serialization import save_sparse_model
-
-            save_sparse_model(student, warmup_dir, metadata={"dataset": data_args.dataset_name})
+        info(dense_trainer)
+        dense_trainer.save_model(warmup_dir)
     if not student_trained:
         logger.warning(
             "The student starts from random weights and gets no warm-up: pass --pretrained, a trained "
             "--model_name_or_path, or --student_warmup_epochs > 0 to prune a trained network."
         )
-    with timer.measure("dense_student_evaluation"):
-        results["dense_student"] = {"trained": student_trained, "test": evaluate(dense_trainer, test_ds)}
+    if "dense_student" not in results:
+        with timer.measure("dense_student_evaluation"):
+            results["dense_student"] = {"trained": student_trained, "test": evaluate(dense_trainer, test_ds)}
     save_results()
-
-    # ---- 3. one scoring pass shared by all sparsities (one-shot methods with one round; the others prune during
-    # each run's own training) ----------------------------------------------------------------------------------
-    shared_scores = get_method(args.pruning_method).one_shot and args.pruning_rounds == 1
-    scores = None
-    if shared_scores:
-        with timer.measure("scoring"):
-            scoring_trainer = make_trainer(
-                student,
-                stage_args(args, warmup_dir, eval_strategy="no", load_best_model_at_end=False),
-                teacher=teacher,
-                train=train_ds,
-                calibration=calibration_ds,
-            )
-            scores = scoring_trainer.compute_scores()
-            del scoring_trainer
     dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
 
-    # ---- 4. per sparsity: mask, evaluate, retrain, evaluate, save -------------------------------------------------
-    layer_reports = {}
+    # ---- 3 + 4. one scoring pass shared by the sparsities; per sparsity: prune, evaluate, retrain, save ---------
+    scores = None
+    shared = get_method(args.pruning_method).one_shot and args.pruning_rounds == 1
+    finished = {run["sparsity"] for run in results["runs"]}
     for sparsity in sparsities:
+        if sparsity in finished:
+            logger.info("Sparsity %s: finished in the interrupted run, reused.", sparsity)
+            continue
         tag = run_dirname(sparsity)
         run_dir = os.path.join(out, tag)
         callbacks = []
         if recipe_args.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe_args.early_stopping_patience))
-        with timer.measure(f"{tag}/prune"):
-            model = copy.deepcopy(dense_state)
-            trainer = make_trainer(
-                model,
-                retrain_args(args, run_dir, sparsity, recipe_args.early_stopping_patience, has_validation),
-                teacher=teacher,
-                train=train_ds,
-                validation=validation_ds,
-                calibration=calibration_ds,
-                callbacks=callbacks,
-                processing_class=processor,
-            )
-            trainer.prune(scores=scores)  # one-shot: masks from the shared scores; the other methods set up here
-        run = {"sparsity": sparsity, "model_dir": run_dir}
-        with timer.measure(f"{tag}/eval_after_pruning"):
-            run["after_pruning"] = evaluate(trainer, test_ds)
+        trainer = make_trainer(
+            copy.deepcopy(dense_state), retrain_args(args, run_dir, sparsity, recipe_args.early_stopping_patience,
+                                                     has_validation),
+            teacher=teacher, train=train_ds, validation=validation_ds, calibration=calibration_ds, callbacks=callbacks,
+        )  # fmt: skip
+        run = results["in_progress"].get(tag) or {"sparsity": sparsity, "model_dir": run_dir}
+        resume_run = resume and has_checkpoint(run_dir) and "after_pruning" in run
+        if not resume_run:
+            if shared and scores is None:
+                with timer.measure("scoring"):
+                    scores = trainer.compute_scores()
+            with timer.measure(f"{tag}/prune"):
+                trainer.prune(scores=scores if shared else None)
+            with timer.measure(f"{tag}/eval_after_pruning"):
+                run["after_pruning"] = evaluate(trainer, test_ds)
+            results["in_progress"][tag] = run
+            save_results()
         if args.num_train_epochs > 0 or args.max_steps > 0:
             with timer.measure(f"{tag}/retraining"):
-                trainer.train()
+                trainer.train(resume_from_checkpoint=True if resume_run else None)
             with timer.measure(f"{tag}/eval_after_retraining"):
                 run["after_retraining"] = evaluate(trainer, test_ds)
-        masks = trainer.masks  # final masks (a schedule may have changed them during training)
-        run["mask_sha256"] = mask_hash(masks)
-        report = sparsity_report(trainer.model, masks)
-        run["sparsity_report"] = compact_sparsity(report)
-        layer_reports[sparsity] = report["layers"]
+        report = sparsity_report(trainer.model, trainer.masks)
+        run.update(mask_sha256=trainer.pruning_report["mask_sha256"], sparsity_report=compact_sparsity(report))
         with timer.measure(f"{tag}/save"):
-            trainer.sparse_metadata.update(
-                dataset=data_args.dataset_name,
-                teacher=(results.get("teacher") or {}).get("source"),
-                base_model=model_args.model_name_or_path,
-                dense_metrics=quality(results["dense_student"]["test"]),
-                pruned_metrics=quality(run.get("after_retraining") or run["after_pruning"]),
-            )
+            info(trainer, teacher=(results.get("teacher") or {}).get("source"), base_model=model_args.model_name_or_path,
+                 dense_metrics=results["dense_student"]["test"],
+                 pruned_metrics=run.get("after_retraining") or run["after_pruning"])  # fmt: skip
             trainer.save_model(run_dir)
-            if args.push_to_hub and state.is_main_process:
-                from hf_tgprune.hub import push_sparse_folder
-
-                repo_id = hub_repo_for(args.hub_model_id, out, sparsity, sweep=len(sparsities) > 1)
-                push_sparse_folder(run_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-                run["hub_repo"] = repo_id
+            if args.push_to_hub:
+                trainer.args.hub_model_id = hub_repo_for(args.hub_model_id, out, sparsity, len(sparsities) > 1)
+                trainer.push_to_hub()
+                run["hub_repo"] = trainer.args.hub_model_id
         results["runs"].append(run)
+        results["in_progress"].pop(tag, None)
         save_results()
-        del trainer, model
+        del trainer
 
     # ---- 5. report ------------------------------------------------------------------------------------------------
+    results["runs"].sort(key=lambda run: run["sparsity"])
     if state.is_main_process and recipe_args.plots:
-        plot_layer_sparsity(layer_reports, os.path.join(out, "layer_sparsity.png"))
+        from plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
+
+        layers = {run["sparsity"]: run["sparsity_report"]["layers"] for run in results["runs"]}
+        plot_layer_sparsity(layers, os.path.join(out, "layer_sparsity.png"))
         if len(results["runs"]) > 1 or results["runs"][0].get("after_retraining"):
             plot_accuracy_vs_sparsity(
-                results["runs"],
-                os.path.join(out, "accuracy_vs_sparsity.png"),
+                results["runs"], os.path.join(out, "accuracy_vs_sparsity.png"),
                 dense=results["dense_student"]["test"].get("accuracy"),
                 teacher=(results.get("teacher") or {}).get("test", {}).get("accuracy"),
-            )
+            )  # fmt: skip
     save_results()
     if state.is_main_process:
         print(format_summary(results))
-        print(f"results: {os.path.join(out, 'results.json')}  (total {timer.total:.0f} s)")
+        print(f"results: {os.path.join(out, RESULTS_NAME)}  (total {timer.total:.0f} s)")
     state.wait_for_everyone()
     return results
 

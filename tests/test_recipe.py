@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,14 +212,14 @@ def test_teacher_label_count_mismatch(recipe, tiny_cifar, tmp_path):
 
 
 def test_teacher_name_that_is_not_trained(recipe, tiny_cifar, tmp_path):
-    from hf_tgprune.recipe_utils import RecipeError
+    from recipe_utils import RecipeError
 
     with pytest.raises(RecipeError, match="architecture name, not a trained model"):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", "test_resnet")
 
 
 def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
-    from hf_tgprune.recipe_utils import RecipeError
+    from recipe_utils import RecipeError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -234,10 +235,16 @@ def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
         (["--sparsity", "1.5"], r"sparsity must be in \[0, 1\)"),
         (["--teacher_epochs", "0"], "No trained teacher"),
         (["--augmentation", "mixup"], "--augmentation must be one of"),
+        (["--sparsity", "0.5", "--sparsities", "0.5", "0.8"], "were both given"),
+        (["--sparsities", "0.9", "0.90000001"], "duplicates"),
+        (["--fp16", "True", "--use_cpu", "True"], "fp16"),
+        (["--per_device_train_batch_size", "0"], "batch_size"),
+        (["--resume_from_checkpoint", "/no/such/run"], "resumes a whole run"),
+        (["--resume_from_checkpoint", "True"], "holds no results.json"),
     ],
 )
 def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
-    from hf_tgprune.recipe_utils import RecipeError
+    from recipe_utils import RecipeError
 
     with pytest.raises(RecipeError, match=message):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", *extra)
@@ -245,8 +252,7 @@ def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
 
 def test_push_to_hub_needs_network_and_token(recipe, tiny_cifar, tmp_path, monkeypatch):
     import huggingface_hub
-
-    from hf_tgprune.recipe_utils import RecipeError
+    from recipe_utils import RecipeError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RecipeError, match="HF_HUB_OFFLINE is set"):
@@ -353,3 +359,71 @@ def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path):
     (run,) = results["runs"]
     prunable = run["sparsity_report"]["prunable"]
     assert prunable["zeros"] >= round(0.8 * prunable["numel"]) and "after_retraining" in run
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_recipe_resumes_stage_by_stage_to_the_same_result(recipe, tiny_cifar, tmp_path, monkeypatch):
+    """Killed inside the second sparsity's retraining: the resumed run reuses the teacher, the dense student, the
+    finished sparsity and the checkpoint, and ends with the masks, weights and accuracies of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    args = _common_args(tiny_cifar, tmp_path / "x") + ["--model_name_or_path", "test_resnet", "--plots", "False"]
+    args += ["--sparsities", "0.5", "0.8", "--num_train_epochs", "2", "--save_strategy", "epoch"]
+    args += ["--student_warmup_epochs", "1"]
+
+    def run(out, *extra):
+        return recipe.main([*args, "--output_dir", str(out), *extra])
+
+    reference = run(tmp_path / "reference")
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.output_dir.endswith("sparsity-0.8") and state.global_step > state.max_steps // 2:
+                raise _Interrupted  # after the epoch-1 checkpoint of the second sparsity
+
+    original = recipe.make_trainer
+    calls = {"trainers": 0, "scoring": 0, "train": 0}
+
+    def interrupting(*a, **kw):
+        calls["trainers"] += 1
+        return original(*a, callbacks=[*kw.pop("callbacks", []), Stop()], **kw)
+
+    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    with pytest.raises(_Interrupted):
+        run(tmp_path / "resumed")
+    partial = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert [r["sparsity"] for r in partial["runs"]] == [0.5] and "sparsity-0.8" in partial["in_progress"]
+
+    def counting(*a, **kw):
+        trainer = original(*a, **kw)
+        for name in ("compute_scores", "train"):
+            method = getattr(trainer, name)
+
+            def wrapped(*args_, _method=method, _name=name, **kwargs_):
+                calls["scoring" if _name == "compute_scores" else "train"] += 1
+                return _method(*args_, **kwargs_)
+
+            setattr(trainer, name, wrapped)
+        return trainer
+
+    monkeypatch.setattr(recipe, "make_trainer", counting)
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "True")
+    assert calls["scoring"] == 0  # the scoring pass, the teacher and the warm-up were not run again
+    assert calls["train"] == 1  # only the interrupted retraining, from its checkpoint
+    assert [r["sparsity"] for r in resumed["runs"]] == [0.5, 0.8] and not resumed["in_progress"]
+    for ours, theirs in zip(resumed["runs"], reference["runs"]):
+        assert ours["mask_sha256"] == theirs["mask_sha256"]
+        assert ours["after_retraining"]["accuracy"] == pytest.approx(theirs["after_retraining"]["accuracy"])
+        ours_w = load_file(str(tmp_path / "resumed" / run_dir_name(ours) / "model.safetensors"))
+        theirs_w = load_file(str(tmp_path / "reference" / run_dir_name(theirs) / "model.safetensors"))
+        for name, tensor in theirs_w.items():
+            torch.testing.assert_close(ours_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def run_dir_name(run) -> str:
+    return Path(run["model_dir"]).name

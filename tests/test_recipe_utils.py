@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-
-from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
-from hf_tgprune.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
-from hf_tgprune.recipe_utils import (
+from plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
+from recipe_utils import (
     RecipeError,
     StageTimer,
     check_output_dir,
@@ -19,6 +17,8 @@ from hf_tgprune.recipe_utils import (
     strip_prefix,
     write_json,
 )
+
+from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
 
 
 # --- config files ----------------------------------------------------------------------------------------------
@@ -34,10 +34,10 @@ def test_single_yaml_file_and_overrides(tmp_path):
 
 
 def test_json_config_file_parses_with_hf_argument_parser(tmp_path):
+    from recipe_utils import parse_recipe_args
     from transformers import HfArgumentParser
 
     from hf_tgprune import TeacherGuidedPruningConfig
-    from hf_tgprune.recipe_utils import parse_recipe_args
 
     config = tmp_path / "recipe.json"
     config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "sparsity": 0.8, "alpha": 0.5}))

@@ -1,4 +1,4 @@
-"""Small, pure helpers for the end-to-end recipe (`recipes/prune_cifar.py`).
+"""Small, pure helpers of the end-to-end recipe (`recipes/prune_cifar.py`); not part of the library.
 
 Argument parsing with YAML/JSON config files (as TRL's scripts), the output-folder guard, per-stage
 configs and timers, metric extraction and results files. Nothing here trains a model.
@@ -16,7 +16,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_tgprune.utils import write_json_atomic
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+RESULTS_NAME = "results.json"
 
 
 class RecipeError(ValueError):
@@ -81,18 +84,60 @@ def parse_recipe_args(parser, argv: Sequence[str] | None = None):
 
 
 # --- output folder ---------------------------------------------------------------------------------------------
-def check_output_dir(output_dir: str | None, overwrite: bool) -> None:
-    """Refuse an existing, non-empty `output_dir` unless `overwrite` (checked before anything is written)."""
+def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an existing, non-empty `output_dir` unless `overwrite` or `resume` (checked before anything is
+    written); `resume` needs the `results.json` of the run to continue."""
     if not output_dir:
         raise RecipeError("--output_dir is required.")
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise RecipeError(f"--output_dir {output_dir!r} exists and is not a folder.")
+    if resume:
+        if not (path / RESULTS_NAME).is_file():
+            raise RecipeError(
+                f"--resume_from_checkpoint: {output_dir!r} holds no {RESULTS_NAME} of an earlier run to continue. "
+                "Check --output_dir, or drop --resume_from_checkpoint to start a new run."
+            )
+        return
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise RecipeError(
-            f"--output_dir {output_dir!r} exists and is not empty. Pass --overwrite_output_dir to write into it "
-            "(files of a previous run with the same names are replaced), or choose another folder."
+            f"--output_dir {output_dir!r} exists and is not empty. Pass --resume_from_checkpoint True to continue "
+            "the run in it, --overwrite_output_dir to write into it (files of a previous run with the same names "
+            "are replaced), or choose another folder."
         )
+
+
+def resume_requested(value: str | None, output_dir: str) -> bool:
+    """`--resume_from_checkpoint`: None (a new run), `True` or the output folder itself (continue that run)."""
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return False
+    if str(value).lower() == "true" or Path(value).resolve() == Path(output_dir).resolve():
+        return True
+    raise RecipeError(
+        f"--resume_from_checkpoint {value!r}: the recipe resumes a whole run, stage by stage. Pass "
+        "--resume_from_checkpoint True with the run's --output_dir (finished stages are reused, a half-done "
+        "retraining continues from its last checkpoint)."
+    )
+
+
+def check_sparsities(sparsity: float, sparsities: Sequence[float] | None, sparsity_given: bool) -> list[float]:
+    """The sparsities to run; errors for values outside [0, 1) and for two that share a folder name."""
+    if sparsities and sparsity_given:
+        raise RecipeError(
+            f"--sparsity {sparsity} and --sparsities {list(sparsities)} were both given: --sparsities runs the "
+            "sweep and --sparsity would be ignored. Pass only one of them."
+        )
+    chosen = list(sparsities or [sparsity])
+    for value in chosen:
+        if not 0.0 <= value < 1.0:
+            raise RecipeError(f"--sparsities: every value must be in [0, 1); got {value}.")
+    names = [run_dirname(value) for value in chosen]
+    if len(set(names)) != len(names):
+        raise RecipeError(
+            f"--sparsities {chosen} has duplicates (or values equal to 6 significant digits, which would share "
+            f"the folders {names}); pass distinct values."
+        )
+    return chosen
 
 
 def run_dirname(sparsity: float) -> str:
@@ -143,27 +188,17 @@ def strip_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):  # enums
-        return _jsonable(value.value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file the recipe wrote; a truncated or corrupted one is a `RecipeError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{str(path)!r} is truncated or corrupted ({err}); it cannot be resumed.") from err
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write `data` as indented JSON atomically (a reader never sees a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(data, path)
 
 
 def compact_sparsity(report: Mapping[str, Any]) -> dict[str, Any]:
