@@ -1,11 +1,16 @@
-"""hf_tgprune: teacher-guided one-shot unstructured pruning of vision models."""
+"""hf_tgprune: teacher-guided one-shot unstructured pruning of vision models.
 
-from .adapters import ModelAdapter, forward_logits, get_adapter, register_adapter
+The names below are what a user needs; everything else stays importable from its module (`hf_tgprune.data`,
+`hf_tgprune.adapters`, `hf_tgprune.serialization`, ...).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .adapters import ModelAdapter, register_adapter
 from .callbacks import GlobalMaskCallback
-from .checkpointing import SparseCheckpointMixin
+from .checkpointing import SparseModelInfo
 from .config import TeacherGuidedPruningConfig
-from .data import build_transforms, collate_fn, load_image_dataset, resolve_data_config, set_transforms
-from .evaluation import load_metric, make_compute_metrics
+from .export import export_semi_structured, export_sparse_inference, to_dense
 from .hub import HubPushError, push_sparse_folder
 from .losses import cakld, teacher_guided_loss
 from .masking import (
@@ -13,67 +18,63 @@ from .masking import (
     global_masks,
     load_masks,
     mask_hash,
-    min_layer_density_for,
     prunable_parameters,
     save_masks,
+    select_masks,
     sparsity_report,
 )
 from .methods import MethodConfig, PruningMethod, get_method, register_method
-from .modelcard import create_model_card
 from .models import load_image_classifier
-from .scoring import (
-    SCORING_METHODS,
-    ScoringMethod,
-    ScoringOptions,
-    compute_importance_scores,
-    register_scoring_method,
-)
+from .nm import nm_masks
+from .recalibration import recalibrate_batchnorm
+from .scoring import ScoringMethod, ScoringOptions, compute_importance_scores, register_scoring_method
 from .serialization import SparseFormatError, load_sparse, load_sparse_masks, save_sparse_model
 from .trainer import TeacherGuidedPruningTrainer
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("hf_tgprune")
+except PackageNotFoundError:  # a source checkout that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "MethodConfig",
-    "PruningMethod",
-    "get_method",
-    "min_layer_density_for",
-    "register_method",
-    "build_transforms",
-    "collate_fn",
-    "load_image_classifier",
-    "load_image_dataset",
-    "load_metric",
-    "make_compute_metrics",
-    "resolve_data_config",
-    "set_transforms",
-    "HubPushError",
-    "SparseCheckpointMixin",
-    "SparseFormatError",
-    "create_model_card",
-    "load_sparse",
-    "load_sparse_masks",
-    "push_sparse_folder",
-    "save_sparse_model",
-    "GlobalMaskCallback",
-    "ModelAdapter",
-    "SCORING_METHODS",
-    "ScoringMethod",
-    "ScoringOptions",
+    # training
     "TeacherGuidedPruningConfig",
     "TeacherGuidedPruningTrainer",
-    "apply_masks",
-    "cakld",
+    "GlobalMaskCallback",
+    # the functional core
     "compute_importance_scores",
-    "forward_logits",
-    "get_adapter",
+    "ScoringOptions",
     "global_masks",
-    "load_masks",
-    "mask_hash",
+    "select_masks",
+    "nm_masks",
+    "apply_masks",
+    "recalibrate_batchnorm",
     "prunable_parameters",
-    "register_adapter",
-    "register_scoring_method",
-    "save_masks",
     "sparsity_report",
+    "mask_hash",
+    "save_masks",
+    "load_masks",
+    "cakld",
     "teacher_guided_loss",
+    # extending: methods, criteria, model families
+    "PruningMethod",
+    "MethodConfig",
+    "register_method",
+    "get_method",
+    "ScoringMethod",
+    "register_scoring_method",
+    "ModelAdapter",
+    "register_adapter",
+    # models, saving, sharing, inference
+    "load_image_classifier",
+    "SparseModelInfo",
+    "save_sparse_model",
+    "load_sparse",
+    "load_sparse_masks",
+    "SparseFormatError",
+    "push_sparse_folder",
+    "HubPushError",
+    "export_sparse_inference",
+    "export_semi_structured",
+    "to_dense",
 ]

@@ -61,6 +61,8 @@ HYPERPARAMETER_FIELDS = (
     "pruning_rounds",
     "layer_allocation",
     "recalibrate_bn",
+    "recalibration_samples",
+    "sparsity_pattern",
     "prune_include",
     "prune_exclude",
     "min_layer_density",
@@ -142,6 +144,9 @@ class SparseCheckpointMixin:
         hyperparameters = {
             name: _enum_value(getattr(args, name)) for name in HYPERPARAMETER_FIELDS if hasattr(args, name)
         }
+        method = getattr(self, "method", None)
+        if method is not None:  # the method's settings with their defaults filled in
+            hyperparameters["pruning_method_args"] = method.config.to_dict()
         metrics = {}
         if info.dense_metrics:
             metrics["dense"] = dict(info.dense_metrics)

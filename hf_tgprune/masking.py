@@ -17,7 +17,6 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -339,11 +338,11 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, metad
     """Write masks atomically (a temporary file, then a rename) with their `mask_hash` in the header."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    from .utils import atomic_path
+
     header = {"mask_sha256": mask_hash(masks), **dict(metadata or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}, str(tmp), header)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}, tmp, header)
 
 
 def read_masks_metadata(path: str | os.PathLike) -> dict[str, str]:

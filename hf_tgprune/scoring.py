@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import forward_logits, unwrap_model
+from .adapters import check_same_num_labels, forward_logits, unwrap_model
 from .losses import teacher_guided_loss
 from .masking import prunable_parameters
 from .registry import Registry
@@ -202,6 +202,7 @@ def compute_importance_scores(
         return {name: spec.saliency(w, None, generator) for name, w in zip(names, weights)}
     if spec.needs_teacher and teacher is None and options.alpha != 0:
         raise ValueError(f"pruning_method={method!r} needs a teacher model; pass `teacher`.")
+    check_same_num_labels(model, teacher)
     if batches is None:
         raise ValueError(f"pruning_method={method!r} needs calibration batches.")
 

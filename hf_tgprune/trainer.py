@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import forward_logits, num_labels
+from .adapters import check_same_num_labels, forward_logits
 from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig, parse_nm_pattern
+from .data.splits import deterministic_sample
 from .losses import teacher_guided_loss
 from .masking import (
     MASKS_NAME,
@@ -44,18 +45,12 @@ from .methods.imp import imp_sparsities
 from .nm import nm_incompatible_layers, nm_masks
 from .recalibration import batchnorm_layers, recalibrate_batchnorm
 from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+from .utils import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 PRUNING_STATE_NAME = "pruning_state.json"
 PRUNING_STATE_TENSORS = "pruning_state.safetensors"
-
-
-def write_json_atomic(value, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def read_json(path: str):
@@ -69,9 +64,8 @@ def read_json(path: str):
 def save_tensors_atomic(tensors: Mapping[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -81,14 +75,6 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as err:  # safetensors' own error types for truncated files
         raise ValueError(f"{path!r} is truncated or corrupted ({err}); resume from an earlier checkpoint.") from err
-
-
-def deterministic_sample(dataset: Dataset, num_samples: int, seed: int) -> Dataset:
-    """`num_samples` examples of `dataset` drawn by a seeded permutation (the whole set if it is smaller)."""
-    if len(dataset) <= num_samples:
-        return dataset
-    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
-    return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
 
 
 def shard_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -206,13 +192,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             )
         if teacher is None and method.needs_teacher(args):
             raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
-        if teacher is not None:
-            student_labels, teacher_labels = num_labels(model), num_labels(teacher)
-            if student_labels != teacher_labels:
-                raise ValueError(
-                    f"Teacher and student disagree on the number of labels ({teacher_labels} vs {student_labels}); "
-                    "build both with the dataset's number of classes (timm `num_classes`, transformers `num_labels`)."
-                )
+        check_same_num_labels(model, teacher)
         if not method.needs_calibration_data():
             return
         source, argument = (

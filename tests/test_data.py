@@ -200,6 +200,35 @@ def test_sample_calibration_is_deterministic_and_from_train_only():
         sample_calibration(splits.train, 0)
 
 
+def test_recipe_and_trainer_draw_the_same_calibration_images(tmp_path):
+    """The recipe samples calibration images with `sample_calibration`; a trainer given only the training part
+    samples them itself: the same seed gives the same images in the same order."""
+    from hf_tgprune import TeacherGuidedPruningTrainer
+    from tests.utils import make_model, tiny_config
+
+    def loader_images(trainer):
+        return torch.cat([batch["pixel_values"] for batch in trainer.get_calibration_dataloader()])
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    raw = datasets.Dataset.from_dict({"image": _images(200), "label": [i % 4 for i in range(200)]}, features)
+    train = set_transforms(raw, build_transforms(DataConfig(image_size=8), "none")[1])
+    settings = dict(pruning_method="snip", retrain_with_kd=False, num_calibration_samples=24, seed=3)
+    recipe_way = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        args=tiny_config(tmp_path / "a", **settings),
+        data_collator=collate_fn,
+        train_dataset=train,
+        calibration_dataset=sample_calibration(train, 24, seed=3),
+    )
+    api_way = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        args=tiny_config(tmp_path / "b", **settings),
+        data_collator=collate_fn,
+        train_dataset=train,
+    )
+    assert torch.equal(loader_images(recipe_way), loader_images(api_way))
+
+
 def test_limit_samples():
     assert limit_samples(_toy(), None) is not None and len(limit_samples(_toy(), None)) == 100
     assert limit_samples(_toy(), 5)["image"][:] == [0, 1, 2, 3, 4]

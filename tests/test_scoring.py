@@ -157,3 +157,9 @@ def test_tgp_fisher_matches_independent_autograd():
     # and it differs from the squared first-moment score |θ·Σ g|² whenever the batch gradients disagree
     first = compute_importance_scores(student, batches, method="tgp", teacher=teacher, aggregation="sum")
     assert any(not torch.allclose(got[n], first[n] ** 2, rtol=1e-3) for n in names)
+
+
+def test_teacher_with_another_class_count_gives_the_trainers_message():
+    student, teacher = make_model("timm_resnet", num_labels=4), make_model("hf_resnet", num_labels=7)
+    with pytest.raises(ValueError, match=r"disagree on the number of labels \(7 vs 4\)"):
+        compute_importance_scores(student, _batches(), method="tgp", teacher=teacher)
