@@ -15,7 +15,7 @@ Protocol:
   (22,500 left); the test split is only used for the reported numbers. `--test-data PATH` evaluates every final
   model on another folder in the same layout too. Standard CIFAR augmentation (random crop with 4-px padding,
   horizontal flip); images are normalised with the timm model's own mean/std, 32 px.
-* Models: timm `resnet34` teacher and `resnet10t` student (`--teacher` / `--student`), from random
+* Models: timm `resnet34d` teacher and `resnet18` student (`--teacher` / `--student`), from random
   initialisation (no weights can be downloaded), trained with cross-entropy, SGD (momentum 0.9, nesterov,
   weight decay 5e-4), batch 128, 1 warm-up epoch then a cosine schedule over `--dense-epochs`, until the
   validation accuracy plateaus: less than 0.5 point gained over the last 5 epochs (otherwise up to 3 more
@@ -580,8 +580,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="benchmarks/results/converged")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/hf_tgprune_bench/converged"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--teacher", default="resnet34")
-    parser.add_argument("--student", default="resnet10t")
+    parser.add_argument("--teacher", default="resnet34d")
+    parser.add_argument("--student", default="resnet18")
     parser.add_argument("--val-images", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dense-epochs", type=int, default=30)
