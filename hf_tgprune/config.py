@@ -272,6 +272,12 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"min_layer_density must be in [0, 1], got {self.min_layer_density}")
         if not 0.0 <= self.layer_density_floor < 1.0:
             raise ValueError(f"layer_density_floor must be in [0, 1), got {self.layer_density_floor}")
+        if self.sparsity > 1.0 - self.min_layer_density + 1e-12:
+            raise ValueError(
+                f"sparsity={self.sparsity} cannot be reached with min_layer_density={self.min_layer_density}: every "
+                f"layer keeps at least {self.min_layer_density} of its weights, so at most "
+                f"{1.0 - self.min_layer_density:.6g} can be pruned. Lower min_layer_density or sparsity."
+            )
         if self.save_format not in ("dense", "bitmask"):
             raise ValueError(f"save_format must be 'dense' or 'bitmask', got {self.save_format!r}")
         if self.label_names is None:

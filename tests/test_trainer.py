@@ -229,6 +229,7 @@ def test_evaluate_reports_loss_and_metrics(tmp_path):
         (dict(layer_allocation="uniform"), "layer_allocation must be one of"),
         (dict(scoring_epochs=-1), "scoring_epochs must be >= 0"),
         (dict(recalibration_samples=0), "recalibration_samples must be >= 1"),
+        (dict(sparsity=0.98, min_layer_density=0.05), "cannot be reached with min_layer_density=0.05"),
     ],
 )
 def test_bad_config(tmp_path, overrides, match):
