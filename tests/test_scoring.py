@@ -36,6 +36,9 @@ def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, 
         )
         loss.backward()
         for n in names:
+            if criterion == "fisher":  # θ²·g² summed over batches
+                total[n] += (params[n].detach() * params[n].grad) ** 2
+                continue
             s = (params[n].grad if criterion == "g" else params[n].detach() * params[n].grad).abs()
             total[n] = 0.9 * total[n] + 0.1 * s if aggregation == "ema" else total[n] + s
     if aggregation == "ema":
@@ -130,33 +133,15 @@ def test_tgp_fisher_matches_independent_autograd():
     """θ²·Σ_b g_b² with g_b the gradient of the mean teacher-guided loss of batch b, written out with backward()."""
     student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
     batches = _batches()
-    student.eval(), teacher.eval()
-    names = list(prunable_parameters(student))
-    params = dict(student.named_parameters())
-    expected = {n: torch.zeros_like(params[n]) for n in names}
-    T, alpha, beta = 3.0, 0.7, 0.5
-    for batch in batches:
-        student.zero_grad()
-        zs = student(batch["pixel_values"])
-        with torch.no_grad():
-            zt = teacher(batch["pixel_values"]).logits
-        log_ps, log_pt = F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1)
-        kl_s_t = F.kl_div(log_pt, log_ps, log_target=True, reduction="batchmean")
-        kl_t_s = F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean")
-        loss = alpha * T**2 * (beta * kl_s_t + (1 - beta) * kl_t_s) + (1 - alpha) * F.cross_entropy(
-            zs, batch["labels"]
-        )
-        loss.backward()
-        for n in names:
-            expected[n] += params[n].detach() ** 2 * params[n].grad ** 2
-    student.zero_grad(set_to_none=True)
+    teacher.eval()
+    expected = _independent_scores(student, teacher, batches, 0.7, 0.5, 3.0, "sum", criterion="fisher")
     # the method sums whatever aggregation the caller asks for: Σ_b, not an EMA
     got = compute_importance_scores(student, batches, method="tgp_fisher", teacher=teacher, aggregation="ema")
-    for n in names:
+    for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-12)
     # and it differs from the squared first-moment score |θ·Σ g|² whenever the batch gradients disagree
     first = compute_importance_scores(student, batches, method="tgp", teacher=teacher, aggregation="sum")
-    assert any(not torch.allclose(got[n], first[n] ** 2, rtol=1e-3) for n in names)
+    assert any(not torch.allclose(got[n], first[n] ** 2, rtol=1e-3) for n in expected)
 
 
 def test_teacher_with_another_class_count_gives_the_trainers_message():
