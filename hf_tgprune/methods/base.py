@@ -155,6 +155,38 @@ class PruningMethod:
             trainer.install_masks(masks)
 
 
+class ScheduledPruningMethod(PruningMethod):
+    """Base of methods whose masks change at epoch boundaries through a `ScheduledMaskCallback` (DG2PF, IMP).
+
+    `schedule_callback(...)` builds the callback and restores its state when the run resumes; `state_dict()` is the
+    callback's (events applied, finished, dense weights while simulating).
+    """
+
+    one_shot = False
+
+    def __init__(self, config: MethodConfig | None = None):
+        super().__init__(config)
+        self.callback = None
+        self._resume_state: dict[str, Any] | None = None
+
+    def schedule_callback(self, trainer, masks, events, mask_fn, simulated_until=None):
+        from ..callbacks import ScheduledMaskCallback
+
+        self.callback = ScheduledMaskCallback(
+            masks, events, mask_fn, trainer.args.sparsity, simulated_until=simulated_until,
+            on_change=trainer.masks_changed,
+        )  # fmt: skip
+        if self._resume_state is not None:
+            self.callback.load_state_dict(self._resume_state)
+        return self.callback
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.callback.state_dict() if self.callback is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume_state = dict(state)
+
+
 METHODS: Registry[type[PruningMethod]] = Registry("pruning_method")
 
 

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import forward_logits, unwrap_model
-from ..callbacks import ScheduledMaskCallback
 from ..losses import teacher_guided_loss
-from .base import MethodConfig, PruningMethod, register_method
+from .base import MethodConfig, ScheduledPruningMethod, register_method
 from .imp import magnitude_masks
 
 
@@ -57,20 +56,17 @@ def _fingerprint(model) -> str:
 
 
 @register_method
-class DG2PF(PruningMethod):
+class DG2PF(ScheduledPruningMethod):
     name = "dg2pf"
     criterion = "magnitude"
     config_class = DG2PFConfig
     own_loss = True
-    one_shot = False
     description = "DG2PF: gradual simulated magnitude pruning with self-KD, then pruned fine-tuning (CE)"
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.callback: ScheduledMaskCallback | None = None
         self.dense_teacher = None
         self.dense_sha256: str | None = None
-        self._resume_state: dict | None = None
 
     def _freeze_dense(self, trainer) -> None:
         self.dense_teacher = copy.deepcopy(unwrap_model(trainer.model)).eval().requires_grad_(False)
@@ -88,21 +84,10 @@ class DG2PF(PruningMethod):
         def mask_fn(weights, masks, level):
             return magnitude_masks(weights, level, trainer.min_layer_density(level))
 
-        self.callback = ScheduledMaskCallback(
-            masks, events, mask_fn, sparsity, simulated_until=epochs, on_change=trainer.masks_changed
-        )
-        if self._resume_state is not None:
-            self.callback.load_state_dict(self._resume_state)
-        return self.callback
+        return self.schedule_callback(trainer, masks, events, mask_fn, simulated_until=epochs)
 
     def state_dict(self):
-        state = {"dense_sha256": self.dense_sha256}
-        if self.callback is not None:
-            state.update(self.callback.state_dict())
-        return state
-
-    def load_state_dict(self, state):
-        self._resume_state = dict(state)
+        return {"dense_sha256": self.dense_sha256, **super().state_dict()}
 
     def resume(self, trainer, masks):
         self._freeze_dense(trainer)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..callbacks import ScheduledMaskCallback
 from ..masking import global_masks
-from .base import MethodConfig, PruningMethod, register_method
+from .base import MethodConfig, ScheduledPruningMethod, register_method
 
 
 @dataclass
@@ -71,17 +70,11 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, min_de
 
 
 @register_method
-class IMP(PruningMethod):
+class IMP(ScheduledPruningMethod):
     name = "imp"
     criterion = "magnitude"
     config_class = IMPConfig
-    one_shot = False
     description = "iterative magnitude pruning: k rounds of prune-a-fraction (global) and retrain"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.callback: ScheduledMaskCallback | None = None
-        self._resume_state: dict | None = None
 
     def levels(self, sparsity: float) -> list[float]:
         return imp_sparsities(sparsity, self.config.rounds, self.config.prune_fraction)
@@ -97,15 +90,4 @@ class IMP(PruningMethod):
         def mask_fn(weights, masks, level):
             return magnitude_masks(weights, level, trainer.min_layer_density(level), previous=masks)
 
-        self.callback = ScheduledMaskCallback(
-            masks, events, mask_fn, trainer.args.sparsity, on_change=trainer.masks_changed
-        )
-        if self._resume_state is not None:
-            self.callback.load_state_dict(self._resume_state)
-        return self.callback
-
-    def state_dict(self):
-        return self.callback.state_dict() if self.callback is not None else {}
-
-    def load_state_dict(self, state):
-        self._resume_state = dict(state)
+        return self.schedule_callback(trainer, masks, events, mask_fn)
