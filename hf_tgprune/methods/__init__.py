@@ -1,7 +1,15 @@
 """Pruning methods, one file each, selected by `pruning_method` (see `base.py` for the protocol)."""
 
 from . import dg2pf, epsd, imp, one_shot  # noqa: F401  (register the built-in methods)
-from .base import METHODS, MethodConfig, PruningMethod, ScheduledPruningMethod, build_method, get_method, register_method
+from .base import (
+    METHODS,
+    MethodConfig,
+    PruningMethod,
+    ScheduledPruningMethod,
+    build_method,
+    get_method,
+    register_method,
+)
 
 __all__ = [
     "METHODS",
