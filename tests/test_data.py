@@ -351,3 +351,12 @@ def test_local_cifar10_end_to_end():
     train_transform, _ = build_transforms(config)
     batch = collate_fn([set_transforms(calibration, train_transform)[i] for i in range(8)])
     assert batch["pixel_values"].shape == (8, 3, 32, 32)
+
+
+def test_augmentation_and_dataset_preset_registries_refuse_duplicate_names():
+    from hf_tgprune.data import register_augmentation, register_dataset_preset
+
+    with pytest.raises(ValueError, match="augmentation named 'cifar' is already registered"):
+        register_augmentation("cifar")(lambda config: [])
+    with pytest.raises(ValueError, match="dataset preset named 'uoft-cs/cifar10' is already registered"):
+        register_dataset_preset("uoft-cs/cifar10", "img", "label")

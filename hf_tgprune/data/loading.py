@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..registry import Registry
 from ..utils import is_local_path
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ class DatasetPreset:
     label_column: str | None = None
 
 
-DATASET_PRESETS: dict[str, DatasetPreset] = {}
+DATASET_PRESETS: Registry[DatasetPreset] = Registry("dataset preset")
 
 
 def register_dataset_preset(name: str, image_column: str | None = None, label_column: str | None = None) -> None:
-    DATASET_PRESETS[name] = DatasetPreset(image_column, label_column)
+    """Register the image and label columns of a dataset by name (a name can be registered once)."""
+    DATASET_PRESETS.register(name, DatasetPreset(image_column, label_column))
 
 
 for _name in ("uoft-cs/cifar10", "cifar10"):
@@ -130,7 +132,7 @@ def detect_columns(
     """
     import datasets
 
-    preset = DATASET_PRESETS.get(dataset_name or "", DatasetPreset())
+    preset = DATASET_PRESETS.get(dataset_name) if dataset_name in DATASET_PRESETS else DatasetPreset()
     image = _pick_column(
         features, image_column, preset.image_column, datasets.Image, IMAGE_COLUMN_CANDIDATES, "image", "--image_column"
     )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..registry import Registry
 from .loading import IMAGE_COLUMN, LABEL_COLUMN, DataError
 
 logger = logging.getLogger(__name__)
@@ -190,21 +191,20 @@ def _to_normalized_tensor(config: DataConfig) -> list:
 
 
 Augmentation = Callable[[DataConfig], list]
-_AUGMENTATIONS: dict[str, Augmentation] = {}
+_AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
 
 
 def register_augmentation(name: str) -> Callable[[Augmentation], Augmentation]:
     """Register a training augmentation: a function from a `DataConfig` to a list of PIL transforms."""
 
     def decorator(fn: Augmentation) -> Augmentation:
-        _AUGMENTATIONS[name] = fn
-        return fn
+        return _AUGMENTATIONS.register(name, fn)
 
     return decorator
 
 
 def available_augmentations() -> list[str]:
-    return sorted(_AUGMENTATIONS)
+    return _AUGMENTATIONS.names()
 
 
 @register_augmentation("cifar")
@@ -239,7 +239,7 @@ def build_transforms(config: DataConfig, augmentation: str = "cifar"):
 
     if augmentation not in _AUGMENTATIONS:
         raise DataError(f"Unknown augmentation {augmentation!r}; choose one of {available_augmentations()}.")
-    train = T.Compose([*_AUGMENTATIONS[augmentation](config), *_to_normalized_tensor(config)])
+    train = T.Compose([*_AUGMENTATIONS.get(augmentation)(config), *_to_normalized_tensor(config)])
     evaluation = T.Compose([*_resize_and_crop(config), *_to_normalized_tensor(config)])
     return train, evaluation
 
