@@ -39,6 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 
 from . import hub
 from .adapters import model_name, unwrap_model
+from .modelcard import InferenceSpeed, inference_record
 from .serialization import SPARSITY_FILE_NAME, load_sparse, read_model_state_dict, save_sparse_model
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class SparseModelInfo:
         data_config: the preprocessing the model was trained and evaluated with (``hf_tgprune.data.DataConfig``
             or a dict with ``image_size``, ``mean``, ``std``, ``interpolation``); written into the folder
             (timm ``pretrained_cfg``, transformers ``preprocessor_config.json``) so the model loads with it.
+        inference: measured inference speed, dense vs ``export_sparse_inference``
+            (:class:`hf_tgprune.modelcard.InferenceSpeed`); written to ``sparsity.json`` as ``inference`` and shown
+            in the model card's "Inference speed" section.
         extra: more JSON-able fields for ``sparsity.json``.
     """
 
@@ -104,6 +108,7 @@ class SparseModelInfo:
     dense_metrics: dict[str, float] = field(default_factory=dict)
     pruned_metrics: dict[str, float] = field(default_factory=dict)
     data_config: Any = None
+    inference: InferenceSpeed | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,6 +172,8 @@ class SparseCheckpointMixin:
         report = getattr(self, "pruning_report", None) or {}
         if "scoring_seconds" in report:
             metadata["scoring_seconds"] = report["scoring_seconds"]
+        if info.inference is not None:
+            metadata["inference"] = inference_record(info.inference)
         metadata.update(info.extra)
         return metadata
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,107 @@ SPEED_NOTE = (
     "format of hf_tgprune) or with runtimes that have sparse kernels."
 )
 _PLACEHOLDER_REPO = "<user>/<model>"
+INFERENCE_EXPORT = "hf_tgprune.export_sparse_inference"
+
+
+@dataclass
+class InferenceLatency:
+    """End-to-end latency at one batch size: the pruned model run dense vs its sparse inference export.
+
+    Args:
+        batch_size: images per forward pass.
+        dense_ms: median milliseconds per forward pass of the pruned model as saved (dense kernels).
+        sparse_ms: the same for the exported model (`export_sparse_inference`, decided at this batch size).
+        layers_converted: layers the export ran with a sparse kernel.
+        layers_candidate: Linear / Conv2d layers the export considered (3×3 and depthwise convolutions included;
+            they always stay dense).
+        max_abs_error: largest absolute difference between the exported and dense outputs (export verification).
+    """
+
+    batch_size: int
+    dense_ms: float
+    sparse_ms: float
+    layers_converted: int
+    layers_candidate: int
+    max_abs_error: float | None = None
+
+    @property
+    def speedup(self) -> float:
+        """dense_ms / sparse_ms (above 1: the export is faster)."""
+        return self.dense_ms / self.sparse_ms if self.sparse_ms > 0 else float("nan")
+
+
+@dataclass
+class InferenceSpeed:
+    """Measured inference speed of a pruned model, dense vs sparse export, on one machine.
+
+    Recorded in ``sparsity.json`` (as ``inference``) through ``SparseModelInfo.inference`` and shown in the model
+    card's "Inference speed" section; the recipe's ``--export_sparse_inference`` fills it in.
+
+    Args:
+        device: the machine it was measured on, e.g. ``"CPU: AMD EPYC 7B13"``.
+        threads: torch threads (``torch.get_num_threads()``) during the measurement.
+        latencies: one entry per batch size.
+        input_shape: one image's shape, e.g. ``[3, 32, 32]``.
+        repeats: timed rounds (dense and sparse interleaved; the median is reported).
+        torch_version: PyTorch version.
+        export: what produced the sparse model.
+    """
+
+    device: str
+    threads: int
+    latencies: list[InferenceLatency]
+    input_shape: list[int] = field(default_factory=list)
+    repeats: int | None = None
+    torch_version: str | None = None
+    export: str = INFERENCE_EXPORT
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (each latency with its ``speedup``), as ``sparsity.json`` and ``results.json`` hold it."""
+        out = asdict(self)
+        for row, latency in zip(out["latencies"], self.latencies):
+            row["speedup"] = latency.speedup
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InferenceSpeed:
+        """The inverse of :meth:`as_dict` (a derived ``speedup`` is ignored).
+
+        Raises:
+            ValueError: a required field is missing, or there is no latency.
+        """
+        try:
+            latencies = [
+                InferenceLatency(**{k: v for k, v in row.items() if k != "speedup"}) for row in data["latencies"]
+            ]
+            fields = {k: v for k, v in data.items() if k != "latencies"}
+            speed = cls(latencies=latencies, **fields)
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"inference figures need device, threads and latencies (batch_size, dense_ms, sparse_ms, "
+                f"layers_converted, layers_candidate) as InferenceSpeed.as_dict() writes them; got {dict(data)!r} "
+                f"({err})"
+            ) from err
+        if not speed.latencies:
+            raise ValueError("inference figures hold no latency (one per batch size is needed).")
+        return speed
+
+
+def inference_record(value: InferenceSpeed | Mapping[str, Any]) -> dict[str, Any]:
+    """`value` as the ``inference`` field of ``sparsity.json`` (a mapping is checked through `InferenceSpeed`).
+
+    Raises:
+        TypeError: `value` is neither an `InferenceSpeed` nor a mapping.
+        ValueError: a mapping that is not an `InferenceSpeed.as_dict()`.
+    """
+    if isinstance(value, InferenceSpeed):
+        return value.as_dict()
+    if isinstance(value, Mapping):
+        return InferenceSpeed.from_dict(value).as_dict()
+    raise TypeError(
+        f"SparseModelInfo.inference takes a hf_tgprune.modelcard.InferenceSpeed (or its as_dict()), got "
+        f"{type(value).__name__}."
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -104,6 +206,65 @@ def _layer_table(layers: Mapping[str, Mapping[str, Any]], max_layers: int) -> st
     return text
 
 
+def _speedups_text(speed: InferenceSpeed) -> str:
+    return ", ".join(f"{latency.speedup:.2f}× at batch size {latency.batch_size}" for latency in speed.latencies)
+
+
+def _inference_summary(speed: InferenceSpeed | None) -> str:
+    if speed is None:
+        return ""
+    return (
+        f"\n\nMeasured with hf_tgprune's sparse inference export (sparse CPU kernels where they are faster): it ran "
+        f"**{_speedups_text(speed)}** as fast as the dense model on {_fmt(speed.device)} ({speed.threads} "
+        "thread(s)); see [Inference speed](#inference-speed)."
+    )
+
+
+def _inference_section(speed: InferenceSpeed | None) -> str:
+    """The card's "Inference speed" section ("" without figures)."""
+    if speed is None:
+        return ""
+    rows = ["| batch size | dense ms | sparse ms | speed-up | layers made sparse |", "|---:|---:|---:|---:|---:|"]
+    for latency in speed.latencies:
+        rows.append(
+            f"| {latency.batch_size} | {latency.dense_ms:.4g} | {latency.sparse_ms:.4g} | {latency.speedup:.2f}× | "
+            f"{latency.layers_converted} of {latency.layers_candidate} |"
+        )
+    errors = [latency.max_abs_error for latency in speed.latencies if latency.max_abs_error is not None]
+    details = ", ".join(
+        [f"{speed.threads} torch thread(s)"]
+        + ([f"PyTorch {speed.torch_version}"] if speed.torch_version else [])
+        + ([f"input {'×'.join(str(s) for s in speed.input_shape)}"] if speed.input_shape else [])
+    )
+    timing = f"median of {speed.repeats} interleaved runs" if speed.repeats else "interleaved runs"
+    if errors:
+        timing += f"; the exported outputs matched the dense ones (max abs error {max(errors):.2g})"
+    example = ", ".join(str(s) for s in [1, *(speed.input_shape or [3, 224, 224])])
+    table = "\n".join(rows)
+    return f"""## Inference speed
+
+Measured end to end on **{_fmt(speed.device)}** ({details}): the pruned model as saved (dense kernels) against its
+export with `{_fmt(speed.export)}`, which runs a Linear or 1×1-convolution layer with a sparse (`torch.sparse_csr`)
+kernel where that was measured faster on this machine at that batch size; every other layer (3×3 and depthwise
+convolutions included) stays dense. Times per forward pass, {timing}.
+
+{table}
+
+The speed-up holds for this machine, thread count and batch size only: other CPUs, more threads and bigger batches
+gain less or nothing, and the weights loaded with timm or transformers run dense. Export on the machine you serve
+with (the per-layer choice is measured there):
+
+```python
+import torch
+from hf_tgprune import export_sparse_inference
+
+fast, report = export_sparse_inference(model.eval(), example_inputs=torch.randn({example}))
+print(report.format_table())  # per layer: density, dense µs, sparse µs, chosen
+```
+
+"""
+
+
 def _read_record(sparsity: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
     if sparsity is None:
         return {}
@@ -132,6 +293,7 @@ def create_model_card(
     license: str | None = None,
     tags: list[str] | None = None,
     max_layers: int = 200,
+    inference: InferenceSpeed | Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Build the model card of a pruned checkpoint.
 
@@ -149,6 +311,9 @@ def create_model_card(
             shows; default: the record's ``model_family``.
         license, tags: card metadata.
         max_layers: rows of the per-layer sparsity table (the full table is in ``sparsity.json``).
+        inference: measured latency of the model dense vs exported with ``export_sparse_inference``
+            (:class:`InferenceSpeed`); default: the record's ``inference``. With figures the card gets an
+            "Inference speed" section stating the speed-up and the machine it was measured on; without, none.
 
     Returns:
         a ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` or ``card.push_to_hub(repo_id)``.
@@ -170,6 +335,10 @@ def create_model_card(
     report = record.get("sparsity") or {}
     prunable, total = report.get("prunable") or {}, report.get("total") or {}
     calibration = record.get("calibration_size")
+    inference = inference if inference is not None else record.get("inference")
+    speed = None
+    if inference is not None:
+        speed = inference if isinstance(inference, InferenceSpeed) else InferenceSpeed.from_dict(inference)
     repo = repo_id or _PLACEHOLDER_REPO
     name = model_name or (repo_id.split("/")[-1] if repo_id else "Pruned model")
 
@@ -222,7 +391,7 @@ def create_model_card(
 
 {summary}
 
-{SPEED_NOTE}
+{SPEED_NOTE}{_inference_summary(speed)}
 
 ## How to load
 
@@ -237,7 +406,7 @@ def create_model_card(
 ## Results
 
 {_metrics_table(dense_metrics, pruned_metrics)}
-## Sparsity per layer
+{_inference_section(speed)}## Sparsity per layer
 
 {sparsity_counts}
 {_layer_table(report.get("layers") or {}, max_layers)}

@@ -403,3 +403,68 @@ def test_trainer_push_failures(tmp_path, monkeypatch):
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     fresh = load_sparse(out, model=make_model("timm_resnet", seed=4).eval())
     assert torch.equal(logits_of(fresh, x), logits_of(trainer.model.eval(), x))
+
+
+# --- inference speed in the card (issue 12) --------------------------------------------------------------------------
+def _speed():
+    from hf_tgprune.modelcard import InferenceLatency, InferenceSpeed
+
+    return InferenceSpeed(
+        device="CPU: Test CPU 9000",
+        threads=1,
+        latencies=[
+            InferenceLatency(batch_size=1, dense_ms=178.9, sparse_ms=64.7, layers_converted=47, layers_candidate=50),
+            InferenceLatency(
+                batch_size=32, dense_ms=4700.5, sparse_ms=4030.6, layers_converted=43, layers_candidate=50
+            ),
+        ],
+        input_shape=[3, 224, 224],
+        repeats=15,
+        torch_version="2.15.0",
+    )
+
+
+def test_model_card_inference_speed_section_only_with_figures(tmp_path):
+    from hf_tgprune.modelcard import InferenceSpeed
+
+    model, masks = pruned_model("timm_resnet")
+    record = save_sparse_model(model, tmp_path, masks, metadata={"method": "tgp"})
+    plain = create_model_card(record).content
+    assert "Inference speed" not in plain and "export_sparse_inference" not in plain
+
+    speed = _speed()
+    for given in (speed, speed.as_dict(), None):  # typed, as sparsity.json holds it, or read from the record
+        source = {**record, "inference": speed.as_dict()} if given is None else record
+        text = create_model_card(source, inference=given).content
+        assert "## Inference speed" in text and "**CPU: Test CPU 9000** (1 torch thread(s), PyTorch 2.15.0" in text
+        assert "| 1 | 178.9 | 64.7 | 2.77× | 47 of 50 |" in text
+        assert "| 32 | 4700 | 4031 | 1.17× | 43 of 50 |" in text
+        assert (
+            "**2.77× at batch size 1, 1.17× at batch size 32** as fast as the dense model on CPU: Test CPU 9000"
+            in text
+        )
+        assert "median of 15 interleaved runs" in text and "torch.randn(1, 3, 224, 224)" in text
+        assert SPEED_NOTE in text  # plain timm/transformers loading still runs dense
+    assert InferenceSpeed.from_dict(speed.as_dict()) == speed
+    with pytest.raises(ValueError, match="inference figures need device, threads and latencies"):
+        create_model_card(record, inference={"device": "CPU"})
+    with pytest.raises(ValueError, match="hold no latency"):
+        create_model_card(record, inference={**speed.as_dict(), "latencies": []})
+
+
+def test_trainer_records_inference_speed_in_sparsity_json_and_card(tmp_path):
+    args = _trainer_args(tmp_path)
+    trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
+    trainer.prune()
+    trainer.save_model(str(tmp_path / "without"))
+    assert "inference" not in json.loads((tmp_path / "without" / SPARSITY_FILE_NAME).read_text())
+
+    trainer.sparse_info.inference = _speed()
+    trainer.save_model(str(tmp_path / "with"))
+    record = json.loads((tmp_path / "with" / SPARSITY_FILE_NAME).read_text())
+    assert record["inference"] == _speed().as_dict() and record["inference"]["latencies"][0]["speedup"] > 2.7
+    assert "| 1 | 178.9 | 64.7 | 2.77× | 47 of 50 |" in create_model_card(tmp_path / "with").content
+
+    trainer.sparse_info.inference = "2.8x faster"
+    with pytest.raises(TypeError, match="SparseModelInfo.inference takes a hf_tgprune.modelcard.InferenceSpeed"):
+        trainer.save_model(str(tmp_path / "bad"))
