@@ -10,6 +10,8 @@ Stages (each timed in results.json, each reused by `--resume_from_checkpoint Tru
   3. scoring       one scoring pass (`trainer.compute_scores()`), shared by every sparsity of a one-shot method;
   4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
                    evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
+                   with --export_sparse_inference, its dense vs sparse-exported CPU latency is measured first and
+                   recorded in results.json, sparsity.json and the model card;
   5. report        results.json and PNG plots.
 
 Arguments: see --help. Everything can also come from a YAML/JSON file (`prune_cifar.py config.yaml`, or
@@ -19,6 +21,7 @@ Arguments: see --help. Everything can also come from a YAML/JSON file (`prune_ci
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -42,6 +45,7 @@ from recipe_utils import (  # noqa: E402
     compact_sparsity,
     format_summary,
     hub_repo_for,
+    measure_inference_speed,
     parse_recipe_args,
     read_json,
     resume_requested,
@@ -53,7 +57,7 @@ from recipe_utils import (  # noqa: E402
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed  # noqa: E402
 
 from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, sparsity_report  # noqa: E402
-from hf_tgprune.adapters import image_processor  # noqa: E402
+from hf_tgprune.adapters import image_processor, unwrap_model  # noqa: E402
 from hf_tgprune.data import (  # noqa: E402
     DataError,
     available_augmentations,
@@ -170,7 +174,26 @@ class RecipeArguments:
         metadata={"help": "Stop sparse retraining after this many epochs without validation improvement."},
     )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots next to results.json."})
+    export_sparse_inference: bool = field(
+        default=False,
+        metadata={
+            "help": "Before saving each sparsity's model, export it with hf_tgprune.export_sparse_inference (sparse "
+            "CPU kernels for the Linear / 1x1-conv layers where they are measured faster) and measure dense vs "
+            "exported latency end to end on this machine's CPU, on eval images; the figures go into the run's entry "
+            "of results.json and into the saved model's sparsity.json and model card."
+        },
+    )
+    inference_batch_sizes: list[int] | None = field(
+        default=None,
+        metadata={"help": "Batch sizes for --export_sparse_inference, each exported and measured (default: 1 32)."},
+    )
+    inference_repeats: int = field(
+        default=10,
+        metadata={"help": "Timed rounds (dense and exported interleaved, median) for --export_sparse_inference."},
+    )
 
+
+DEFAULT_INFERENCE_BATCH_SIZES = [1, 32]
 
 # Recipe defaults that differ from TrainingArguments' (the authors' SGD; evaluate every epoch).
 RECIPE_DEFAULTS = {
@@ -225,6 +248,18 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
         raise RecipeError(
             f"--augmentation must be one of {available_augmentations()}; got {data_args.augmentation!r}."
         )
+    if recipe_args.inference_batch_sizes is not None and not recipe_args.export_sparse_inference:
+        raise RecipeError(
+            "--inference_batch_sizes is used only with --export_sparse_inference: add --export_sparse_inference True "
+            "or drop --inference_batch_sizes."
+        )
+    if recipe_args.export_sparse_inference:
+        batch_sizes = recipe_args.inference_batch_sizes or DEFAULT_INFERENCE_BATCH_SIZES
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise RecipeError(f"--inference_batch_sizes must be >= 1 (e.g. 1 32); got {batch_sizes}.")
+        if recipe_args.inference_repeats < 1:
+            raise RecipeError(f"--inference_repeats must be >= 1; got {recipe_args.inference_repeats}.")
+        recipe_args.inference_batch_sizes = sorted(set(batch_sizes))
     if recipe_args.early_stopping_patience is not None and data_args.validation_split_percentage == 0:
         raise RecipeError("--early_stopping_patience needs a validation split (--validation_split_percentage > 0).")
     if args.push_to_hub:
@@ -326,6 +361,13 @@ def retrain_args(args, output_dir, sparsity, patience, has_validation):
     return stage_args(args, output_dir, **changes)
 
 
+def inference_speed(trainer, dataset, batch_sizes, repeats):
+    """Dense vs `export_sparse_inference` latency of the trainer's pruned model (the weights `save_model` writes),
+    on the first images of `dataset` (CPU, this process's torch threads)."""
+    examples = collate_fn([dataset[i] for i in range(min(max(batch_sizes), len(dataset)))])["pixel_values"]
+    return measure_inference_speed(unwrap_model(trainer.model), examples, batch_sizes, repeats, masks=trainer.masks)
+
+
 def has_checkpoint(folder: str) -> bool:
     return os.path.isdir(folder) and any(name.startswith("checkpoint-") for name in os.listdir(folder))
 
@@ -375,7 +417,7 @@ def main(argv=None) -> dict:
         dataset={"name": data_args.dataset_name, "num_labels": num_labels, "train": len(train_ds),
                  "validation": len(validation_ds) if has_validation else 0, "test": len(test_ds),
                  "calibration": len(calibration_ds)},
-        data_config=data_config, pruning={"method": args.pruning_method, "sparsities": sparsities},
+        data_config=dataclasses.asdict(data_config), pruning={"method": args.pruning_method, "sparsities": sparsities},
     )  # fmt: skip
     results.setdefault("teacher", None)
     results.setdefault("runs", [])
@@ -476,6 +518,13 @@ def main(argv=None) -> dict:
                 run["after_retraining"] = evaluate(trainer, test_ds)
         report = sparsity_report(trainer.model, trainer.masks)
         run.update(mask_sha256=trainer.pruning_report["mask_sha256"], sparsity_report=compact_sparsity(report))
+        if recipe_args.export_sparse_inference and state.is_main_process:
+            # measured before saving, so that the saved sparsity.json (and the card built from it) holds the figures
+            with timer.measure(f"{tag}/inference_speed"):
+                speed = inference_speed(trainer, test_ds, recipe_args.inference_batch_sizes,
+                                        recipe_args.inference_repeats)  # fmt: skip
+            trainer.sparse_info.inference = speed
+            run["inference"] = speed.as_dict()
         with timer.measure(f"{tag}/save"):
             info(trainer, teacher=(results.get("teacher") or {}).get("source"), base_model=model_args.model_name_or_path,
                  dense_metrics=results["dense_student"]["test"],

@@ -427,3 +427,148 @@ def test_interrupted_recipe_resumes_stage_by_stage_to_the_same_result(recipe, ti
 
 def run_dir_name(run) -> str:
     return Path(run["model_dir"]).name
+
+
+# --- inference export (issue 12) and plug-and-play loading of the saved outputs (issue 10) --------------------------
+def _test_images(tiny_cifar: Path, count: int):
+    """The recipe's test images as a user has them: PIL images and labels of the dataset's test split, the first
+    `count` (the recipe's `--max_eval_samples` keeps the first ones)."""
+    split = datasets.Dataset.from_parquet(str(tiny_cifar / "plain_text" / "test-00000-of-00001.parquet"))
+    split = split.select(range(count))
+    return list(split["img"]), list(split["label"])
+
+
+def _recipe_logits(run_dir: str, data_config: dict, images) -> torch.Tensor:
+    """Logits with the preprocessing the recipe evaluated with (its eval transform; `data_config` as results.json
+    records it), for comparison."""
+    from hf_tgprune import load_image_classifier
+    from hf_tgprune.adapters import get_adapter
+    from hf_tgprune.data import DataConfig, build_transforms
+
+    config = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()})
+    _, transform = build_transforms(config)
+    model = load_image_classifier(run_dir, NUM_CLASSES).eval()
+    with torch.no_grad():
+        return get_adapter(model).logits(model, torch.stack([transform(image) for image in images]))
+
+
+@pytest.mark.slow
+def test_recipe_export_sparse_inference_and_plug_and_play_timm(recipe, tiny_cifar, tmp_path):
+    """--export_sparse_inference: dense vs exported latency in results.json, sparsity.json and the card; the saved timm
+    model, evaluated the standard timm way on the test images, gives the accuracy results.json reports."""
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    from hf_tgprune.modelcard import InferenceSpeed, create_model_card
+
+    out = tmp_path / "out"
+    # 48 px (the images are 32 px): the standard preprocessing must resize like the recipe's; 9 steps of AdamW give
+    # an accuracy between chance and 100%, so that a different preprocessing would show
+    recipe.main(
+        _common_args(tiny_cifar, out) + [
+            "--model_name_or_path", "test_vit", "--pruning_method", "snip", "--retrain_with_kd", "False",
+            "--student_warmup_epochs", "0", "--sparsity", "0.8", "--plots", "False", "--image_size", "48",
+            "--augmentation", "none", "--optim", "adamw_torch", "--learning_rate", "0.003", "--max_steps", "9",
+            "--export_sparse_inference", "True", "--inference_batch_sizes", "4", "1", "--inference_repeats", "2",
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    figures = run["inference"]
+    assert figures["threads"] == torch.get_num_threads() and figures["device"].startswith("CPU: ")
+    assert figures["input_shape"] == [3, 48, 48] and figures["repeats"] == 2
+    assert [row["batch_size"] for row in figures["latencies"]] == [1, 4]
+    for row in figures["latencies"]:
+        assert row["dense_ms"] > 0 and row["sparse_ms"] > 0  # recorded, not asserted: speed is the machine's
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["sparse_ms"])
+        assert 0 <= row["layers_converted"] <= row["layers_candidate"] and row["layers_candidate"] >= 8
+        assert row["max_abs_error"] is not None and row["max_abs_error"] < 1e-3
+    assert results["stage_seconds"]["sparsity-0.8/inference_speed"] > 0
+    # the saved folder records the same figures, and its card states the speed-up and the machine
+    record = json.loads((Path(run["model_dir"]) / "sparsity.json").read_text())
+    assert record["inference"] == figures
+    text = create_model_card(run["model_dir"], repo_id="user/vit-sparse").content
+    assert "## Inference speed" in text and figures["device"] in text
+    speed = InferenceSpeed.from_dict(figures)
+    for latency in speed.latencies:
+        assert (
+            f"| {latency.batch_size} | {latency.dense_ms:.4g} | {latency.sparse_ms:.4g} | {latency.speedup:.2f}×"
+            in text
+        )
+        assert f"{latency.speedup:.2f}× at batch size {latency.batch_size}" in text
+
+    # plug and play: plain timm with the preprocessing the folder declares (not test_vit's own 0.95 crop)
+    images, labels = _test_images(tiny_cifar, results["dataset"]["test"])
+    model = timm.create_model(f"local-dir:{run['model_dir']}", pretrained=True).eval()
+    data_config = resolve_model_data_config(model)
+    assert data_config["input_size"] == (3, 48, 48) and data_config["crop_pct"] == 1.0  # test_vit's own: 160, 0.95
+
+    def standard_logits(config):
+        transform = create_transform(**config, is_training=False)
+        with torch.no_grad():
+            return model(torch.stack([transform(image.convert("RGB")) for image in images]))
+
+    logits = standard_logits(data_config)
+    accuracy = float((logits.argmax(-1) == torch.tensor(labels)).float().mean())
+    assert 0.25 < run["after_retraining"]["accuracy"] < 1.0  # between chance and perfect: preprocessing matters
+    assert accuracy == run["after_retraining"]["accuracy"]
+    torch.testing.assert_close(logits, _recipe_logits(run["model_dir"], results["data_config"], images))
+    # the comparison has teeth: timm's usual center crop (0.875) gives other logits
+    assert not torch.allclose(standard_logits({**data_config, "crop_pct": 0.875}), logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_recipe_plug_and_play_transformers_without_inference_export(recipe, tiny_cifar, tmp_path):
+    """A transformers student's saved output, evaluated with AutoModelForImageClassification + AutoImageProcessor
+    on the test images, gives the accuracy in results.json; without --export_sparse_inference nothing is measured."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
+
+    from hf_tgprune.modelcard import create_model_card
+
+    student_dir = tmp_path / "hf_student"
+    config = ResNetConfig(num_labels=NUM_CLASSES, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    torch.manual_seed(0)
+    ResNetForImageClassification(config).save_pretrained(student_dir)
+    out = tmp_path / "out"
+    recipe.main(
+        _common_args(tiny_cifar, out) + [
+            "--model_name_or_path", str(student_dir), "--pruning_method", "snip", "--retrain_with_kd", "False",
+            "--sparsity", "0.7", "--plots", "False", "--image_size", "48",
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert "inference" not in run and not any(stage.endswith("inference_speed") for stage in results["stage_seconds"])
+    record = json.loads((Path(run["model_dir"]) / "sparsity.json").read_text())
+    assert "inference" not in record
+    text = create_model_card(run["model_dir"]).content
+    assert "Inference speed" not in text and "export_sparse_inference" not in text
+
+    images, labels = _test_images(tiny_cifar, results["dataset"]["test"])
+    processor = AutoImageProcessor.from_pretrained(run["model_dir"])
+    assert processor.crop_size == {"height": 48, "width": 48}
+    model = AutoModelForImageClassification.from_pretrained(run["model_dir"]).eval()
+    with torch.no_grad():
+        logits = model(**processor(images=images, return_tensors="pt")).logits
+    accuracy = float((logits.argmax(-1) == torch.tensor(labels)).float().mean())
+    assert accuracy == run["after_retraining"]["accuracy"]
+    torch.testing.assert_close(logits, _recipe_logits(run["model_dir"], results["data_config"], images))
+
+
+def test_inference_arguments_need_the_flag_and_valid_values(recipe, tiny_cifar, tmp_path):
+    from recipe_utils import RecipeError
+
+    with pytest.raises(RecipeError, match="add --export_sparse_inference True"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--inference_batch_sizes", "1")
+    with pytest.raises(RecipeError, match="--inference_batch_sizes must be >= 1"):
+        _bad_run(
+            recipe, tiny_cifar, tmp_path / "out", "--export_sparse_inference", "True", "--inference_batch_sizes", "0"
+        )
+    with pytest.raises(RecipeError, match="--inference_repeats must be >= 1"):
+        _bad_run(recipe, tiny_cifar, tmp_path / "out", "--export_sparse_inference", "True", "--inference_repeats", "0")
+    assert not (tmp_path / "out").exists()
