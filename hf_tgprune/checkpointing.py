@@ -17,7 +17,9 @@ overrides the Trainer's saving and checkpoint-loading hooks only:
 * ``_load_from_checkpoint`` / ``_load_best_model`` (resume, ``load_best_model_at_end``) read a checkpoint's weights
   strictly through the model's adapter: the Trainer's own loaders read ``model.safetensors`` with
   ``load_state_dict(strict=False)`` under the names on disk, which in transformers 5 silently skips every renamed
-  tensor (ViT, DeiT, BEiT, Dinov2, Swin, ...).
+  tensor (ViT, DeiT, BEiT, Dinov2, Swin, ...). The weights are verified against the checkpoint's ``sparsity.json``
+  (file size and SHA-256, per-layer counts, mask hash) and its ``masks.safetensors`` (:func:`check_checkpoint_masks`)
+  before training goes on.
 * ``create_model_card`` writes the hf_tgprune card from the folder's ``sparsity.json``; ``init_hf_repo`` and
   ``push_to_hub`` upload through :mod:`hf_tgprune.hub`, which uploads exactly the files of the sparse folder and
   turns every failure into one :class:`hf_tgprune.hub.HubPushError` naming the fix. Pushes during training log the
@@ -40,7 +42,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from . import hub
 from .adapters import model_name, unwrap_model
 from .modelcard import InferenceSpeed, inference_record
-from .serialization import SPARSITY_FILE_NAME, load_sparse, read_model_state_dict, save_sparse_model
+from .serialization import (
+    SPARSITY_FILE_NAME,
+    SparseFormatError,
+    load_sparse,
+    read_model_state_dict,
+    read_sparsity_record,
+    save_sparse_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +121,49 @@ class SparseModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
+    """Refuse a checkpoint whose weights do not belong with its masks (``masks.safetensors``, when it has one).
+
+    Its ``sparsity.json`` records the hash of the masks the weights were saved with, and how many weights were
+    non-zero where those masks prune (0 for fixed masks, which keep pruned weights at exactly zero). The masks file
+    must have that hash, and `model` (just loaded from the checkpoint) that many non-zero pruned weights.
+
+    Raises:
+        MaskFileError: the masks file is unreadable, or belongs to other weights.
+        SparseFormatError: a pruned weight is non-zero (naming the layers).
+    """
+    from .masking import MASKS_NAME, MaskFileError, load_masks, mask_hash
+
+    folder = Path(folder)
+    masks_file = folder / MASKS_NAME
+    if not masks_file.is_file():
+        return
+    masks = load_masks(masks_file)
+    record = read_sparsity_record(folder)
+    recorded = (record.get("mask") or {}).get("sha256")
+    if recorded is not None and recorded != mask_hash(masks):
+        raise MaskFileError(
+            f"{masks_file} does not hold the masks that the weights in {folder} were saved with (their "
+            f"{SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different saves. "
+            "Resume from an earlier checkpoint or prune again."
+        )
+    params = dict(model.named_parameters())
+    nonzero = {}
+    for name, mask in masks.items():
+        if name in params:
+            count = int((params[name].detach()[~mask.to(params[name].device)] != 0).sum())
+            if count:
+                nonzero[name] = count
+    allowed = (record.get("sparsity") or {}).get("nonzero_outside_mask") or 0
+    if sum(nonzero.values()) != allowed:
+        layers = ", ".join(f"{name} ({count})" for name, count in list(nonzero.items())[:5])
+        raise SparseFormatError(
+            f"{folder / record.get('weights_file', 'model.safetensors')}: {sum(nonzero.values())} weights that "
+            f"{MASKS_NAME} prunes are non-zero (in {layers or 'no layer'}), but the checkpoint was saved with "
+            f"{allowed}: its weights were modified after saving. Resume from an earlier checkpoint."
+        )
+
+
 def _enum_value(value: Any) -> Any:
     return getattr(value, "value", value)
 
@@ -181,8 +233,10 @@ class SparseCheckpointMixin:
     def _write_sparse_folder(self, output_dir: str | os.PathLike, state_dict: dict | None, checkpoint: bool) -> None:
         """One writer of sparse folders: a checkpoint (dense, the exact training state) or an output folder
         (``args.save_format``, pruned weights zeroed)."""
-        if self.processing_class is not None:  # before: an explicit `sparse_info.data_config` overrides it
-            self.processing_class.save_pretrained(output_dir)
+        processor = self.processing_class
+        # written into the new folder before the model's files (an explicit `sparse_info.data_config` overrides it),
+        # and published with them, all-or-nothing
+        write_processor = None if processor is None else (lambda folder: processor.save_pretrained(folder))
         save_format = "dense" if checkpoint else getattr(self.args, "save_format", "dense")
         logger.info("Saving sparse model (%s) to %s", save_format, output_dir)
         save_sparse_model(
@@ -196,6 +250,7 @@ class SparseCheckpointMixin:
             # callback keeps pruned weights at zero during sparse retraining
             enforce_masks=not checkpoint,
             data_config=self.sparse_info.data_config,
+            write_extra_files=write_processor,
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -222,7 +277,8 @@ class SparseCheckpointMixin:
         file with ``load_state_dict(strict=False)``, which silently skips every tensor that transformers 5 renames
         when saving: ViT, DeiT, BEiT, Dinov2, Swin, ...)."""
         logger.info("Loading model weights from %s", folder)
-        load_sparse(folder, unwrap_model(model), strict=True)
+        load_sparse(folder, unwrap_model(model), strict=True)  # verified against sparsity.json first
+        check_checkpoint_masks(folder, unwrap_model(model))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._is_sparse_checkpoint(resume_from_checkpoint):

@@ -19,13 +19,8 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import HfApi
 
-from .serialization import (
-    SPARSITY_FILE_NAME,
-    SparseFormatError,
-    read_sparsity_record,
-    resolve_weights_file,
-    sha256_file,
-)
+from .serialization import SPARSITY_FILE_NAME, read_sparsity_record, resolve_weights_file
+from .serialization.record import verify_record_files
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +168,13 @@ def check_sparse_folder(folder: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no ``sparsity.json`` or no weights file.
-        SparseFormatError: the weights file named in ``sparsity.json`` does not match the SHA-256 recorded there.
+        SparseFormatError: ``sparsity.json`` is truncated, has no ``files`` entry for its weights file, or the file's
+            size or SHA-256 differ from the recorded ones.
     """
     folder = Path(folder)
     record = read_sparsity_record(folder)
     weights_file = resolve_weights_file(folder / record.get("weights_file", ""))
-    expected = (record.get("files") or {}).get(weights_file.name, {}).get("sha256")
-    if expected and sha256_file(weights_file) != expected:
-        raise SparseFormatError(f"{weights_file} does not match the SHA-256 recorded in {SPARSITY_FILE_NAME}")
+    verify_record_files(record, weights_file)
     return record
 
 

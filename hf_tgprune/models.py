@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from .adapters import num_labels as model_num_labels
@@ -153,8 +154,52 @@ def _load_transformers_folder(request: LoadRequest) -> nn.Module:
     return _load_transformers(request, pretrained=True)
 
 
+# --- folders in hf_tgprune's compact bitmask format --------------------------------------------------------------
+def _is_bitmask_folder(name: str) -> bool:
+    from .serialization import BITMASK_WEIGHTS_NAME
+
+    path = Path(os.path.expanduser(name))
+    return is_local_path(name) and (path / BITMASK_WEIGHTS_NAME).is_file() and bool(_read_config(name))
+
+
+def _load_bitmask_folder(request: LoadRequest) -> nn.Module:
+    """The architecture from the folder's ``config.json`` (timm or transformers), then the weights decoded from
+    ``model.bitmask.safetensors`` (verified). A head of another size than `num_labels` is left as built."""
+    from .serialization import BITMASK_WEIGHTS_NAME, read_model_state_dict
+
+    config = _read_config(request.name_or_path)
+    if "architecture" in config:
+        path = os.path.abspath(os.path.expanduser(request.name_or_path))
+        model = _create_timm(f"local-dir:{path}", request, pretrained=False)
+    elif "model_type" in config:
+        model = _load_transformers(request, pretrained=False)
+    else:
+        raise ModelLoadError(
+            f"{request.name_or_path!r} holds {BITMASK_WEIGHTS_NAME} but its config.json was written by neither timm "
+            "(`architecture`) nor transformers (`model_type`); build the model yourself and load the weights with "
+            "hf_tgprune.load_sparse(folder, model)."
+        )
+    state = read_model_state_dict(request.name_or_path, model)
+    own = model.state_dict()
+    resized = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    if resized and request.num_labels is None:
+        raise ModelLoadError(f"{request.name_or_path!r}: {resized[:3]} do not fit the architecture in config.json.")
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    if unexpected or set(missing) - set(resized):
+        raise ModelLoadError(
+            f"{request.name_or_path!r}: the weights do not fit the architecture in config.json (missing "
+            f"{sorted(set(missing) - set(resized))[:3]}, unexpected {sorted(unexpected)[:3]})."
+        )
+    if resized:
+        logger.warning(
+            "%s: new, randomly initialised %s for %d labels", request.name_or_path, resized, request.num_labels
+        )
+    return model
+
+
 # The lookup order: most specific first.
 MODEL_SOURCES: tuple[ModelSource, ...] = (
+    ModelSource("bitmask-folder", _is_bitmask_folder, _load_bitmask_folder, always_has_weights=True),
     ModelSource("timm-folder", _is_timm_folder, _load_timm_folder, always_has_weights=True),
     ModelSource("transformers-folder", _is_transformers_folder, _load_transformers_folder, always_has_weights=True),
     ModelSource("timm", _is_timm_name, _load_timm),
@@ -177,6 +222,20 @@ def model_source(name_or_path: str) -> ModelSource:
         f"Cannot load {name_or_path!r}: a folder needs a config.json written by timm (with `architecture`) or "
         "transformers (with `model_type`); otherwise pass a timm model name or a transformers model id."
     )
+
+
+def _verify_folder(name_or_path: str) -> None:
+    """A folder written by hf_tgprune (it has a ``sparsity.json``) is verified before it is loaded: the weights
+    file's size and SHA-256, and the record's per-layer counts and mask hash (see ``read_weights``)."""
+    from .serialization import SPARSITY_FILE_NAME, SparseFormatError, verify_sparse_folder
+
+    folder = Path(os.path.expanduser(name_or_path))
+    if not (folder / SPARSITY_FILE_NAME).is_file():
+        return
+    try:
+        verify_sparse_folder(folder)
+    except (SparseFormatError, FileNotFoundError) as error:
+        raise ModelLoadError(f"Cannot load {name_or_path!r}: {error}") from error
 
 
 def has_trained_weights(name_or_path: str, pretrained: bool) -> bool:
@@ -208,13 +267,29 @@ def load_image_classifier(
         id2label, label2id: class names for transformers configs.
         strict_num_labels: raise instead of replacing the head (a trained teacher must match the dataset).
 
+    Folders written by hf_tgprune (with a ``sparsity.json``) are verified first: a weights file whose size or
+    SHA-256 differs from the recorded one, or a ``sparsity.json`` that does not match its weights, is refused.
+    Folders in the compact bitmask format are loaded too (the architecture from ``config.json``, then the decoded
+    weights).
+
     Raises:
-        ModelLoadError: the name cannot be loaded (missing path, unknown name, offline), or `strict_num_labels`
-            and the model predicts another number of classes.
+        ModelLoadError: the name cannot be loaded (missing path, unknown name, offline), a saved folder is
+            truncated, corrupted or inconsistent (the message names the file), or `strict_num_labels` and the model
+            predicts another number of classes.
     """
     source = model_source(name_or_path)
     request = LoadRequest(name_or_path, None if strict_num_labels else num_labels, pretrained, id2label, label2id)
-    model = source.load(request)
+    if source.always_has_weights:
+        _verify_folder(name_or_path)
+    try:
+        model = source.load(request)
+    except SafetensorError as error:  # e.g. a folder without sparsity.json whose weights file is truncated
+        weights = Path(os.path.expanduser(name_or_path)) / "model.safetensors"
+        what = str(weights) if weights.is_file() else f"a safetensors file of {name_or_path}"
+        raise ModelLoadError(
+            f"Cannot load {name_or_path!r}: {what} is not a readable safetensors file ({error}); it is truncated or "
+            "corrupted. Re-download or re-save the model."
+        ) from error
     found = model_num_labels(model)
     if strict_num_labels and num_labels is not None and found != num_labels:
         raise ModelLoadError(

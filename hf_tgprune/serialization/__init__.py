@@ -33,7 +33,8 @@ metrics and library versions passed as ``metadata`` (model and dataset names as 
 never local paths).
 
 Modules: :mod:`.bitmask` (the codec), :mod:`.weights` (reading weights files), :mod:`.record` (``sparsity.json``),
-:mod:`.save` (:func:`save_sparse_model`), :mod:`.formats` (file names, checksums).
+:mod:`.save` (:func:`save_sparse_model`), :mod:`.publish` (all-or-nothing publishing of a saved folder),
+:mod:`.formats` (file names, checksums).
 """
 
 from .bitmask import BITMASK_FORMAT, BITMASK_FORMAT_VERSION, decode_bitmask, encode_bitmask_state_dict
@@ -49,7 +50,14 @@ from .formats import (
 )
 from .record import read_sparsity_record
 from .save import save_sparse_model
-from .weights import load_sparse, load_sparse_masks, read_model_state_dict, read_weights, resolve_weights_file
+from .weights import (
+    load_sparse,
+    load_sparse_masks,
+    read_model_state_dict,
+    read_weights,
+    resolve_weights_file,
+    verify_sparse_folder,
+)
 
 __all__ = [
     "BITMASK_FORMAT",
@@ -71,4 +79,5 @@ __all__ = [
     "resolve_weights_file",
     "save_sparse_model",
     "sha256_file",
+    "verify_sparse_folder",
 ]

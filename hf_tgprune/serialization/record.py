@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..masking import mask_hash
 from ..utils import public_name
 from .formats import SPARSITY_FILE_NAME, SparseFormatError
 
@@ -59,19 +62,141 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
         raise ValueError(f"metadata keys {sorted(clash)} are reserved for values measured by save_sparse_model")
 
 
+_RESAVE = (
+    "The folder was modified after it was saved, or its files come from different saves: re-save the model "
+    "(hf_tgprune.save_sparse_model or trainer.save_model()) or restore the folder from its source."
+)
+# families whose weights files use the model's own parameter names (transformers may rename them on disk)
+_SAME_NAMES_ON_DISK = ("timm", "torch")
+
+
+def _record_error(path: Path, problem: str) -> SparseFormatError:
+    return SparseFormatError(f"{path}: {problem}. {_RESAVE}")
+
+
 def read_sparsity_record(folder: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``sparsity.json`` of a saved folder.
 
     Raises:
         FileNotFoundError: the folder has no ``sparsity.json``.
-        SparseFormatError: it is not valid JSON.
+        SparseFormatError: it is not valid JSON (e.g. truncated) or not a JSON object.
     """
     path = Path(folder) / SPARSITY_FILE_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{folder} has no {SPARSITY_FILE_NAME}; was it written by save_sparse_model?"
         ) from None
-    except json.JSONDecodeError as err:
-        raise SparseFormatError(f"{path} is not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SparseFormatError(f"{path} is not valid JSON ({err}); it is truncated or corrupted. {_RESAVE}") from err
+    if not isinstance(record, dict):
+        raise _record_error(path, f"holds a JSON {type(record).__name__}, not the record save_sparse_model writes")
+    return record
+
+
+def describes(record: Mapping[str, Any], weights_file: Path) -> bool:
+    """Whether `record` (a ``sparsity.json`` next to `weights_file`) is the record of that weights file."""
+    return record.get("weights_file", weights_file.name) == weights_file.name
+
+
+def verify_record_files(record: Mapping[str, Any], weights_file: Path) -> None:
+    """Check a weights file against the ``files`` entry of its ``sparsity.json``: the entry must be there, and the
+    file's size and SHA-256 must be the recorded ones.
+
+    Raises:
+        SparseFormatError: a missing or malformed entry, another format, a truncated file, or another SHA-256.
+    """
+    path = weights_file.parent / SPARSITY_FILE_NAME
+    files = record.get("files")
+    if not isinstance(files, Mapping):
+        raise _record_error(path, "has no `files` table with the checksums of the weights file")
+    entry = files.get(weights_file.name)
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("sha256"), str):
+        raise _record_error(path, f"`files` has no SHA-256 entry for {weights_file.name} (it was removed or edited)")
+    from .formats import BITMASK_WEIGHTS_NAME, sha256_file
+
+    save_format = record.get("format")
+    expected_format = "bitmask" if weights_file.name == BITMASK_WEIGHTS_NAME else "dense"
+    if save_format is not None and save_format != expected_format:
+        raise _record_error(path, f"records format {save_format!r}, but the weights file is {weights_file.name}")
+    size = weights_file.stat().st_size
+    if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
+        raise SparseFormatError(
+            f"{weights_file} is {size} bytes, but {SPARSITY_FILE_NAME} recorded {entry['bytes']}: the file is "
+            "truncated or was replaced. Re-download or re-save it."
+        )
+    if sha256_file(weights_file) != entry["sha256"]:
+        raise SparseFormatError(
+            f"{weights_file}: SHA-256 differs from the one recorded in {SPARSITY_FILE_NAME}; the file is corrupted or "
+            "was modified after saving. Re-download or re-save it."
+        )
+
+
+def _counts(value: Any) -> tuple[Any, Any]:
+    return (value.get("numel"), value.get("zeros")) if isinstance(value, Mapping) else (None, None)
+
+
+def verify_record_tensors(
+    record: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    file_masks: Mapping[str, torch.Tensor] | None,
+    weights_file: Path,
+) -> dict[str, torch.Tensor]:
+    """Cross-check ``sparsity.json`` with the tensors read from its weights file; returns the masks it describes
+    (keyed by the names on disk): the file's own masks (bitmask format), else the non-zero pattern of every layer
+    the record lists.
+
+    Checked: every listed layer is in the file with the recorded size and number of zeros; the prunable totals are
+    the sums over the layers; a bitmask file masks exactly the listed layers; the recorded mask hash is the hash of
+    the masks whenever the file determines them (bitmask format; dense when the zeros are exactly the pruned
+    weights).
+
+    Raises:
+        SparseFormatError: naming the first disagreement.
+    """
+    path = weights_file.parent / SPARSITY_FILE_NAME
+    sparsity = record.get("sparsity")
+    layers = sparsity.get("layers") if isinstance(sparsity, Mapping) else None
+    if not isinstance(layers, Mapping):
+        raise _record_error(path, "has no `sparsity.layers` table")
+    if file_masks:
+        if set(layers) != set(file_masks):
+            extra, missing = sorted(set(layers) - set(file_masks)), sorted(set(file_masks) - set(layers))
+            raise _record_error(
+                path,
+                f"lists other layers than {weights_file.name} masks (listed but not masked: {extra[:5]}; masked "
+                f"but not listed: {missing[:5]})",
+            )
+    numel_sum = zeros_sum = 0
+    for name, counts in layers.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise _record_error(path, f"lists the layer {name!r}, which {weights_file.name} does not hold")
+        measured = (tensor.numel(), int((tensor == 0).sum()))
+        if _counts(counts) != measured:
+            raise _record_error(
+                path,
+                f"records (numel, zeros) = {_counts(counts)} for {name!r}, but {weights_file.name} holds {measured}",
+            )
+        numel_sum += measured[0]
+        zeros_sum += measured[1]
+    if _counts(sparsity.get("prunable")) != (numel_sum, zeros_sum):
+        raise _record_error(
+            path,
+            f"records (numel, zeros) = {_counts(sparsity.get('prunable'))} over the prunable weights, but the layers "
+            f"it lists hold {(numel_sum, zeros_sum)}",
+        )
+    masks = dict(file_masks) if file_masks else {name: tensors[name] != 0 for name in layers}
+    mask = record.get("mask") if isinstance(record.get("mask"), Mapping) else {}
+    on_disk, in_model = mask.get("sha256_on_disk"), mask.get("sha256")
+    if on_disk is not None and in_model is not None and record.get("model_family") in _SAME_NAMES_ON_DISK:
+        if on_disk != in_model:
+            raise _record_error(path, "records two different mask hashes for the same masks")
+    determined = bool(file_masks) or (
+        sparsity.get("nonzero_outside_mask", 0) == 0 and sparsity.get("pruned_by_mask") == zeros_sum
+    )
+    if on_disk is not None and determined:
+        if mask_hash(masks) != on_disk:
+            raise _record_error(path, f"records the mask hash {on_disk[:12]}..., but the masks of the file differ")
+    return masks

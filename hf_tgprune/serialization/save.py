@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from ..masking import mask_hash, measure_sparsity
 from ..utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
 from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SAVE_FORMATS, SPARSITY_FILE_NAME, sha256_file
+from .publish import staged_folder
 from .record import check_metadata, library_versions, public_metadata
 from .weights import convert_masks, read_weights
 
@@ -83,11 +84,49 @@ def _names_on_disk(to_disk, names: list[str], shapes: Mapping[str, torch.Size]) 
     return list(convert_masks(to_disk, {name: true.expand(shapes[name]) for name in names if name in shapes}, shapes))
 
 
-def _remove_stale_weights(output_dir: Path, save_format: str) -> None:
-    stale = BITMASK_WEIGHTS_NAME if save_format == "dense" else DENSE_WEIGHTS_NAME
-    if (output_dir / stale).exists():
-        logger.info("Removing stale %s from %s", stale, output_dir)
-        (output_dir / stale).unlink()
+def _measure_and_record(
+    weights_file: Path,
+    save_format: str,
+    adapter,
+    file_masks: Mapping[str, torch.Tensor],
+    file_parameters: list[str],
+    masks: Mapping[str, torch.Tensor],
+    masks_given: bool,
+    enforced: bool,
+) -> dict[str, Any]:
+    """Re-open what was written and measure from it (never from the in-memory model); the measured part of the
+    ``sparsity.json`` record."""
+    saved, _, _ = read_weights(weights_file, verify=True, check_record=False)
+    for name, mask in file_masks.items():
+        if name not in saved or tuple(saved[name].shape) != tuple(mask.shape):
+            raise RuntimeError(
+                f"{weights_file} does not contain the masked tensor {name!r} {tuple(mask.shape)} (the file holds "
+                f"{sorted(saved)[:5]}...); the model's library saved another layout than "
+                f"{type(adapter).__name__}.checkpoint_state_dict predicts."
+            )
+        if enforced and bool((saved[name][~mask] != 0).any()):
+            raise RuntimeError(f"{weights_file}: {name!r} is non-zero where the mask prunes it")
+    report = measure_sparsity(saved, list(file_masks), file_parameters)
+    report["pruned_by_mask"] = int(sum(int((~m).sum()) for m in masks.values())) if masks_given else None
+    report["masks_enforced"] = enforced
+    if masks_given and not enforced:
+        report["nonzero_outside_mask"] = int(sum(int((saved[n][~m] != 0).sum()) for n, m in file_masks.items()))
+    del saved
+    return {
+        "format": save_format,
+        "weights_file": weights_file.name,
+        "files": {weights_file.name: {"sha256": sha256_file(weights_file), "bytes": weights_file.stat().st_size}},
+        "model_family": adapter.name,
+        "sparsity": report,
+        "mask": {
+            "sha256": mask_hash(masks) if masks_given else None,
+            # the same hash over the masks keyed by the names on disk (those of the weights file and of
+            # `sparsity.layers`): what a reader checks the file against without the model
+            "sha256_on_disk": mask_hash(file_masks) if masks_given else None,
+            "source": "masks" if masks_given else "non-zero weights",
+        },
+        "library": library_versions(),
+    }
 
 
 def save_sparse_model(
@@ -100,6 +139,7 @@ def save_sparse_model(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     enforce_masks: bool = True,
     data_config: Any = None,
+    write_extra_files: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Save a pruned model with its ``sparsity.json``; returns the ``sparsity.json`` content.
 
@@ -112,7 +152,11 @@ def save_sparse_model(
 
     Args:
         model: the pruned model (timm, transformers or any ``nn.Module``; wrappers are unwrapped).
-        output_dir: folder to write (created if needed). Stale weights of the other format are removed.
+        output_dir: folder to write (created if needed). The save is all-or-nothing: the new folder is written and
+            verified next to `output_dir` and then swapped in atomically, so that a failure or a kill leaves either
+            the complete earlier output or the complete new one (see :mod:`.publish`). Files of an existing
+            `output_dir` that the save does not write (a model card, your own files, ``checkpoint-*`` folders) are
+            kept; stale weights of the other format are removed; leftovers of an interrupted save are cleaned.
         masks: ``{parameter name: bool tensor}``, True = kept (as from ``hf_tgprune.masking.global_masks``).
             Weights are saved as exact zero wherever the mask is False. Without masks, every weight of dim >= 2
             is reported (and, for ``"bitmask"``, encoded) by its non-zero pattern.
@@ -130,6 +174,8 @@ def save_sparse_model(
             or a dict with ``image_size``, ``mean``, ``std``, ``interpolation``). Written where the model's library
             reads it (timm: ``pretrained_cfg`` in ``config.json``; transformers: ``preprocessor_config.json``) and
             recorded in ``sparsity.json``. None keeps the model's own declaration.
+        write_extra_files: ``write_extra_files(folder)`` adds files to the new folder before the model's files are
+            written (e.g. a processor's ``save_pretrained``), so that they are published with it.
 
     Raises:
         KeyError: a mask names no tensor of the state dict.
@@ -146,7 +192,6 @@ def save_sparse_model(
     model = unwrap_model(model)
     adapter = get_adapter(model)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     source = model.state_dict() if state_dict is None else state_dict
     masks_given = masks is not None
@@ -167,53 +212,32 @@ def save_sparse_model(
     file_masks = convert_masks(to_disk, masks, shapes)
     file_parameters = _names_on_disk(to_disk, [name for name, _ in model.named_parameters()], shapes)
 
-    _remove_stale_weights(output_dir, save_format)
-    if save_format == "dense":
-        weights_name = DENSE_WEIGHTS_NAME
-        adapter.save_weights(model, output_dir, tensors)
-        adapter.save_config(model, output_dir, preprocessing)
-    else:
-        weights_name = BITMASK_WEIGHTS_NAME
-        adapter.save_config(model, output_dir, preprocessing)
-        encoded, file_metadata = encode_bitmask_state_dict(to_disk(tensors), file_masks)
-        with atomic_path(output_dir / BITMASK_WEIGHTS_NAME) as tmp:
-            save_file(encoded, tmp, metadata=file_metadata)
-        del encoded
-    del tensors
-
-    # Re-open what was written and measure from it (never from the in-memory model).
-    weights_file = output_dir / weights_name
-    saved, _, _ = read_weights(weights_file, verify=True, check_record=False)
-    for name, mask in file_masks.items():
-        if name not in saved or tuple(saved[name].shape) != tuple(mask.shape):
-            raise RuntimeError(
-                f"{weights_file} does not contain the masked tensor {name!r} {tuple(mask.shape)} (the file holds "
-                f"{sorted(saved)[:5]}...); the model's library saved another layout than "
-                f"{type(adapter).__name__}.checkpoint_state_dict predicts."
-            )
-        if enforced and bool((saved[name][~mask] != 0).any()):
-            raise RuntimeError(f"{weights_file}: {name!r} is non-zero where the mask prunes it")
-    report = measure_sparsity(saved, list(file_masks), file_parameters)
-    report["pruned_by_mask"] = int(sum(int((~m).sum()) for m in masks.values())) if masks_given else None
-    report["masks_enforced"] = enforced
-    if masks_given and not enforced:
-        report["nonzero_outside_mask"] = int(sum(int((saved[n][~m] != 0).sum()) for n, m in file_masks.items()))
-    del saved
-
-    record: dict[str, Any] = {
-        "format": save_format,
-        "weights_file": weights_name,
-        "files": {weights_name: {"sha256": sha256_file(weights_file), "bytes": weights_file.stat().st_size}},
-        "model_family": adapter.name,
-        "sparsity": report,
-        "mask": {
-            "sha256": mask_hash(masks) if masks_given else None,
-            "source": "masks" if masks_given else "non-zero weights",
-        },
-        "library": library_versions(),
-    }
-    if preprocessing is not None:
-        record["preprocessing"] = preprocessing
-    record.update(public_metadata(jsonable(metadata)))
-    write_json_atomic(record, output_dir / SPARSITY_FILE_NAME)
+    # All-or-nothing: everything is written into a staging folder next to `output_dir`, measured there, and swapped
+    # in only when complete (other files of an existing `output_dir` are carried over; the other format's weights
+    # file is dropped). A failure or a kill before the swap leaves the earlier output untouched.
+    stale = BITMASK_WEIGHTS_NAME if save_format == "dense" else DENSE_WEIGHTS_NAME
+    if (output_dir / stale).exists():
+        logger.info("Removing stale %s from %s", stale, output_dir)
+    with staged_folder(output_dir, drop=[stale]) as folder:
+        if write_extra_files is not None:
+            write_extra_files(folder)
+        if save_format == "dense":
+            weights_name = DENSE_WEIGHTS_NAME
+            adapter.save_weights(model, folder, tensors)
+            adapter.save_config(model, folder, preprocessing)
+        else:
+            weights_name = BITMASK_WEIGHTS_NAME
+            adapter.save_config(model, folder, preprocessing)
+            encoded, file_metadata = encode_bitmask_state_dict(to_disk(tensors), file_masks)
+            with atomic_path(folder / BITMASK_WEIGHTS_NAME) as tmp:
+                save_file(encoded, tmp, metadata=file_metadata)
+            del encoded
+        del tensors
+        record = _measure_and_record(
+            folder / weights_name, save_format, adapter, file_masks, file_parameters, masks, masks_given, enforced
+        )
+        if preprocessing is not None:
+            record["preprocessing"] = preprocessing
+        record.update(public_metadata(jsonable(metadata)))
+        write_json_atomic(record, folder / SPARSITY_FILE_NAME)
     return jsonable(record)

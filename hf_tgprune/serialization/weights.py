@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -14,7 +13,8 @@ from torch import nn
 
 from ..adapters import get_adapter, unwrap_model
 from .bitmask import decode_bitmask, read_bitmask_header
-from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError, sha256_file
+from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
+from .record import describes, read_sparsity_record, verify_record_files, verify_record_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +43,12 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
     return candidates[0]
 
 
-def _verify_against_sparsity_json(weights_file: Path) -> None:
-    """If a sparsity.json next to the file records its SHA-256, check it (catches corrupted dense files)."""
-    record = weights_file.parent / SPARSITY_FILE_NAME
-    if not record.is_file():
-        return
-    try:
-        files = json.loads(record.read_text(encoding="utf-8")).get("files", {})
-    except (json.JSONDecodeError, AttributeError):
-        logger.warning("Ignoring unreadable %s next to %s", record, weights_file)
-        return
-    expected = files.get(weights_file.name, {}).get("sha256") if isinstance(files, dict) else None
-    if expected and sha256_file(weights_file) != expected:
-        raise SparseFormatError(
-            f"{weights_file}: SHA-256 differs from the one recorded in {record.name}; the file is corrupted or was "
-            "modified after saving. Re-download or re-save it."
-        )
+def _record_for(weights_file: Path) -> dict | None:
+    """The ``sparsity.json`` next to `weights_file` when it is the record of that file (None when there is none)."""
+    if not (weights_file.parent / SPARSITY_FILE_NAME).is_file():
+        return None
+    record = read_sparsity_record(weights_file.parent)
+    return record if describes(record, weights_file) else None
 
 
 def read_weights(
@@ -68,13 +58,20 @@ def read_weights(
 
     Args:
         path: the folder or the weights file.
-        verify: check the checksums (per tensor for the bitmask format; the file's SHA-256 in ``sparsity.json``).
-        return_masks: also decode the masks of a bitmask file (dense files store none: the masks are empty).
-        check_record: compare with the SHA-256 recorded in a ``sparsity.json`` next to the file.
+        verify: check the checksums (per tensor for the bitmask format) and the ``sparsity.json`` next to the file.
+        return_masks: also return the masks: a bitmask file's own; for a dense file with a verified
+            ``sparsity.json``, the non-zero pattern of the layers it lists; otherwise none.
+        check_record: cross-check with the ``sparsity.json`` next to the file (when it is the record of this file):
+            its ``files`` entry (size, SHA-256), its per-layer counts and its mask hash.
+
+    Raises:
+        SparseFormatError: the file or its ``sparsity.json`` is truncated, corrupted or inconsistent (the message
+            names the file).
     """
     weights_file = resolve_weights_file(path)
-    if verify and check_record:
-        _verify_against_sparsity_json(weights_file)
+    record = _record_for(weights_file) if verify and check_record else None
+    if record is not None:
+        verify_record_files(record, weights_file)
     try:
         with safe_open(weights_file, framework="pt", device="cpu") as handle:
             header = read_bitmask_header(handle)
@@ -83,7 +80,7 @@ def read_weights(
                 masks = {}
             else:
                 state_dict, masks = decode_bitmask(
-                    handle, header, str(weights_file), verify=verify, return_masks=return_masks
+                    handle, header, str(weights_file), verify=verify, return_masks=return_masks or record is not None
                 )
     except SafetensorError as err:
         raise SparseFormatError(
@@ -94,6 +91,9 @@ def read_weights(
         if isinstance(err, FileNotFoundError):
             raise
         raise SparseFormatError(f"Could not read {weights_file} ({err}); it is truncated or corrupted.") from err
+    if record is not None:
+        recorded = verify_record_tensors(record, state_dict, masks if header is not None else None, weights_file)
+        masks = recorded if return_masks else {}
     return state_dict, masks, weights_file
 
 
@@ -117,6 +117,28 @@ def convert_masks(
     kept = convert({name: masks[name] if name in masks else true.expand(shape) for name, shape in shapes.items()})
     covered = convert({name: (true if name in masks else ~true).expand(shape) for name, shape in shapes.items()})
     return {name: kept[name].contiguous() for name, flag in covered.items() if bool(flag.any())}
+
+
+def verify_sparse_folder(path: str | os.PathLike) -> dict:
+    """Verify a folder written by :func:`save_sparse_model` without loading it into a model; returns its
+    ``sparsity.json`` record.
+
+    Reads the weights file and checks it against its ``sparsity.json``: the ``files`` entry (size and SHA-256), the
+    per-layer counts, the layer list and the mask hash (and, for the bitmask format, every tensor's own checksum).
+
+    Raises:
+        FileNotFoundError: no weights file or no ``sparsity.json``.
+        SparseFormatError: a truncated, corrupted or inconsistent file (the message names it).
+    """
+    weights_file = resolve_weights_file(path)
+    record = read_sparsity_record(weights_file.parent)
+    if not describes(record, weights_file):
+        raise SparseFormatError(
+            f"{weights_file.parent / SPARSITY_FILE_NAME} describes {record.get('weights_file')!r}, not "
+            f"{weights_file.name}; re-save the model."
+        )
+    read_weights(weights_file, verify=True)
+    return record
 
 
 def read_model_state_dict(path: str | os.PathLike, model: nn.Module, *, verify: bool = True) -> dict:
@@ -173,10 +195,15 @@ def load_sparse_masks(
     """
     state_dict, masks, weights_file = read_weights(path, verify=verify, return_masks=True)
     if not masks:
-        record = weights_file.parent / SPARSITY_FILE_NAME
-        if not record.is_file():
+        if not (weights_file.parent / SPARSITY_FILE_NAME).is_file():
             raise FileNotFoundError(f"No masks stored in {weights_file} and no {SPARSITY_FILE_NAME} next to it.")
-        layers = json.loads(record.read_text(encoding="utf-8"))["sparsity"]["layers"]
+        record = read_sparsity_record(weights_file.parent)
+        layers = (record.get("sparsity") or {}).get("layers")
+        if not isinstance(layers, dict) or any(name not in state_dict for name in layers):
+            raise SparseFormatError(
+                f"{weights_file.parent / SPARSITY_FILE_NAME} does not list the masked layers of {weights_file.name}; "
+                "re-save the model."
+            )
         masks = {name: state_dict[name] != 0 for name in layers}
     if model is None:
         return masks

@@ -1,0 +1,215 @@
+"""All-or-nothing publishing of a saved folder: write a complete sibling folder, then swap it in.
+
+:func:`staged_folder` yields an empty staging folder next to the target (``.<name>.tgp-new-*``). The writers fill
+it; only when they all succeed is it published: every entry of the existing folder that the new save does not write
+(a model card, the user's own files, ``checkpoint-*`` folders, logs) is carried over by hard links (copied where
+the file system has none), then the two folders are exchanged with one atomic ``renameat2(RENAME_EXCHANGE)``
+(Linux), so that at every instant the path holds either the complete old folder or the complete new one. The old
+folder, now in the sibling, is deleted. Where the exchange is not available, the old folder is renamed aside
+(``.<name>.tgp-old-*``) and the new one renamed in; a kill between the two renames is repaired by the next save
+(the complete new folder is renamed in).
+
+A failure (or a kill) before the swap leaves the old folder untouched; the staging folder and any other leftover
+(sibling folders, ``.tmp`` files of interrupted atomic writes) are removed by the next save into the same path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NEW_TAG = "tgp-new"
+OLD_TAG = "tgp-old"
+# written into a staging folder once it is complete (removed when it is published)
+COMPLETE_MARKER = ".tgp-complete"
+# the temporary files of hf_tgprune.utils.atomic_path: ".<name>.<random>.tmp"
+_ATOMIC_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _sibling_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(target.name)}\.({NEW_TAG}|{OLD_TAG})-[A-Za-z0-9_]+$")
+
+
+def leftovers(target: Path) -> list[Path]:
+    """Sibling folders that interrupted publishes of `target` left behind (staging or set-aside folders)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    pattern = _sibling_pattern(target)
+    return sorted(parent / name for name in os.listdir(parent) if pattern.match(name))
+
+
+def is_atomic_write_leftover(name: str) -> bool:
+    """Whether `name` is a temporary file of an interrupted atomic write (``hf_tgprune.utils.atomic_path``)."""
+    return bool(_ATOMIC_TMP.match(name))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover(target: Path) -> None:
+    """Repair what an interrupted publish of `target` left: a missing `target` whose complete new (or old) folder
+    waits in a sibling is renamed back in place; every other leftover is removed."""
+    found = leftovers(target)
+    if not target.exists():
+        complete = [p for p in found if NEW_TAG in p.name and (p / COMPLETE_MARKER).is_file()]
+        aside = [p for p in found if OLD_TAG in p.name]
+        restore = complete[-1:] or aside[-1:]
+        if restore:
+            logger.warning("Restoring %s from %s (a save into it was interrupted).", target, restore[0])
+            os.rename(restore[0], target)
+            (target / COMPLETE_MARKER).unlink(missing_ok=True)
+            found.remove(restore[0])
+    for path in found:
+        logger.info("Removing %s, left by an interrupted save into %s", path, target)
+        _remove(path)
+    if target.is_dir():
+        for name in os.listdir(target):
+            if is_atomic_write_leftover(name) or name == COMPLETE_MARKER:
+                logger.info("Removing %s, left by an interrupted write", target / name)
+                _remove(target / name)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _carry(source: Path, destination: Path) -> None:
+    """Recreate `source` at `destination`: folders entry by entry, files as hard links, symlinks as symlinks."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        destination.mkdir()
+        for name in os.listdir(source):
+            _carry(source / name, destination / name)
+        shutil.copystat(source, destination, follow_symlinks=False)
+    else:
+        _link_or_copy(source, destination)
+
+
+def carry_over(old: Path, new: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Carry every entry of `old` that `new` does not hold (and that is not in `skip` or an atomic-write leftover)
+    into `new`; returns the names carried."""
+    skip = set(skip)
+    carried = []
+    for name in sorted(os.listdir(old)):
+        if name in skip or name == COMPLETE_MARKER or is_atomic_write_leftover(name) or os.path.lexists(new / name):
+            continue
+        _carry(old / name, new / name)
+        carried.append(name)
+    return carried
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); OSError where it is not available."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _rename(source: Path, destination: Path) -> None:
+    os.rename(source, destination)
+
+
+def _discard(folder: Path) -> None:
+    """Delete the replaced old folder (entries carried over to the new folder are hard links: only names go)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _swap_by_two_renames(staging: Path, target: Path) -> None:
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{OLD_TAG}-", dir=target.parent))
+    os.rmdir(aside)
+    _rename(target, aside)
+    try:
+        _rename(staging, target)
+    except Exception:
+        _rename(aside, target)
+        raise
+    (target / COMPLETE_MARKER).unlink(missing_ok=True)
+    _discard(aside)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Make the complete folder `staging` the folder `target` in one step (see the module docstring)."""
+    cwd = None
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        pass
+    if not target.exists():
+        (staging / COMPLETE_MARKER).unlink(missing_ok=True)
+        _rename(staging, target)
+        return
+    try:
+        _exchange(staging, target)
+    except OSError as err:
+        logger.debug("Atomic exchange unavailable (%s); renaming the old folder aside first.", err)
+        _swap_by_two_renames(staging, target)
+    else:
+        (target / COMPLETE_MARKER).unlink(missing_ok=True)
+        _discard(staging)  # now the old folder
+    # a process whose working directory was inside the old folder follows it to the new one
+    if cwd is not None and (cwd == str(target) or cwd.startswith(str(target) + os.sep)) and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
+def _folder_mode(target: Path) -> int:
+    if target.is_dir():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+@contextmanager
+def staged_folder(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) -> Iterator[Path]:
+    """Write a folder all-or-nothing: yields an empty staging folder next to `output_dir`; when the block succeeds,
+    the entries of the existing `output_dir` that the block did not write (except those named in `drop`) are
+    carried over and the staging folder replaces `output_dir` in one atomic step. When the block fails,
+    `output_dir` is untouched and the staging folder is removed.
+
+    Raises:
+        NotADirectoryError: `output_dir` exists and is not a folder.
+    """
+    target = Path(os.path.realpath(os.path.expanduser(os.fspath(output_dir))))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{output_dir} exists and is not a folder; pass a folder to save into.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{NEW_TAG}-", dir=target.parent))
+    try:
+        yield staging
+        if target.is_dir():
+            carry_over(target, staging, skip=drop)
+        os.chmod(staging, _folder_mode(target))
+        (staging / COMPLETE_MARKER).touch()
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
