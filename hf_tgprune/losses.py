@@ -92,3 +92,51 @@ def self_distillation_loss(
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     kd = cakld(logits, target_logits.detach(), beta=0.0, temperature=temperature, reduction="none")
     return _reduce(ce + weight * temperature**2 * kd, reduction)
+
+
+class NonFiniteLogitsError(ValueError):
+    """A model produced NaN or infinite logits; the message names the parameters that hold non-finite values."""
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `model` that hold a NaN or an infinity (in `state_dict` order)."""
+    return [
+        name
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite_logits(logits: torch.Tensor, who: str = "teacher", model: torch.nn.Module | None = None) -> None:
+    """Stop with a clear message when `logits` hold a NaN or an infinity (no-op otherwise).
+
+    Args:
+        logits: the model's output on a batch.
+        who: the model's role in the message (``"teacher"``, ``"student"``).
+        model: the model itself: its parameters and buffers holding non-finite values are named.
+
+    Raises:
+        NonFiniteLogitsError: naming the non-finite parameters (the usual cause: a corrupted checkpoint or a model
+            whose training diverged) or, when every parameter is finite, the inputs.
+    """
+    if bool(torch.isfinite(logits).all()):
+        return
+    if model is not None:
+        from .adapters import unwrap_model
+
+        model = unwrap_model(model)
+    bad = non_finite_parameters(model) if model is not None else []
+    if bad:
+        cause = (
+            f"its parameters {bad[:5]}{' and more' if len(bad) > 5 else ''} hold NaN or inf: the {who} checkpoint is "
+            f"corrupted or its training diverged. Load a good {who} (folders saved by hf_tgprune are verified "
+            "against their sparsity.json by load_image_classifier)"
+        )
+    elif model is not None:
+        cause = (
+            "its parameters are finite, so the inputs or an overflow are: check the batch for NaN/inf pixels, and "
+            "mixed precision (fp16 overflows; try bf16 or fp32)"
+        )
+    else:
+        cause = f"check the {who}'s weights (a corrupted checkpoint or a diverged training) and the inputs"
+    raise NonFiniteLogitsError(f"The {who} produced logits that are not finite (NaN or inf) on this batch; {cause}.")

@@ -92,12 +92,17 @@ def _select_bin(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
-    for name, score in scores.items():
-        if not torch.isfinite(score).all():
-            raise ValueError(
-                f"Importance scores of layer {name!r} are not finite (NaN or inf). Check that the student and teacher "
-                "produce finite logits on the calibration data (lower the temperature or enable normalize_logits)."
-            )
+    bad = [name for name, score in scores.items() if not bool(torch.isfinite(score).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more layer(s)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"Importance scores of layer {bad[0]!r}{more} are not finite (NaN or inf). The usual cause is a NaN or "
+            "inf weight in the student or the teacher, in any layer: it makes the loss and every gradient upstream "
+            "of it non-finite, so the layers named here need not hold it. Find it with "
+            "hf_tgprune.losses.non_finite_parameters(model); it means a corrupted checkpoint or a diverged "
+            "training. If every weight is finite, the loss overflowed: lower the temperature or enable "
+            "normalize_logits."
+        )
 
 
 def global_masks(
@@ -272,9 +277,44 @@ def min_layer_density_for(sparsity: float, min_layer_density: float = 0.0, layer
     return max(min_layer_density, layer_density_floor * (1.0 - sparsity))
 
 
+def as_bool_masks(masks: Mapping[str, torch.Tensor], argument: str = "masks") -> dict[str, torch.Tensor]:
+    """Masks as bool tensors (True = kept): bool masks as they are; float or integer masks holding only 0 and 1
+    (as ``torch.nn.utils.prune`` stores its ``weight_mask`` buffers) converted. The one place where masks from
+    outside the library are accepted.
+
+    Args:
+        masks: ``{parameter name: tensor}``.
+        argument: the argument's name in error messages.
+
+    Raises:
+        TypeError: `masks` is not a mapping of tensors.
+        ValueError: a mask holds values other than 0 and 1 (e.g. scores, or a soft mask).
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"`{argument}` must be a dict of parameter name -> bool tensor, got {type(masks).__name__}")
+    converted = {}
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"`{argument}[{name!r}]` must be a tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                odd = mask[(mask != 0) & (mask != 1)].reshape(-1)[:3].tolist()
+                raise ValueError(
+                    f"`{argument}[{name!r}]` ({mask.dtype}) holds values other than 0 and 1 (e.g. {odd}); masks are "
+                    "True/1 = kept, False/0 = pruned. Threshold scores first (hf_tgprune.global_masks)."
+                )
+            mask = mask != 0
+        converted[name] = mask
+    return converted
+
+
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (parameters stay plain `nn.Parameter`s)."""
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the pruned weights in place (parameters stay plain `nn.Parameter`s); returns the masks as bool tensors.
+
+    Masks may be bool, or float / integer 0/1 tensors (converted by :func:`as_bool_masks`).
+    """
+    masks = as_bool_masks(masks)
     params = dict(unwrap_model(model).named_parameters())
     missing = [name for name in masks if name not in params]
     if missing:
@@ -284,6 +324,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if mask.shape != param.shape:
             raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
         param.mul_(mask.to(param.device))
+    return masks
 
 
 def _counts(tensors: Iterable[torch.Tensor]) -> dict[str, float]:

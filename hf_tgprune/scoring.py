@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import check_same_num_labels, forward_logits, unwrap_model
-from .losses import teacher_guided_loss
+from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
 from .registry import Registry
 
@@ -83,10 +83,12 @@ def get_scoring_method(name: str) -> ScoringMethod:
 # --- losses and saliencies --------------------------------------------------------------------------------------
 def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
     logits = forward_logits(model, batch["pixel_values"])
+    check_finite_logits(logits, "student", model)  # a NaN weight anywhere makes every score NaN: name it here
     teacher_logits = None
     if options.alpha != 0:
         with torch.no_grad():
             teacher_logits = forward_logits(teacher, batch["pixel_values"])
+        check_finite_logits(teacher_logits, "teacher", teacher)
     return teacher_guided_loss(
         logits,
         teacher_logits,
@@ -101,6 +103,7 @@ def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) ->
 
 def cross_entropy_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
     logits = forward_logits(model, batch["pixel_values"])
+    check_finite_logits(logits, "student", model)
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
 

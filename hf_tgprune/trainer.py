@@ -24,12 +24,14 @@ from .adapters import check_same_num_labels, forward_logits
 from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseCheckpointMixin
 from .config import TeacherGuidedPruningConfig, parse_nm_pattern
+from .data.collate import batchnorm_needs_drop_last, check_labelled, collate_fn
 from .data.splits import deterministic_sample
-from .losses import teacher_guided_loss
+from .losses import check_finite_logits, teacher_guided_loss
 from .masking import (
     MASKS_NAME,
     MaskFileError,
     apply_masks,
+    as_bool_masks,
     load_masks,
     mask_hash,
     min_layer_density_for,
@@ -156,7 +158,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator,
+            data_collator=data_collator if data_collator is not None else collate_fn,  # also (x, y) tuples
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -178,7 +180,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         self.pruning_report: dict | None = None
         self._pruned = False
         if masks is not None:
-            self.install_masks(dict(masks))
+            self.install_masks(as_bool_masks(masks))  # float/int 0/1 masks (torch.nn.utils.prune) become bool
             self._pruned = True
 
     # --- validation ---------------------------------------------------------------------------------------------
@@ -211,6 +213,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                 f"Calibration examples from `{argument}` have no labels (keys: {sorted(example)}); every example "
                 "needs a `labels` (or `label`) entry next to `pixel_values`."
             )
+        check_labelled(source, argument)  # partly labelled data, where cheap to see (else collate_fn, per batch)
 
     # --- pruning ------------------------------------------------------------------------------------------------
     def get_calibration_dataloader(self, num_samples: int | None = None, epochs: int = 0) -> _ShardedBatches:
@@ -553,6 +556,26 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             **kwargs,
         )
 
+    def get_train_dataloader(self) -> DataLoader:
+        """The Trainer's training loader; it drops an epoch's last batch when that batch would be a single image
+        fed to a BatchNorm student (which cannot train on it). Evaluation loaders keep every example."""
+        args = self.args
+        if args.dataloader_drop_last or not batchnorm_needs_drop_last(
+            self.model, self.train_dataset, self._train_batch_size, args.world_size
+        ):
+            return super().get_train_dataloader()
+        logger.warning(
+            "train_dataset has %d examples: with a batch size of %d every epoch would end with a batch of one "
+            "image, which BatchNorm cannot train on; that batch is dropped (dataloader_drop_last for training).",
+            len(self.train_dataset),
+            self._train_batch_size,
+        )
+        args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            args.dataloader_drop_last = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`alpha·T²·CAKLD + (1-alpha)·CE` against the frozen teacher when `retrain_with_kd`, plain CE otherwise."""
         own = self.method.compute_loss(self, model, inputs)
@@ -565,6 +588,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         if args.retrain_with_kd and self.teacher_model is not None:
             with torch.no_grad():
                 teacher_logits = forward_logits(self.teacher_model, pixel_values)
+            check_finite_logits(teacher_logits, "teacher", self.teacher_model)
             loss = teacher_guided_loss(
                 logits,
                 teacher_logits,
