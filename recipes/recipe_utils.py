@@ -252,7 +252,8 @@ def measure_inference_speed(
     model: Any, examples: Any, batch_sizes: Sequence[int], repeats: int, masks: Mapping[str, Any] | None = None
 ):
     """End-to-end latency of a pruned model on the CPU: as it is (dense kernels) vs exported with
-    `hf_tgprune.export_sparse_inference`, exported and measured separately at each batch size.
+    `hf_tgprune.export_sparse_inference`, exported and measured separately at each batch size. Where the export
+    converts no layer it is the dense model itself: only the dense model is timed and the speed-up is 1.
 
     Args:
         model: the pruned model (any device; a float32 CPU copy in eval mode is measured, `model` is untouched).
@@ -279,7 +280,11 @@ def measure_inference_speed(
     for batch_size in batch_sizes:
         (inputs,) = resize_batch(examples, batch_size)
         exported, report = export_sparse_inference(model, inputs, repeats=repeats)
-        dense_ms, sparse_ms = median_latencies_ms([model, exported], inputs, repeats)
+        if report.sparse_layers:
+            dense_ms, sparse_ms = median_latencies_ms([model, exported], inputs, repeats)
+        else:  # nothing converted: the export runs exactly the dense model, and any measured difference is noise
+            (dense_ms,) = median_latencies_ms([model], inputs, repeats)
+            sparse_ms = dense_ms
         latencies.append(
             InferenceLatency(
                 batch_size=int(batch_size),

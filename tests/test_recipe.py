@@ -572,3 +572,26 @@ def test_inference_arguments_need_the_flag_and_valid_values(recipe, tiny_cifar, 
     with pytest.raises(RecipeError, match="--inference_repeats must be >= 1"):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", "--export_sparse_inference", "True", "--inference_repeats", "0")
     assert not (tmp_path / "out").exists()
+
+
+def test_measure_inference_speed_records_the_export_and_leaves_the_model_alone():
+    """A dense (unpruned) model: the export converts nothing, so the speed-up is exactly 1 (not timing noise); the
+    masks are applied to the measured copy only."""
+    from recipe_utils import measure_inference_speed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, NUM_CLASSES))
+    before = model[1].weight.detach().clone()
+    masks = {"1.weight": torch.ones_like(before, dtype=torch.bool)}
+    masks["1.weight"][:, ::2] = False  # density 0.5 = max_density: timed
+    speed = measure_inference_speed(model.train(), torch.randn(3, 3, 8, 8), [1, 5], repeats=1, masks=masks)
+    assert torch.equal(model[1].weight, before) and model.training  # the caller's model is untouched
+    assert [latency.batch_size for latency in speed.latencies] == [1, 5]
+    assert speed.input_shape == [3, 8, 8] and speed.threads == torch.get_num_threads() and speed.repeats == 1
+    for latency in speed.latencies:
+        assert latency.layers_candidate == 1 and latency.dense_ms > 0
+        if latency.layers_converted == 0:
+            assert latency.sparse_ms == latency.dense_ms and latency.speedup == 1.0
+    dense = measure_inference_speed(model, torch.randn(2, 3, 8, 8), [1], repeats=1)  # density 1: never converted
+    (latency,) = dense.latencies
+    assert latency.layers_converted == 0 and latency.speedup == 1.0 and latency.max_abs_error == 0.0
