@@ -360,3 +360,48 @@ def test_augmentation_and_dataset_preset_registries_refuse_duplicate_names():
         register_augmentation("cifar")(lambda config: [])
     with pytest.raises(ValueError, match="dataset preset named 'uoft-cs/cifar10' is already registered"):
         register_dataset_preset("uoft-cs/cifar10", "img", "label")
+
+
+# --- collation of other example layouts; partly labelled data; a single-image last batch --------------------------------
+def test_collate_accepts_tuples_and_label_keys():
+    pixels = [torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]
+    from_tuples = collate_fn([(pixels[0], 1), (pixels[1], torch.tensor(2))])
+    from_dicts = collate_fn([{"pixel_values": pixels[0], "label": 1}, {"pixel_values": pixels[1], "labels": 2}])
+    for batch in (from_tuples, from_dicts):
+        assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["labels"].tolist() == [1, 2]
+        assert batch["labels"].dtype == torch.long
+    assert "labels" not in collate_fn([(pixels[0],), {"pixel_values": pixels[1], "labels": None}])
+
+
+def test_collate_refuses_partly_labelled_batches_and_untransformed_images():
+    pixels = torch.zeros(3, 4, 4)
+    with pytest.raises(ValueError, match=r"Partly labelled data: examples \[1\]"):
+        collate_fn([{"pixel_values": pixels, "labels": 0}, {"pixel_values": pixels}])
+    with pytest.raises(TypeError, match="apply a transform"):
+        collate_fn([(Image.new("RGB", (4, 4)), 0)])
+    with pytest.raises(ValueError, match="labels are class indices"):
+        collate_fn([(pixels, "cat")])
+
+
+def test_check_labelled_sees_nulls_in_datasets_and_lists():
+    from hf_tgprune.data.collate import check_labelled
+
+    dataset = datasets.Dataset.from_dict({"pixel_values": [[0.0]] * 4, "label": [0, None, 1, None]})
+    with pytest.raises(ValueError, match="`train_dataset` is partly labelled: 2 of its 4 examples"):
+        check_labelled(dataset, "train_dataset")
+    check_labelled(dataset.select([0, 2]))
+    with pytest.raises(ValueError, match="1 of its 2 examples"):
+        check_labelled(dataset.select([0, 1]))
+    with pytest.raises(ValueError, match="partly labelled"):
+        check_labelled([(torch.zeros(3), 0), (torch.zeros(3),)])
+
+
+def test_single_example_last_batch():
+    from hf_tgprune.data.collate import batchnorm_needs_drop_last, single_example_last_batch
+
+    assert single_example_last_batch(33, 8) and not single_example_last_batch(32, 8)
+    assert not single_example_last_batch(33, 8, num_processes=2)  # accelerate completes the last batches
+    assert not single_example_last_batch(5, 1)
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    assert batchnorm_needs_drop_last(with_bn, list(range(33)), 8)
+    assert not batchnorm_needs_drop_last(torch.nn.Conv2d(3, 4, 1), list(range(33)), 8)

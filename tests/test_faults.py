@@ -467,3 +467,72 @@ def test_a_single_image_last_batch_is_dropped_for_a_batchnorm_student(tmp_path, 
     assert trainer.state.global_step == 4
     assert trainer.args.dataloader_drop_last is False  # evaluation keeps every image
     assert len(trainer.get_eval_dataloader()) == 5
+
+
+# --- API inputs ---------------------------------------------------------------------------------------------------------
+def _as_tuples(dataset):
+    return [(dataset[i]["pixel_values"], int(dataset[i]["labels"])) for i in range(len(dataset))]
+
+
+def test_tuple_datasets_train_and_evaluate(tmp_path):
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        teacher_model=make_model("hf_resnet", seed=1),
+        args=tiny_config(tmp_path, sparsity=0.9, max_steps=2),
+        train_dataset=_as_tuples(RandomImages(32)),
+        eval_dataset=_as_tuples(RandomImages(16, seed=1)),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2 and "eval_loss" in trainer.evaluate()
+
+
+def test_partly_labelled_calibration_data_is_refused_before_any_work(tmp_path):
+    data = _as_tuples(RandomImages(16))
+    data[5] = (data[5][0],)  # one example without a label
+    with pytest.raises(ValueError, match="`train_dataset` is partly labelled: 1 of its 16 examples"):
+        TeacherGuidedPruningTrainer(
+            model=make_model("timm_resnet"),
+            teacher_model=make_model("hf_resnet", seed=1),
+            args=tiny_config(tmp_path, sparsity=0.9),
+            train_dataset=data,
+        )
+
+    class PartlyLabelled(torch.utils.data.Dataset):  # no cheap look at the labels: the batch that holds one says so
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            item = RandomImages(16)[i]
+            return {"pixel_values": item["pixel_values"]} if i == 5 else item
+
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"),
+        teacher_model=make_model("hf_resnet", seed=1),
+        args=tiny_config(tmp_path, sparsity=0.9),
+        train_dataset=PartlyLabelled(),
+    )
+    with pytest.raises(ValueError, match="Partly labelled data"):
+        trainer.prune()
+    assert trainer.masks is None
+
+
+def test_float_masks_from_torch_prune_are_installed_as_bool(tmp_path):
+    model, masks = pruned()
+    float_masks = {name: mask.float() for name, mask in masks.items()}  # torch.nn.utils.prune's weight_mask
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=0),
+        args=tiny_config(tmp_path, sparsity=0.9, max_steps=1, retrain_with_kd=False, pruning_method="magnitude"),
+        train_dataset=RandomImages(16),
+        masks=float_masks,
+    )
+    assert all(mask.dtype == torch.bool for mask in trainer.masks.values())
+    assert mask_hash(trainer.masks) == mask_hash(masks)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.count_nonzero(params[n][~m]) == 0 for n, m in trainer.masks.items())
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        TeacherGuidedPruningTrainer(
+            model=make_model("timm_resnet"),
+            args=tiny_config(tmp_path, retrain_with_kd=False, pruning_method="magnitude"),
+            masks={name: mask.float() * 0.5 for name, mask in masks.items()},
+        )

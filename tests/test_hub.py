@@ -468,3 +468,36 @@ def test_trainer_records_inference_speed_in_sparsity_json_and_card(tmp_path):
     trainer.sparse_info.inference = "2.8x faster"
     with pytest.raises(TypeError, match="SparseModelInfo.inference takes a hf_tgprune.modelcard.InferenceSpeed"):
         trainer.save_model(str(tmp_path / "bad"))
+
+
+def test_a_folder_whose_sparsity_json_lost_its_files_entry_is_never_uploaded(fake_hub, tmp_path):
+    model, masks = pruned_model("timm_resnet")
+    folder = tmp_path / "out"
+    save_sparse_model(model, folder, masks)
+    record = json.loads((folder / SPARSITY_FILE_NAME).read_text())
+    record["files"] = {}
+    (folder / SPARSITY_FILE_NAME).write_text(json.dumps(record))
+    with pytest.raises(HubPushError, match="no SHA-256 entry for model.safetensors") as info:
+        push_sparse_folder(folder, "user/repo")
+    assert info.value.reason == "invalid_checkpoint" and fake_hub.calls == []
+
+
+def test_trainer_save_model_into_its_output_dir_keeps_checkpoints_and_the_card(tmp_path):
+    """save_model() swaps in a complete new folder: checkpoints, logs and the card already there survive."""
+    args = _trainer_args(tmp_path, save_strategy="steps", save_steps=2)
+    trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
+    trainer.train()
+    out = Path(args.output_dir)
+    trainer.save_model()
+    (out / "README.md").write_text("my card\n")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    trainer.args.save_format = "bitmask"
+    trainer.save_model()
+    after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert set(after) == set(before) - {DENSE_WEIGHTS_NAME} | {BITMASK_WEIGHTS_NAME}
+    assert (out / "README.md").read_text() == "my card\n"
+    resumed = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet"), args=_trainer_args(tmp_path, max_steps=4), train_dataset=RandomImages(16)
+    )
+    resumed.train(resume_from_checkpoint=True)  # the carried-over checkpoint is intact
+    assert resumed.state.global_step == 4

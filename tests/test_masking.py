@@ -180,3 +180,34 @@ def test_already_zero_weights_are_pruned_first():
     assert _pruned(masks) == 1800
     zeros = {n: w == 0 for n, w in weights.items()}
     assert all(bool((~masks[n])[zeros[n]].all()) for n in weights)  # every zero pruned, no live weight lost
+
+
+# --- masks from outside the library -----------------------------------------------------------------------------------
+def test_float_and_int_01_masks_are_accepted_as_bool():
+    from hf_tgprune.masking import as_bool_masks
+
+    float_mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # as torch.nn.utils.prune stores weight_mask
+    masks = as_bool_masks({"a": float_mask, "b": torch.tensor([1, 0, 1]), "c": torch.tensor([True, False])})
+    assert all(mask.dtype == torch.bool for mask in masks.values())
+    assert torch.equal(masks["a"], float_mask.bool()) and masks["b"].tolist() == [True, False, True]
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    returned = apply_masks(model, {"0.weight": float_mask})
+    assert returned["0.weight"].dtype == torch.bool
+    assert torch.count_nonzero(model[0].weight[~float_mask.bool()]) == 0
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0.5, 1.0]), torch.tensor([2, 0]), torch.tensor([-1.0, 1.0])])
+def test_masks_with_values_other_than_0_and_1_are_refused(bad):
+    from hf_tgprune.masking import as_bool_masks
+
+    with pytest.raises(ValueError, match=r"`masks\['w'\]`.*values other than 0 and 1"):
+        as_bool_masks({"w": bad})
+    with pytest.raises(TypeError, match="must be a tensor"):
+        as_bool_masks({"w": [1, 0]})
+
+
+def test_non_finite_scores_point_to_the_weights_and_the_likely_cause():
+    scores = {"a.weight": torch.tensor([float("nan")]), "b.weight": torch.tensor([float("nan")])}
+    with pytest.raises(ValueError, match=r"'a.weight' and 1 more.*non_finite_parameters.*corrupted"):
+        global_masks(scores, 0.5)

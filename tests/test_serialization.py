@@ -599,3 +599,59 @@ def test_sparsity_json_and_card_carry_no_local_paths(tmp_path, monkeypatch):
     assert record["extra"] == {"output_dir": "out"}
     text = (tmp_path / "out" / SPARSITY_FILE_NAME).read_text() + create_model_card(tmp_path / "out").content
     assert str(tmp_path) not in text and "~/" not in text
+
+
+# --- sparsity.json is cross-checked with its weights file ------------------------------------------------------------
+def _edit(folder: Path, edit) -> None:
+    record = json.loads((folder / SPARSITY_FILE_NAME).read_text())
+    edit(record)
+    (folder / SPARSITY_FILE_NAME).write_text(json.dumps(record))
+
+
+RECORD_EDITS = {
+    "a layer's zeros": (
+        lambda r: r["sparsity"]["layers"][next(iter(r["sparsity"]["layers"]))].update(zeros=0),
+        "zeros",
+    ),
+    "a layer removed": (lambda r: r["sparsity"]["layers"].popitem(), "layer|prunable"),
+    "a layer added": (lambda r: r["sparsity"]["layers"].update({"nope.weight": {"numel": 1, "zeros": 0}}), "nope"),
+    "the mask hash": (lambda r: r["mask"].update(sha256="1" * 64, sha256_on_disk="1" * 64), "mask hash"),
+    "the files entry": (lambda r: r.pop("files"), "no `files` table"),
+    "the format": (lambda r: r.update(format="dense" if r["format"] == "bitmask" else "bitmask"), "format"),
+    "everything": (lambda r: r.clear(), "no `files` table"),
+    "the layer table only": (lambda r: r["sparsity"].pop("layers"), "no `sparsity.layers` table"),
+}
+
+
+@pytest.mark.parametrize("edit", list(RECORD_EDITS))
+@pytest.mark.parametrize("save_format", ["dense", "bitmask"])
+def test_an_edited_sparsity_json_is_refused(tmp_path, save_format, edit):
+    model, masks = pruned_model("timm_resnet")
+    record = save_sparse_model(model, tmp_path, masks, save_format=save_format)
+    assert record["mask"]["sha256_on_disk"] == record["mask"]["sha256"]  # timm: same names on disk
+    change, message = RECORD_EDITS[edit]
+    _edit(tmp_path, change)
+    for load in (load_sparse, load_sparse_masks):
+        with pytest.raises(SparseFormatError, match=f"sparsity.json.*({message})"):
+            load(tmp_path)
+    load_sparse(tmp_path, verify=False)  # verification can be skipped explicitly
+
+
+@pytest.mark.parametrize("content", ["", '{"format": "dense", "spar', "[1, 2]"])
+def test_a_truncated_or_garbled_sparsity_json_is_a_clear_error(tmp_path, content):
+    model, masks = pruned_model("timm_resnet")
+    save_sparse_model(model, tmp_path, masks)
+    (tmp_path / SPARSITY_FILE_NAME).write_text(content)
+    with pytest.raises(SparseFormatError, match=r"sparsity.json( is not valid JSON.*truncated|: holds a JSON list)"):
+        load_sparse(tmp_path)
+
+
+def test_renamed_transformers_masks_are_checked_on_disk(tmp_path):
+    model = renamed_model("hf_dinov2_swiglu")
+    params = prunable_parameters(model)
+    masks = global_masks({n: p.detach().abs() for n, p in params.items()}, 0.8)
+    apply_masks(model, masks)
+    record = save_sparse_model(model, tmp_path, masks, save_format="bitmask")
+    assert record["mask"]["sha256"] == mask_hash(masks)
+    assert mask_hash(load_sparse_masks(tmp_path)) == record["mask"]["sha256_on_disk"]
+    assert mask_hash(load_sparse_masks(tmp_path, model)) == record["mask"]["sha256"]
