@@ -102,6 +102,7 @@ def test_a_kill_while_saving_into_an_existing_folder_keeps_a_complete_model(tmp_
     new_model, new_masks = pruned(seed=1)
     save_sparse_model(old_model, target, old_masks, save_format=save_format)
     add_user_files(target)
+    (target / ".sparsity.json.k3j4h5g6.tmp").write_text('{"trunc')  # an atomic write interrupted earlier
     expected = {"old": state_of(old_model, old_masks), "new": state_of(new_model, new_masks)}
     image = tmp_path / "image"  # the disk as a kill at this point leaves it
 
@@ -313,10 +314,10 @@ def _revive_a_pruned_weight_and_resave(folder: Path) -> None:
     save_sparse_model(model, folder, None)
 
 
-def _swap_in_another_runs_masks(checkpoint_run):
+def _swap_in_another_runs(checkpoint_run, names):
     def corrupt(folder: Path) -> None:
         other = checkpoint_run / "b" / "out" / "checkpoint-2"
-        for name in (MASKS_NAME, trainer_module.PRUNING_STATE_NAME):
+        for name in names:
             shutil.copy(other / name, folder / name)
 
     return corrupt
@@ -339,7 +340,12 @@ CHECKPOINT_CORRUPTIONS = {
     "pruned weight non-zero": (_revive_a_pruned_weight_and_resave, SparseFormatError, "masks.safetensors prunes"),
     "flipped bit in masks.safetensors": (_flip_a_mask_bit, MaskFileError, "do not match the hash"),
     "truncated masks.safetensors": (_truncate(MASKS_NAME), MaskFileError, "masks.safetensors.*truncated"),
-    "another run's masks": (None, MaskFileError, "different saves"),
+    "another run's masks.safetensors": ((MASKS_NAME,), MaskFileError, "not the ones this checkpoint recorded"),
+    "another run's masks and pruning_state.json": (
+        (MASKS_NAME, trainer_module.PRUNING_STATE_NAME),
+        MaskFileError,
+        "different saves",
+    ),
     "truncated pruning_state.json": (_truncate("pruning_state.json"), ValueError, "pruning_state.json.*truncated"),
     "truncated sparsity.json": (_truncate(SPARSITY_FILE_NAME), SparseFormatError, "sparsity.json is not valid JSON"),
     "layer removed from sparsity.json": (
@@ -369,7 +375,7 @@ CHECKPOINT_CORRUPTIONS = {
 def test_resume_refuses_a_corrupted_checkpoint_naming_the_file(checkpoint_run, tmp_path, corruption):
     checkpoint = _checkpoint(checkpoint_run, tmp_path)
     corrupt, error, message = CHECKPOINT_CORRUPTIONS[corruption]
-    (corrupt or _swap_in_another_runs_masks(checkpoint_run))(checkpoint)
+    (_swap_in_another_runs(checkpoint_run, corrupt) if isinstance(corrupt, tuple) else corrupt)(checkpoint)
     resumed = _trainer(tmp_path, output=tmp_path / "out", max_steps=4)
     with pytest.raises(error, match=message):
         resumed.train(resume_from_checkpoint=str(checkpoint))
