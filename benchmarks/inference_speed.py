@@ -142,7 +142,8 @@ def scored_model(name: str, method: str, calibration_images: int, seed: int = 0)
 
 def pruned_copy(model: torch.nn.Module, scores: dict, sparsity: float) -> tuple[torch.nn.Module, float]:
     """A copy of `model` with a global mask at `sparsity` applied; and the measured prunable sparsity."""
-    from hf_tgprune import apply_masks, global_masks, min_layer_density_for, sparsity_report
+    from hf_tgprune import apply_masks, global_masks, sparsity_report
+    from hf_tgprune.masking import min_layer_density_for
 
     masks = global_masks(scores, sparsity, min_density=min_layer_density_for(sparsity, 0.0, 0.5))
     pruned = copy.deepcopy(model)
