@@ -56,7 +56,12 @@ from recipe_utils import (  # noqa: E402
 )
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed  # noqa: E402
 
-from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, sparsity_report  # noqa: E402
+from hf_tgprune import (  # noqa: E402
+    TeacherGuidedPruningConfig,
+    TeacherGuidedPruningTrainer,
+    prunable_parameters,
+    sparsity_report,
+)
 from hf_tgprune.adapters import image_processor, unwrap_model  # noqa: E402
 from hf_tgprune.data import (  # noqa: E402
     DataError,
@@ -396,6 +401,10 @@ def main(argv=None) -> dict:
         student, teacher, teacher_is_trained = load_models(
             model_args, args, num_labels, id2label, label2id, teacher_dir, resume
         )
+        try:  # --prune_include / --prune_exclude patterns must match the student's weights: say so before training
+            prunable_parameters(student, args.prune_include, args.prune_exclude)
+        except ValueError as error:
+            raise RecipeError(str(error)) from error
         # the student's resolution and normalisation (its image processor, if its library has one); the teacher sees
         # the same batches, so it must run on them
         data_config = resolve_data_config(

@@ -236,6 +236,10 @@ def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
         (["--teacher_epochs", "0"], "No trained teacher"),
         (["--augmentation", "mixup"], "--augmentation must be one of"),
         (["--sparsity", "0.5", "--sparsities", "0.5", "0.8"], "were both given"),
+        (
+            ["--prune_exclude", "no_such_layer"],
+            "`prune_exclude` pattern 'no_such_layer' matches no prunable parameter",
+        ),
         (["--sparsities", "0.9", "0.90000001"], "duplicates"),
         (["--fp16", "True", "--use_cpu", "True"], "fp16"),
         (["--per_device_train_batch_size", "0"], "batch_size"),
