@@ -5,7 +5,9 @@ overrides the Trainer's saving and checkpoint-loading hooks only:
 
 * ``_save`` (every ``save_model()`` output and every checkpoint) writes the folder with
   :func:`hf_tgprune.serialization.save_sparse_model`: ``model.safetensors`` that plain timm/transformers load,
-  ``config.json`` (+ the preprocessing in ``trainer.sparse_info.data_config``), ``sparsity.json``.
+  ``config.json`` (+ the preprocessing in ``trainer.sparse_info.data_config``), ``sparsity.json``. A
+  ``save_model()`` output is swapped in all-or-nothing (the folder's other files are kept); a checkpoint is written
+  in place (the other ranks write their RNG states into it meanwhile) and counts once ``trainer_state.json`` is.
   ``args.save_format="bitmask"`` applies to ``save_model()`` outputs; Trainer checkpoints (``checkpoint-*``) stay
   dense and keep the exact training state, so that ``resume_from_checkpoint`` and ``load_best_model_at_end``
   work; a checkpoint's masks are written inside ``_save`` (``save_pruning_state``), before the Trainer marks the
@@ -251,6 +253,9 @@ class SparseCheckpointMixin:
             enforce_masks=not checkpoint,
             data_config=self.sparse_info.data_config,
             write_extra_files=write_processor,
+            # a checkpoint is written in place: the other ranks write their RNG states into it meanwhile, and it only
+            # counts once the Trainer writes trainer_state.json; outputs are swapped in all-or-nothing
+            atomic_folder=not checkpoint,
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -200,7 +200,6 @@ CHECKPOINT_POINTS = {
     # point: (patched object, attribute, the checkpoint that resume must pick)
     "model weights": (adapters, "save_file", 2),
     "sparsity.json": (save_module, "write_json_atomic", 2),
-    "publishing the model folder": (publish, "_exchange", 2),
     "masks.safetensors": (trainer_module, "save_masks", 2),
     "pruning_state.json": (trainer_module, "write_json_atomic", 2),
     "optimizer": (None, "_save_optimizer_and_scheduler", 2),
@@ -254,6 +253,22 @@ def test_a_kill_at_each_point_of_a_checkpoint_save_resumes_from_a_complete_check
         assert mask_hash(resumed.masks) == final_masks, point
         params = dict(resumed.model.named_parameters())
         assert all(torch.count_nonzero(params[n][~m]) == 0 for n, m in resumed.masks.items()), point
+
+
+def test_a_checkpoint_is_written_in_place_beside_the_other_ranks_files(tmp_path, monkeypatch):
+    """Other ranks write their RNG states into a checkpoint while process 0 saves the model: nothing is swapped."""
+    trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-2"
+    write_record = save_module.write_json_atomic
+
+    def another_rank_meanwhile(*args, **kwargs):
+        (checkpoint / "rng_state_1.pth").write_bytes(b"rank 1")
+        return write_record(*args, **kwargs)
+
+    monkeypatch.setattr(save_module, "write_json_atomic", another_rank_meanwhile)
+    trainer.train()
+    assert (checkpoint / "rng_state_1.pth").read_bytes() == b"rank 1"
+    assert publish.leftovers(checkpoint) == []
 
 
 # --- a corrupted file of each kind in a checkpoint ------------------------------------------------------------------

@@ -213,3 +213,17 @@ def staged_folder(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def folder_in_place(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) -> Iterator[Path]:
+    """Write into `output_dir` itself (each file atomically, no swap), for folders that other processes write into
+    at the same time (a Trainer checkpoint: the other ranks' RNG states, DeepSpeed shards). The files named in
+    `drop` are removed first."""
+    target = Path(os.path.expanduser(os.fspath(output_dir)))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{output_dir} exists and is not a folder; pass a folder to save into.")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in drop:
+        (target / name).unlink(missing_ok=True)
+    yield target

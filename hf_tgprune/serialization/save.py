@@ -17,7 +17,7 @@ from ..masking import mask_hash, measure_sparsity
 from ..utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
 from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SAVE_FORMATS, SPARSITY_FILE_NAME, sha256_file
-from .publish import staged_folder
+from .publish import folder_in_place, staged_folder
 from .record import check_metadata, library_versions, public_metadata
 from .weights import convert_masks, read_weights
 
@@ -140,6 +140,7 @@ def save_sparse_model(
     enforce_masks: bool = True,
     data_config: Any = None,
     write_extra_files: Callable[[Path], None] | None = None,
+    atomic_folder: bool = True,
 ) -> dict[str, Any]:
     """Save a pruned model with its ``sparsity.json``; returns the ``sparsity.json`` content.
 
@@ -176,6 +177,10 @@ def save_sparse_model(
             recorded in ``sparsity.json``. None keeps the model's own declaration.
         write_extra_files: ``write_extra_files(folder)`` adds files to the new folder before the model's files are
             written (e.g. a processor's ``save_pretrained``), so that they are published with it.
+        atomic_folder: False writes into `output_dir` itself, each file atomically but without the swap: for a
+            folder that other processes write into at the same time (Trainer checkpoints, where the other ranks
+            write their RNG states; a checkpoint counts as complete only once the Trainer writes its
+            ``trainer_state.json``).
 
     Raises:
         KeyError: a mask names no tensor of the state dict.
@@ -218,7 +223,8 @@ def save_sparse_model(
     stale = BITMASK_WEIGHTS_NAME if save_format == "dense" else DENSE_WEIGHTS_NAME
     if (output_dir / stale).exists():
         logger.info("Removing stale %s from %s", stale, output_dir)
-    with staged_folder(output_dir, drop=[stale]) as folder:
+    publishing = staged_folder if atomic_folder else folder_in_place
+    with publishing(output_dir, drop=[stale]) as folder:
         if write_extra_files is not None:
             write_extra_files(folder)
         if save_format == "dense":
