@@ -41,7 +41,8 @@ def recalibrate_batchnorm(
 
     Args:
         model: the (pruned) network; wrappers (DDP, `torch.compile`) are stripped.
-        batches: dicts with `pixel_values` (labels are not needed), or `None` for a rank whose shard is empty.
+        batches: dicts with `pixel_values` (labels are not needed), or `None` for a rank whose shard is empty;
+            batches of a single image are skipped (BatchNorm cannot take statistics of one image).
         all_reduce: sums a tensor over processes; when given, every rank ends with the sample-weighted average of
             all ranks' statistics, so all ranks hold the same buffers.
         progress: show a progress bar.
@@ -65,7 +66,7 @@ def recalibrate_batchnorm(
             layer.momentum = None  # cumulative average over the recalibration batches
             layer.train()
         for batch in tqdm(batches, total=total, desc="Recalibrating BatchNorm", disable=not progress):
-            if batch is None:
+            if batch is None or batch["pixel_values"].shape[0] < 2:  # BatchNorm has no statistics of one image
                 continue
             pixel_values = batch["pixel_values"].to(device)
             forward_logits(network, pixel_values)

@@ -253,7 +253,14 @@ def _shard_gradients(student, teacher, batch, spec, options, weights, device):
     batch = _to_device(batch, device)
     if "labels" not in batch:
         raise ValueError("Calibration batches need `labels`; add a labels column to the calibration dataset.")
-    losses = spec.batch_loss(student, teacher, batch, options)
+    single_in_train_mode = student.training and batch["pixel_values"].shape[0] == 1
+    if single_in_train_mode:  # train-mode BatchNorm cannot normalise one image: score it with running statistics
+        student.eval()
+    try:
+        losses = spec.batch_loss(student, teacher, batch, options)
+    finally:
+        if single_in_train_mode:
+            student.train()
     grads = torch.autograd.grad(losses.sum(), weights, allow_unused=True)
     grads = [torch.zeros_like(w, dtype=torch.float32) if g is None else g.float() for w, g in zip(weights, grads)]
     return grads, torch.tensor(float(losses.numel()), device=device)

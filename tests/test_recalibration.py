@@ -100,3 +100,10 @@ def test_no_images_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="no images"):
         recalibrate_batchnorm(model, [None])
+
+
+def test_a_single_image_batch_is_skipped_not_a_crash():
+    model = make_model("timm_resnet")
+    batches = _batches(17, 8)  # 8 + 8 + 1
+    assert batches[-1]["pixel_values"].shape[0] == 1
+    assert recalibrate_batchnorm(model, batches) == 16

@@ -148,3 +148,10 @@ def test_teacher_with_another_class_count_gives_the_trainers_message():
     student, teacher = make_model("timm_resnet", num_labels=4), make_model("hf_resnet", num_labels=7)
     with pytest.raises(ValueError, match=r"disagree on the number of labels \(7 vs 4\)"):
         compute_importance_scores(student, _batches(), method="tgp", teacher=teacher)
+
+
+def test_train_mode_scoring_of_a_single_image_batch_uses_running_statistics():
+    student, teacher = make_model("timm_resnet"), make_model("timm_resnet", seed=3)
+    batches = _batches(n_batches=2, batch_size=4) + [{k: v[:1] for k, v in _batches(1, 1, seed=5)[0].items()}]
+    scores = compute_importance_scores(student, batches, method="tgp", teacher=teacher, bn_mode="train")
+    assert all(torch.isfinite(s).all() for s in scores.values())
