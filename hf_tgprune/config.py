@@ -36,7 +36,7 @@ def parse_nm_pattern(pattern: str) -> tuple[int, int]:
 class TeacherGuidedPruningConfig(TrainingArguments):
     r"""
     Configuration for [`TeacherGuidedPruningTrainer`]: everything of [`~transformers.TrainingArguments`] plus the
-    one-shot pruning and distillation settings of METHOD §1. Defaults follow the authors (alpha 0.7, beta 0.5,
+    one-shot pruning and distillation settings of teacher-guided pruning. Defaults follow the authors (alpha 0.7, beta 0.5,
     T 3, EMA aggregation, eval-mode BatchNorm while scoring).
     """
 

@@ -1,5 +1,5 @@
-"""Distillation losses: context-aware KL (CAKLD), the teacher-guided loss of METHOD §1, and EPSD's
-self-distillation loss (METHOD §2). DG2PF's self-KD is the teacher-guided loss with beta = 0.
+"""Distillation losses: context-aware KL (CAKLD), the teacher-guided loss of Alim et al. (2025), and EPSD's
+self-distillation loss (Chen et al., 2024). DG2PF's self-KD is the teacher-guided loss with beta = 0.
 
     L = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)
     CAKLD(p_s, p_t) = beta * KL(p_s || p_t) + (1 - beta) * KL(p_t || p_s)

@@ -242,7 +242,7 @@ def select_masks(
         scores: criterion scores per prunable weight (higher = more important).
         sparsity: target fraction of pruned weights, in [0, 1).
         min_density: per-layer minimum density (layer-collapse guard), see `global_masks`.
-        allocation: `"global"` ranks the scores of all layers together (METHOD §1); `"lamp"` ranks their LAMP
+        allocation: `"global"` ranks the scores of all layers together (the paper); `"lamp"` ranks their LAMP
             normalisation (`lamp_normalize`); `"magnitude"` / `"lamp_magnitude"` take each layer's kept count from
             the global ranking of `|θ|` (or of its LAMP normalisation) and choose *which* weights to keep inside
             each layer by `scores` (decoupled allocation; needs `weights`).

@@ -1,4 +1,4 @@
-"""Importance scores: the one place where the scoring formula of METHOD §1 lives.
+"""Importance scores: the one place where the scoring formulas live.
 
 For the default method `"tgp"`, every prunable weight θ gets
 

@@ -114,6 +114,10 @@ class _ShardedBatches:
 class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     """A `transformers.Trainer` that prunes the student once, guided by a frozen teacher, then retrains it sparsely.
 
+    The method of [Teacher-Guided One-Shot Pruning via Context-Aware Knowledge
+    Distillation](https://huggingface.co/papers/2511.16653) (Alim et al., IEEE BigData 2025); the seed baselines EPSD,
+    DG2PF and IMP run through the same trainer (`pruning_method`).
+
     Example:
         >>> trainer = TeacherGuidedPruningTrainer(model=student, teacher_model=teacher, args=config,
         ...                                       train_dataset=train, eval_dataset=val)
@@ -126,6 +130,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     """
 
     _tag_names = ["hf_tgprune", "pruning", "knowledge-distillation"]
+    _paper = {"title": "Teacher-Guided One-Shot Pruning via Context-Aware Knowledge Distillation", "id": "2511.16653"}
 
     def __init__(
         self,

@@ -79,7 +79,7 @@ def _load_dataset_dict(dataset_name: str, dataset_config: str | None, data_dir: 
         raise DataError(
             f"Could not load dataset {dataset_name!r} from the Hugging Face Hub"
             f"{' (offline mode is on: ' + ', '.join(_OFFLINE_VARS) + ')' if offline else ''} and it is not in the "
-            "local cache. Pass a local folder instead, e.g. `--dataset_name ../shared/data/cifar10` (a copy of "
+            "local cache. Pass a local folder instead, e.g. `--dataset_name path/to/cifar10` (a copy of "
             "`uoft-cs/cifar10` saved with its parquet files) or an imagefolder tree "
             "(`--dataset_name path/to/images` with one sub-folder per class)."
         ) from error
@@ -193,7 +193,7 @@ def load_image_dataset(
     """Load an image-classification dataset as a `DatasetDict` with columns `image` and `label` (`ClassLabel`).
 
     `dataset_name` is a Hub id (`uoft-cs/cifar10`, `uoft-cs/cifar100`, ...), a local dataset folder (a Hub
-    dataset saved with its data files, e.g. `../shared/data/cifar10`), an imagefolder tree
+    dataset saved with its data files, e.g. a local copy of `uoft-cs/cifar10`), an imagefolder tree
     (`root/<class>/<image>` or `root/<split>/<class>/<image>`), or `"imagefolder"` with `data_dir`.
     Unknown columns and undetectable ones raise `DataError` listing the available columns. Other keyword
     arguments go to `datasets.load_dataset` (`cache_dir`, `revision`, `token`, ...).
