@@ -32,7 +32,6 @@ capability >= 8.0 and fp16/bf16 weights, and raises `SemiStructuredUnavailableEr
 from __future__ import annotations
 
 import copy
-import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nm import is_nm_sparse
+from .utils import match_patterns
 
 # outputs of an exported model match the dense pruned model within these tolerances (torch.testing.assert_close):
 # the sparse kernels sum the same products in another order, a float32 rounding difference
@@ -305,15 +305,7 @@ def candidate_layers(model: nn.Module, layers: Sequence[str] | None = None) -> d
     modules = {name: m for name, m in model.named_modules() if name and _kind(m) is not None}
     if layers is None:
         return modules
-    selected: set[str] = set()
-    for pattern in layers:
-        hits = {name for name in modules if re.search(pattern, name)}
-        if not hits:
-            raise ValueError(
-                f"`layers` pattern {pattern!r} matches no nn.Linear / nn.Conv2d module; patterns are regular "
-                f"expressions matched with re.search against module names such as {list(modules)[:3]}."
-            )
-        selected |= hits
+    selected = match_patterns(modules, layers, "layers", what="nn.Linear / nn.Conv2d module")
     return {name: m for name, m in modules.items() if name in selected}
 
 

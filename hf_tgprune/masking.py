@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -23,23 +22,14 @@ import torch
 from torch import nn
 
 from .adapters import classifier_parameter_names, unwrap_model
+from .utils import match_patterns
 
 PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NUM_BINS = 1 << 16
 
 
 def _matching(names: Iterable[str], patterns: list[str] | None, argument: str) -> set[str]:
-    names = list(names)
-    matched: set[str] = set()
-    for pattern in patterns or []:
-        hits = {name for name in names if re.search(pattern, name)}
-        if not hits:
-            raise ValueError(
-                f"`{argument}` pattern {pattern!r} matches no prunable parameter; patterns are regular expressions "
-                f"matched with re.search against weight names such as {names[:3]}. Fix or remove the pattern."
-            )
-        matched |= hits
-    return matched
+    return match_patterns(names, patterns, argument, what="prunable parameter")
 
 
 def prunable_parameters(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "match_patterns",
     "atomic_path",
     "is_hub_id",
     "is_local_path",
@@ -121,3 +122,26 @@ def public_name(value: Any) -> Any:
     if is_hub_id(text) or not is_local_path(text):
         return text
     return Path(os.path.abspath(os.path.expanduser(text))).name or text
+
+
+def match_patterns(names, patterns, argument: str, what: str = "parameter") -> set[str]:
+    """The names any of the regular expressions `patterns` matches (`re.search`); a pattern that matches nothing is
+    an error naming `argument`, the pattern and examples of the names it was tried on.
+
+    Args:
+        names: the names to select from.
+        patterns: regular expressions, or None for none.
+        argument: the argument the patterns came from, for the message (e.g. "prune_include").
+        what: what the names are, for the message (e.g. "prunable parameter").
+    """
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in patterns or []:
+        hits = {name for name in names if re.search(pattern, name)}
+        if not hits:
+            raise ValueError(
+                f"`{argument}` pattern {pattern!r} matches no {what}; patterns are regular expressions matched with "
+                f"re.search against names such as {names[:3]}. Fix or remove the pattern."
+            )
+        matched |= hits
+    return matched
