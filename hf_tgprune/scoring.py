@@ -43,7 +43,7 @@ class ScoringOptions:
     beta: float = 0.5
     temperature: float = 3.0
     normalize_logits: bool = False
-    # weight λ of the self-distillation term of EPSD's CE + λ·L_SD (hf_tgprune.schedules)
+    # weight λ of the self-distillation term of EPSD's CE + λ·L_SD (hf_tgprune.methods.epsd)
     self_distillation_weight: float = 1.0
 
 

@@ -253,7 +253,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
     ) -> dict[str, torch.Tensor]:
         """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight.
 
-        `method` / `options` override `args.pruning_method` and the options built from the config (schedules use it).
+        `method` / `options` override the method's criterion and the options built from the config (EPSD uses it).
         """
         args = self.args
         method_name = method or self.method.criterion
