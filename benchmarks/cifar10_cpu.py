@@ -53,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_utils import PassCounter  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
@@ -165,29 +166,6 @@ def evaluate(model: nn.Module, split, batch_size: int = 500) -> float:
 
 
 # --- counting forward / backward passes ----------------------------------------------------------------------------
-class PassCounter:
-    """Images through forward passes of the hooked networks, and those that also go through a backward pass."""
-
-    def __init__(self):
-        self.forward = 0
-        self.backward = 0
-        self.enabled = True
-
-    def __deepcopy__(self, memo):  # hooks copied with a network (DG2PF's dense copy) keep counting here
-        return self
-
-    def hook(self, module, inputs, output):
-        if not self.enabled:
-            return
-        n = inputs[0].shape[0]
-        self.forward += n
-        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            self.backward += n
-
-    def attach(self, model: nn.Module):
-        return model.register_forward_hook(self.hook)
-
-
 # --- dense training (teacher / student) --------------------------------------------------------------------------
 def augmented_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
     """Shuffled batches with random crop (pad 4) + flip, built batch-wise (faster than per-item loading)."""

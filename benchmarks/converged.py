@@ -39,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_utils import PassCounter, load_jsonl  # noqa: E402
 from torch import nn  # noqa: E402
 
 PLATEAU_EPOCHS = 5
@@ -327,28 +328,6 @@ class TensorImages(torch.utils.data.Dataset):
         return {"pixel_values": self.normalize(image[None])[0], "labels": self.labels[i]}
 
 
-class PassCounter:
-    """Images through forward passes of the hooked networks, and those that also go through a backward pass."""
-
-    def __init__(self):
-        self.forward = 0
-        self.backward = 0
-        self.enabled = True
-
-    def __deepcopy__(self, memo):  # hooks copied with a network (DG2PF's dense copy) keep counting here
-        return self
-
-    def hook(self, module, inputs, output):
-        if self.enabled:
-            n = inputs[0].shape[0]
-            self.forward += n
-            if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-                self.backward += n
-
-    def attach(self, model: nn.Module):
-        return model.register_forward_hook(self.hook)
-
-
 # Variants: name -> (pruning_method, config overrides). Library defaults otherwise (at the commit that ran them).
 VARIANTS = {
     "magnitude": ("magnitude", {}),
@@ -522,10 +501,6 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     return record
 
 
-def _load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def planned_runs(args) -> list[tuple[str, float, int, int]]:
     """(variant, sparsity, seed, retrain epochs) of the stage, in the order they run."""
     if args.stage == "ablation":
@@ -542,7 +517,7 @@ def planned_runs(args) -> list[tuple[str, float, int, int]]:
 def run_stage(args, splits, info) -> None:
     out = Path(args.out)
     path = out / "runs.jsonl"
-    done = {r["key"] for r in _load(path)}
+    done = {r["key"] for r in load_jsonl(path)}
     for variant, sparsity, seed, epochs in planned_runs(args):
         key = f"{variant}|{sparsity}|{seed}|e{epochs}"
         if key in done:
@@ -630,7 +605,7 @@ def _runs(records, variant, sparsity, epochs, seed=None):
 def report(args) -> str:
     """Markdown tables from `runs.jsonl` and `setup.json` (printed and written to `tables.md` in `--out`)."""
     out = Path(args.out)
-    records = _load(out / "runs.jsonl")
+    records = load_jsonl(out / "runs.jsonl")
     lines = []
     setup_file = out / "setup.json"
     if setup_file.exists():
