@@ -109,6 +109,16 @@ class _CsrModule(nn.Module):
         return new
 
 
+def _filled_module(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """`module` moved to `weight`'s device and dtype, holding exactly `weight` and `bias`."""
+    module = module.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
 class SparseLinear(_CsrModule):
     """`nn.Linear` for inference with a `torch.sparse_csr` float32 weight: `y = (W_csr @ x^T)^T + b`.
 
@@ -135,14 +145,8 @@ class SparseLinear(_CsrModule):
 
     def to_dense_module(self) -> nn.Linear:
         """The equivalent `nn.Linear` (same device; weight and bias values equal)."""
-        weight = self.weight.to_dense()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _filled_module(linear, self.weight.to_dense(), self.bias)
 
     @property
     def density(self) -> float:
@@ -190,14 +194,9 @@ class SparseConv1x1(_CsrModule):
 
     def to_dense_module(self) -> nn.Conv2d:
         """The equivalent `nn.Conv2d` (same device; weight and bias values equal)."""
-        weight = self.weight.to_dense().reshape(self.out_channels, self.in_channels, 1, 1)
         conv = nn.Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=self.bias is not None)
-        conv = conv.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        weight = self.weight.to_dense().reshape(self.out_channels, self.in_channels, 1, 1)
+        return _filled_module(conv, weight, self.bias)
 
     @property
     def density(self) -> float:
@@ -238,14 +237,8 @@ class SemiStructuredLinear(nn.Module):
         self.register_buffer("bias", _bias_buffer(bias))
 
     def to_dense_module(self) -> nn.Linear:
-        weight = self.weight.to_dense()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _filled_module(linear, self.weight.to_dense(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()

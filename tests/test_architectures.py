@@ -16,18 +16,11 @@ import torch
 from hf_tgprune import TeacherGuidedPruningTrainer, load_sparse, mask_hash
 from hf_tgprune.adapters import classifier_parameter_names, get_adapter
 from hf_tgprune.serialization import SPARSITY_FILE_NAME, load_sparse_masks, read_sparsity_record
-from tests.utils import IMAGE_SIZE, NUM_LABELS, RandomImages, tiny_config
+from tests.utils import IMAGE_SIZE, NUM_LABELS, TINY_HF_VIT, RandomImages, tiny_config
 
 SPARSITY = 0.8
 TINY_VIT = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-HF_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=IMAGE_SIZE,
-    patch_size=8,
-)
+HF_VIT = TINY_HF_VIT
 HF_LEVIT = dict(
     image_size=IMAGE_SIZE,
     hidden_sizes=[16, 24, 32],

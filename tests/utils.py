@@ -31,19 +31,22 @@ def make_hf_resnet(num_labels: int = NUM_LABELS, seed: int = 0):
     return ResNetForImageClassification(config)
 
 
+# the tiny transformers ViT every test builds (also the base of the ViT-family configs of test_architectures.py)
+TINY_HF_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+)
+
+
 def make_hf_vit(num_labels: int = NUM_LABELS, seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(
-        num_labels=num_labels,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
+    config = ViTConfig(num_labels=num_labels, **TINY_HF_VIT)
     return ViTForImageClassification(config)
 
 
