@@ -65,6 +65,7 @@ PLAIN_LOADER = textwrap.dedent(
     sys.modules["hf_tgprune"] = None
     import torch
     from safetensors.torch import load_file, save_file
+    torch.set_num_threads(int(sys.argv[3]))  # the caller's thread count: same reduction order, bit-equal logits
     jobs = json.loads(sys.argv[1])
     x = load_file(sys.argv[2])["x"]
     for job in jobs:
@@ -93,7 +94,14 @@ def run_plain_loaders(jobs: list[dict], x: torch.Tensor, workdir: Path, extra_en
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(extra_env or {}))
     result = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOADER, json.dumps(jobs), str(workdir / "input.safetensors")],
+        [
+            sys.executable,
+            "-c",
+            PLAIN_LOADER,
+            json.dumps(jobs),
+            str(workdir / "input.safetensors"),
+            str(torch.get_num_threads()),
+        ],
         cwd=workdir,
         env=env,
         capture_output=True,
