@@ -348,6 +348,11 @@ VARIANTS = {
     "tgp CE retraining": ("tgp", {"retrain_with_kd": False}),
     "magnitude CE retraining": ("magnitude", {"retrain_with_kd": False}),
     "tgp no layer guard": ("tgp", {"layer_density_floor": 0.0}),
+    "magnitude no layer guard": ("magnitude", {"layer_density_floor": 0.0}),
+    "snip no layer guard": ("snip", {"layer_density_floor": 0.0}),
+    "tgp_fisher no layer guard": ("tgp_fisher", {"layer_density_floor": 0.0}),
+    "tgp rounds=5 no layer guard": ("tgp", {"layer_density_floor": 0.0, "pruning_rounds": 5}),
+    "tgp_fisher rounds=5 no layer guard": ("tgp_fisher", {"layer_density_floor": 0.0, "pruning_rounds": 5}),
     "magnitude lamp": ("magnitude", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
     "snip lamp": ("snip", {"layer_allocation": "lamp", "layer_density_floor": 0.0}),
     "tgp magnitude allocation": ("tgp", {"layer_allocation": "magnitude"}),
@@ -495,6 +500,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "forward_images": counter.forward,
         "backward_images": counter.backward,
         "saved_model": str(saved),
+        "teacher": info["teacher"]["architecture"] if uses_teacher else None,
+        "student": info["student"]["architecture"],
     }
     if "extra_test" in splits:
         record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
@@ -507,18 +514,24 @@ def planned_runs(args) -> list[tuple[str, float, int, int]]:
         return [(v, s, 0, args.retrain_epochs) for s in args.ablation_sparsities for v in args.variants]
     if args.stage == "long":
         return [(v, 0.98, 0, args.long_epochs) for v in args.variants]
-    runs = []
-    for sparsity in SPARSITIES:
-        for seed in [0] if sparsity == 0.90 else range(args.seeds):
+    runs = []  # seed by seed, so that a stage stopped early leaves whole tables of the first seeds
+    for seed in range(args.seeds):
+        for sparsity in SPARSITIES if seed == 0 else SPARSITIES[1:]:  # one seed at 90%
             runs += [(v, sparsity, seed, args.retrain_epochs) for v in args.variants]
     return runs
+
+
+def shard_of(runs: list, shard: str) -> list:
+    """Runs `i::n` of the plan for `--shard i/n` (n processes run disjoint shards into the same `runs.jsonl`)."""
+    index, count = (int(part) for part in shard.split("/"))
+    return runs[index::count]
 
 
 def run_stage(args, splits, info) -> None:
     out = Path(args.out)
     path = out / "runs.jsonl"
     done = {r["key"] for r in load_jsonl(path)}
-    for variant, sparsity, seed, epochs in planned_runs(args):
+    for variant, sparsity, seed, epochs in shard_of(planned_runs(args), args.shard):
         key = f"{variant}|{sparsity}|{seed}|e{epochs}"
         if key in done:
             continue
@@ -555,6 +568,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="benchmarks/results/converged")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/hf_tgprune_bench/converged"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: run every N-th planned run starting at I, to split a stage over N processes (one per core)",
+    )
     parser.add_argument("--teacher", default="resnet34d")
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--val-images", type=int, default=2500)
@@ -572,6 +590,11 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
+    try:
+        index, count = (int(part) for part in args.shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        parser.error(f"--shard must be I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two processes), got {args.shard!r}")
     if args.smoke:
         args.cache_dir += "_smoke"
         args.out = str(Path(args.cache_dir) / "results")
@@ -623,6 +646,11 @@ def report(args) -> str:
                 f"{e['seconds']:.0f} | {e['val_top1']:.2f} | {e['test_top1']:.2f} |"
             )
         lines.append("")
+        teacher = setup_info["teacher"]["architecture"]
+        stale = [r["key"] for r in records if r.get("teacher") not in (None, teacher)]
+        if stale:  # a record distilled from another teacher does not belong in this table
+            lines += [f"Left out ({len(stale)}): runs distilled from a teacher other than `{teacher}`.", ""]
+            records = [r for r in records if r.get("teacher") in (None, teacher)]
     epochs = args.retrain_epochs
     variants = [v for v in VARIANTS if any(r["variant"] == v and r["retrain_epochs"] == epochs for r in records)]
     header = "| method | " + " | ".join(
