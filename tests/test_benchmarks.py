@@ -1,0 +1,151 @@
+"""benchmarks/converged.py: the run plan, sharding, resumability, --test-data and the report (tiny models and data)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import converged  # noqa: E402
+
+
+def _tiny_cifar(root: Path, train_per_class: int = 12, test_per_class: int = 3) -> Path:
+    """A CIFAR-10-like folder in the Hub layout (`img`/`label`, train/test parquet files)."""
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    (root / "data").mkdir(parents=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = [c for c in range(10) for _ in range(per_class)]
+        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in labels]
+        dataset = datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+        dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_plan_is_seed_major_with_one_seed_at_90():
+    args = converged.parse_args(["--stage", "main", "--variants", "tgp", "magnitude", "--seeds", "3"])
+    runs = converged.planned_runs(args)
+    assert [(s, seed) for _, s, seed, _ in runs[:6]] == [
+        (0.9, 0),
+        (0.9, 0),
+        (0.95, 0),
+        (0.95, 0),
+        (0.98, 0),
+        (0.98, 0),
+    ]
+    assert [r for r in runs if r[1] == 0.9] == [("tgp", 0.9, 0, 2), ("magnitude", 0.9, 0, 2)]
+    assert len(runs) == 2 * (1 + 2 * 3) and len(set(runs)) == len(runs)
+
+
+def test_shards_partition_the_plan():
+    args = converged.parse_args(["--stage", "main"])
+    runs = converged.planned_runs(args)
+    shards = [converged.shard_of(runs, f"{i}/3") for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(runs)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "1/0"])
+def test_bad_shard_is_refused_naming_the_argument(shard, capsys):
+    with pytest.raises(SystemExit):
+        converged.parse_args(["--shard", shard])
+    assert "--shard must be I/N" in capsys.readouterr().err
+
+
+def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
+    data = _tiny_cifar(tmp_path / "cifar")
+    cache = tmp_path / "cache"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "converged.py"),
+        "--smoke",
+        "--stage",
+        "ablation",
+        "--data",
+        str(data),
+        "--test-data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--teacher",
+        "test_resnet",
+        "--student",
+        "test_resnet",
+        "--val-images",
+        "20",
+        "--batch-size",
+        "16",
+        "--ablation-sparsities",
+        "0.9",
+        "--variants",
+        "magnitude",
+        "tgp",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs_file = Path(str(cache) + "_smoke") / "results" / "runs.jsonl"
+    records = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["magnitude", "tgp"]
+    for record in records:
+        assert record["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert 0.0 <= record["extra_test_top1"] <= 100.0  # --test-data evaluated every final model
+        assert (Path(record["saved_model"]) / "sparsity.json").exists()  # saved outside the repository
+        assert record["teacher"] == "test_resnet" and "after_prune_recal_test_top1" in record
+
+    dense = sorted(Path(str(cache) + "_smoke").glob("dense-*/training.json"))
+    assert len(dense) == 2
+    before = runs_file.read_text(), [p.stat().st_mtime_ns for p in dense]
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (runs_file.read_text(), [p.stat().st_mtime_ns for p in dense]) == before  # nothing is recomputed
+
+    report = subprocess.run(
+        command[:2] + ["--smoke", "--stage", "report", "--cache-dir", str(cache)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| magnitude |" in report.stdout and "| tgp |" in report.stdout
+
+
+def test_report_leaves_out_runs_from_another_teacher(tmp_path):
+    setup = {
+        "machine": "m",
+        "torch": "t",
+        **{
+            role: {
+                "architecture": arch,
+                "parameters": 1,
+                "epochs": 1,
+                "plateaued": True,
+                "seconds": 1,
+                "val_top1": 1,
+                "test_top1": 1,
+            }
+            for role, arch in (("teacher", "resnet50d"), ("student", "resnet18"))
+        },
+    }
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    base = {"sparsity": 0.95, "seed": 0, "retrain_epochs": 2, "val_top1": 80.0, "test_top1": 80.0, "seconds": 1}
+    base.update(forward_images=1, backward_images=1)
+    records = [
+        {**base, "key": "a", "variant": "tgp", "teacher": "resnet34d", "test_top1": 11.0},
+        {**base, "key": "b", "variant": "magnitude", "teacher": "resnet50d", "test_top1": 22.0},
+        {**base, "key": "c", "variant": "dg2pf", "teacher": None, "test_top1": 33.0},
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
+    assert "Left out (1)" in text and "11.00" not in text
+    assert "22.00" in text and "33.00" in text
