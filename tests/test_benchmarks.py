@@ -120,7 +120,7 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
     assert "| magnitude |" in report.stdout and "| tgp |" in report.stdout
 
 
-def test_report_leaves_out_runs_from_another_teacher(tmp_path):
+def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
     setup = {
         "machine": "m",
         "torch": "t",
@@ -137,6 +137,7 @@ def test_report_leaves_out_runs_from_another_teacher(tmp_path):
             for role, arch in (("teacher", "resnet50d"), ("student", "resnet18"))
         },
     }
+    setup["student_dir"] = "/cache/dense-student-resnet18-e15"
     (tmp_path / "setup.json").write_text(json.dumps(setup))
     base = {"sparsity": 0.95, "seed": 0, "retrain_epochs": 2, "val_top1": 80.0, "test_top1": 80.0, "seconds": 1}
     base.update(forward_images=1, backward_images=1)
@@ -144,8 +145,11 @@ def test_report_leaves_out_runs_from_another_teacher(tmp_path):
         {**base, "key": "a", "variant": "tgp", "teacher": "resnet34d", "test_top1": 11.0},
         {**base, "key": "b", "variant": "magnitude", "teacher": "resnet50d", "test_top1": 22.0},
         {**base, "key": "c", "variant": "dg2pf", "teacher": None, "test_top1": 33.0},
+        {**base, "key": "d", "variant": "snip", "student": "dense-student-resnet18-e30", "test_top1": 44.0},
+        {**base, "key": "e", "variant": "epsd", "teacher": None, "student": "resnet18", "test_top1": 55.0},
+        {**base, "key": "f", "variant": "imp", "student": "dense-student-resnet18-e15", "test_top1": 66.0},
     ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
-    assert "Left out (1)" in text and "11.00" not in text
-    assert "22.00" in text and "33.00" in text
+    assert "Left out (2)" in text and "11.00" not in text and "44.00" not in text
+    assert all(f"{v}.00" in text for v in (22, 33, 55, 66))
