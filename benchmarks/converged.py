@@ -281,6 +281,19 @@ def load_dense(folder: Path) -> tuple[nn.Module, dict]:
     return model, json.loads((folder / "training.json").read_text())
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" when it has uncommitted changes), recorded with every run."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
 def setup(args, splits) -> dict | None:
     """Train (or reuse) the dense teacher and student; with `--roles`, only those (e.g. one per process)."""
     folders = {}
@@ -297,6 +310,7 @@ def setup(args, splits) -> dict | None:
         "student_dir": str(student),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
         "torch": torch.__version__,
+        "commit": git_commit(),
     }
     gap = info["teacher"]["val_top1"] - info["student"]["val_top1"]
     log(
@@ -380,6 +394,10 @@ ABLATION_VARIANTS = [
     "tgp rounds=5", "tgp_fisher rounds=5", "tgp lamp rounds=5", "tgp authors' scoring",
 ]  # fmt: skip
 SPARSITIES = (0.90, 0.95, 0.98)
+RECORDED_FIELDS = (
+    "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
+    "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
+)  # fmt: skip
 
 
 def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrain_epochs: int) -> dict:
@@ -504,6 +522,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "forward_images": counter.forward,
         "backward_images": counter.backward,
         "saved_model": str(saved),
+        "config": {k: getattr(trainer.args, k) for k in RECORDED_FIELDS},  # effective, defaults included
+        "commit": info.get("commit"),
         "teacher": info["teacher"]["architecture"] if uses_teacher else None,
         "student": info["student"]["architecture"] if method == "epsd" else Path(info["student_dir"]).name,
     }

@@ -7,7 +7,7 @@
 
 Each timm model is built with random weights at 224 px (nothing downloaded). The masks come from one real scoring
 pass (`compute_importance_scores`, SNIP by default, on a few random images with random labels) and one global
-threshold per sparsity with the library's default layer-collapse guard (`layer_density_floor=0.5`). Each pruned
+threshold per sparsity with the layer-collapse guard `layer_density_floor=0.5` (the library default when INFERENCE.md was measured). Each pruned
 model is exported with `export_sparse_inference` for each batch size (the per-layer choice is measured at that batch
 size, with the `--threads` used for inference) and checked against the dense model (`EXPORT_RTOL` / `EXPORT_ATOL`).
 

@@ -100,6 +100,7 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
         assert 0.0 <= record["extra_test_top1"] <= 100.0  # --test-data evaluated every final model
         assert (Path(record["saved_model"]) / "sparsity.json").exists()  # saved outside the repository
         assert record["teacher"] == "test_resnet" and "after_prune_recal_test_top1" in record
+        assert record["config"]["layer_allocation"] == "global"  # the effective settings, defaults included
 
     dense = sorted(Path(str(cache) + "_smoke").glob("dense-*/training.json"))
     assert len(dense) == 2

@@ -352,8 +352,9 @@ def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, mon
 
 def test_iterative_rounds_rescore_the_pruned_network(tmp_path):
     """Round 2 scores the network with round 1's mask applied, so 2 rounds differ from one-shot for tgp."""
-    one = _trainer(tmp_path / "a", sparsity=0.9, recalibrate_bn=False).prune()
-    two = _trainer(tmp_path / "b", sparsity=0.9, pruning_rounds=2).prune()
+    # 95%: on this tiny network the plain global threshold at 90% happens to pick the same weights either way
+    one = _trainer(tmp_path / "a", sparsity=0.95, recalibrate_bn=False).prune()
+    two = _trainer(tmp_path / "b", sparsity=0.95, pruning_rounds=2).prune()
     assert one["pruned_by_mask"] == two["pruned_by_mask"]
     assert one["mask_sha256"] != two["mask_sha256"]
 
