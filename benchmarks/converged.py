@@ -384,8 +384,8 @@ VARIANTS = {
     "tgp lamp rounds=5": ("tgp", {"layer_allocation": "lamp", "layer_density_floor": 0.0, "pruning_rounds": 5}),
 }
 MAIN_VARIANTS = [
-    "magnitude", "snip", "tgp", "tgp_fisher", "tgp rounds=5", "tgp lamp", "tgp authors' scoring",
-    "epsd", "dg2pf", "imp",
+    "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",
+    "tgp lamp", "tgp authors' scoring",
 ]  # fmt: skip
 ABLATION_VARIANTS = [
     "tgp", "magnitude", "snip", "tgp no BN recalibration", "tgp CE retraining", "magnitude CE retraining",
