@@ -154,3 +154,33 @@ def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
     text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
     assert "Left out (2)" in text and "11.00" not in text and "44.00" not in text
     assert all(f"{v}.00" in text for v in (22, 33, 55, 66))
+
+
+def test_goal_check_pairs_seeds_and_compares_compute_with_imp():
+    def record(variant, sparsity, seed, top1, images=100, seconds=10.0):
+        return {
+            "variant": variant,
+            "sparsity": sparsity,
+            "seed": seed,
+            "retrain_epochs": 2,
+            "test_top1": top1,
+            "forward_images": images,
+            "backward_images": images,
+            "seconds": seconds,
+            "overrides": {},
+            "config": {"layer_density_floor": 0.0},
+        }
+
+    records = []
+    for seed in range(3):
+        records += [record("magnitude", 0.95, seed, 70.0), record("magnitude", 0.98, seed, 60.0)]
+        records += [record("tgp", 0.95, seed, 71.5 + seed * 0.1), record("tgp", 0.98, seed, [62.0, 59.5, 63.0][seed])]
+        records += [record("imp", s, seed, 71.0, images=1000, seconds=100.0) for s in (0.95, 0.98)]
+    records.append({**record("tgp lamp", 0.95, 0, 90.0), "config": {"layer_density_floor": 0.5}})
+    lines = converged.goal_check(records, ["magnitude", "tgp", "tgp lamp", "imp"], epochs=2)
+    (row,) = [line for line in lines if line.startswith("| tgp |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("+1.60") and cells[2] == "yes (n=3)"  # every seed gains, mean >= 1
+    assert cells[3].startswith("+1.50") and cells[4] == "no (n=3)"  # mean >= 1 but one seed loses
+    assert cells[5] == "— / +0.60 / -9.50" and cells[6] == "0.10; 0.10"
+    assert not any(line.startswith("| tgp lamp |") for line in lines)  # another layer guard: not comparable
