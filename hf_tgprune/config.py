@@ -165,9 +165,9 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         metadata={
             "help": "Layer-collapse guard relative to the target: every pruned layer keeps at least "
             "layer_density_floor·(1 - sparsity) of its weights (combined with min_layer_density by max), in [0, 1); "
-            "0 (default) disables it: the plain global threshold of the paper. 0.5 keeps at least 1% of every layer "
-            "at sparsity 0.98; it helped every criterion on undertrained 3-epoch networks but cost 2-3 points at "
-            "98% on converged ones (benchmarks/RESULTS.md), hence off by default."
+            "0 (default) disables it: the plain global threshold of the paper. 0.5 keeps at least 0.01 of every layer "
+            "at sparsity 0.98; it helped every criterion on undertrained 3-epoch networks but cost 1.9-3.1 points at "
+            "sparsity 0.98 on converged ones (benchmarks/RESULTS.md), hence off by default."
         },
     )
     retrain_with_kd: bool = field(
