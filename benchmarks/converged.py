@@ -806,6 +806,8 @@ def report(args) -> str:
     long_runs = [r for r in records if r["retrain_epochs"] != epochs]
     if long_runs:
         lines += [
+            "Longer retraining (`--stage long`), one seed:",
+            "",
             "| variant | sparsity | retraining epochs | seed | val top-1 | test top-1 |",
             "|---|---|---|---|---|---|",
         ]
