@@ -545,9 +545,17 @@ def planned_runs(args) -> list[tuple[str, float, int, int]]:
     return runs
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`"I/N"` -> (I, N) with 0 <= I < N; ValueError otherwise."""
+    index, count = (int(part) for part in shard.split("/"))
+    if not 0 <= index < count:
+        raise ValueError(shard)
+    return index, count
+
+
 def shard_of(runs: list, shard: str) -> list:
     """Runs `i::n` of the plan for `--shard i/n` (n processes run disjoint shards into the same `runs.jsonl`)."""
-    index, count = (int(part) for part in shard.split("/"))
+    index, count = parse_shard(shard)
     return runs[index::count]
 
 
@@ -622,9 +630,8 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
     try:
-        index, count = (int(part) for part in args.shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
+        parse_shard(args.shard)
+    except ValueError:
         parser.error(f"--shard must be I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two processes), got {args.shard!r}")
     if args.smoke:
         args.cache_dir += "_smoke"
@@ -668,18 +675,22 @@ def goal_check(records, variants, epochs) -> list[str]:
     def floor(variant):  # the effective guard (records before `config` was recorded: the override, if any)
         runs = [r for r in records if r["variant"] == variant]
         return {
-            r.get("config", {}).get("layer_density_floor", r["overrides"].get("layer_density_floor")) for r in runs
+            r.get("config", {}).get("layer_density_floor", r.get("overrides", {}).get("layer_density_floor"))
+            for r in runs
         }
 
+    if "magnitude" not in variants:
+        return []
     # compared with `magnitude` only under the same layer guard: the guard alone moves accuracy by 2-3 points
+    magnitude_floor = floor("magnitude")
     guided = [
         v
         for v in variants
         if VARIANTS[v][0] in ("tgp", "tgp_fisher")
         and VARIANTS[v][1].get("retrain_with_kd", True)
-        and floor(v) == floor("magnitude")
+        and floor(v) == magnitude_floor
     ]
-    if not guided or "magnitude" not in variants:
+    if not guided:
         return []
     lines = [
         "Goal check (test top-1, paired by seed): Δ against `magnitude` with the same KD retraining (met: mean >= 1 "

@@ -22,5 +22,14 @@ def _seed():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, restored after (process-wide: other tests compare logits across processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def images():
     return RandomImages(24)

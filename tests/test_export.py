@@ -26,14 +26,8 @@ from hf_tgprune.export import (
 )
 from hf_tgprune.masking import apply_masks, global_masks, prunable_parameters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread inside this module only (the setting is process-wide and other modules compare across processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread inside these tests only: the setting is process-wide
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sparse_wins(modules, inputs, repeats):

@@ -8,14 +8,8 @@ from hf_tgprune.callbacks import GlobalMaskCallback
 from hf_tgprune.masking import apply_masks, prunable_parameters
 from hf_tgprune.nm import is_nm_sparse, nm_incompatible_layers, nm_mask, nm_masks
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread inside this module only (the setting is process-wide and other modules compare across processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread inside these tests only: the setting is process-wide
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_vit(seed=0):
