@@ -346,7 +346,8 @@ class TensorImages(torch.utils.data.Dataset):
         return {"pixel_values": self.normalize(image[None])[0], "labels": self.labels[i]}
 
 
-# Variants: name -> (pruning_method, config overrides). Library defaults otherwise (at the commit that ran them).
+# Variants: name -> (pruning_method, config overrides). One scoring round unless named; library defaults otherwise (at
+# the commit that ran them).
 VARIANTS = {
     "magnitude": ("magnitude", {}),
     "snip": ("snip", {}),
@@ -382,6 +383,9 @@ VARIANTS = {
     ),
     "tgp_fisher rounds=5": ("tgp_fisher", {"pruning_rounds": 5}),
     "tgp lamp rounds=5": ("tgp", {"layer_allocation": "lamp", "layer_density_floor": 0.0, "pruning_rounds": 5}),
+    # screening of the scoring sample for the best teacher-guided configuration
+    "tgp_fisher rounds=5 batch 8": ("tgp_fisher", {"pruning_rounds": 5, "calibration_batch_size": 8}),
+    "tgp_fisher rounds=5 4096 images": ("tgp_fisher", {"pruning_rounds": 5, "num_calibration_samples": 4096}),
 }
 MAIN_VARIANTS = [
     "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",
@@ -396,7 +400,7 @@ ABLATION_VARIANTS = [
 SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
-    "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
+    "calibration_batch_size", "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
 )  # fmt: skip
 
 
@@ -407,7 +411,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
 
     method, overrides = VARIANTS[variant]
-    overrides = dict(overrides)
+    overrides = {"pruning_rounds": 1, **overrides}  # a variant names its rounds (the library default is per method)
     torch.manual_seed(seed)
     teacher, _ = load_dense(Path(info["teacher_dir"]))
     if method == "epsd":  # EPSD prunes early: a freshly initialised student, no dense training

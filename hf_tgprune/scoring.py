@@ -1,6 +1,6 @@
 """Importance scores: the one place where the scoring formulas live.
 
-For the default method `"tgp"`, every prunable weight θ gets
+For the paper's criterion `"tgp"` (the default of this functional pass), every prunable weight θ gets
 
     L_score = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)      (hf_tgprune.losses)
     s(θ)    = | θ ⊙ ∂L_score/∂θ |
@@ -10,7 +10,8 @@ per calibration batch, aggregated over batches with a bias-corrected EMA (moment
 
     s(θ)    = θ² · Σ_b (∂L_score/∂θ on calibration batch b)²
 
-(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not. Other
+(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not; it is the
+trainer's default criterion, scored in 5 rounds (`TeacherGuidedPruningConfig.pruning_rounds`). Other
 criteria are registered next to them (`register_scoring_method`).
 
 The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`

@@ -334,8 +334,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
 
         Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
-        before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
-        first, so the masks are nested and the final count is exact.
+        before the next round, applies the mask and recalibrates BatchNorm (unless `recalibrate_bn=False`, which leaves
+        the statistics untouched). Weights that are already zero are pruned first, so the masks are nested and the
+        final count is exact.
         """
         args = self.args
         levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
@@ -343,7 +344,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
-                self.recalibrate_batchnorm()
+                if args.recalibrate_bn:
+                    self.recalibrate_batchnorm()
             scores = self.compute_scores(method=self.method.criterion)
             masks = self.select_masks(scores, level)
             del scores

@@ -7,7 +7,9 @@
 Stages (each timed in results.json, each reused by `--resume_from_checkpoint True` once finished):
   1. teacher       load a trained teacher (--teacher_name_or_path), or train one and save it in <output_dir>/teacher;
   2. student       load the student; optional KD warm-up (--student_warmup_epochs) saved in <output_dir>/dense-student;
-  3. scoring       one scoring pass (`trainer.compute_scores()`), shared by every sparsity of a one-shot method;
+  3. scoring       one scoring pass (`trainer.compute_scores()`), shared by every sparsity of a one-shot method
+                   with --pruning_rounds 1 (e.g. --pruning_method tgp); with several rounds (the default
+                   tgp_fisher scores in 5) each sparsity is scored in its own rounds, in its prune step;
   4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
                    evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
                    with --export_sparse_inference, its dense vs sparse-exported CPU latency is measured first and
@@ -490,7 +492,7 @@ def main(argv=None) -> dict:
     save_results()
     dense_state = copy.deepcopy(student)  # every sparsity starts from the same dense student
 
-    # ---- 3 + 4. one scoring pass shared by the sparsities; per sparsity: prune, evaluate, retrain, save ---------
+    # ---- 3 + 4. one scoring pass shared by the sparsities (one round); per sparsity: prune, evaluate, retrain, save
     scores = None
     shared = get_method(args.pruning_method).one_shot and args.pruning_rounds == 1
     finished = {run["sparsity"] for run in results["runs"]}

@@ -321,16 +321,34 @@ def test_torch_compile_keeps_masks(tmp_path):
 
 
 # --- issue 8 techniques through the trainer ------------------------------------------------------------------------
-def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path):
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path, rounds):
+    """recalibrate_bn=False leaves the running statistics untouched, between scoring rounds too."""
     running = {}
     for flag in (True, False):
-        trainer = _trainer(tmp_path / str(flag), recalibrate_bn=flag, recalibration_samples=24)
+        trainer = _trainer(tmp_path / str(flag), recalibrate_bn=flag, recalibration_samples=24, pruning_rounds=rounds)
         before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running_mean" in k}
         report = trainer.prune()
         assert report["bn_recalibration_images"] == (24 if flag else 0)
         after = trainer.model.state_dict()
         running[flag] = any(not torch.equal(before[k], after[k]) for k in before)
     assert running == {True: True, False: False}
+
+
+@pytest.mark.parametrize(
+    "overrides,method,rounds",
+    [
+        ({}, "tgp_fisher", 5),  # the default: the best measured teacher-guided configuration
+        ({"pruning_method": "tgp"}, "tgp", 1),  # the paper's criterion is one option away
+        ({"pruning_method": "imp"}, "imp", 1),  # methods with a schedule of their own score once
+        ({"sparsity_pattern": "2:4"}, "tgp_fisher", 1),  # N:M fixes every layer's density: rounds do not apply
+        ({"pruning_method": "tgp", "pruning_rounds": 3}, "tgp", 3),
+        ({"pruning_rounds": 2}, "tgp_fisher", 2),
+    ],
+)
+def test_pruning_rounds_default_to_the_methods_own(tmp_path, overrides, method, rounds):
+    args = _config(tmp_path, **overrides)
+    assert (args.pruning_method, args.pruning_rounds) == (method, rounds)
 
 
 @pytest.mark.parametrize("method", ["tgp", "tgp_fisher", "magnitude"])
@@ -353,8 +371,8 @@ def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, mon
 def test_iterative_rounds_rescore_the_pruned_network(tmp_path):
     """Round 2 scores the network with round 1's mask applied, so 2 rounds differ from one-shot for tgp."""
     # 95%: on this tiny network the plain global threshold at 90% happens to pick the same weights either way
-    one = _trainer(tmp_path / "a", sparsity=0.95, recalibrate_bn=False).prune()
-    two = _trainer(tmp_path / "b", sparsity=0.95, pruning_rounds=2).prune()
+    one = _trainer(tmp_path / "a", sparsity=0.95, pruning_method="tgp", pruning_rounds=1).prune()
+    two = _trainer(tmp_path / "b", sparsity=0.95, pruning_method="tgp", pruning_rounds=2).prune()
     assert one["pruned_by_mask"] == two["pruned_by_mask"]
     assert one["mask_sha256"] != two["mask_sha256"]
 

@@ -101,6 +101,8 @@ class PruningMethod:
         own_loss: True when the method trains with its own loss (it then needs no teacher for retraining).
         one_shot: True when the masks are fixed by `prune()` and do not depend on training, so one scoring pass can
             serve several sparsities.
+        default_rounds: the scoring rounds (`pruning_rounds`) used when the user leaves it unset; one-shot methods
+            only.
         description: one line for listings.
     """
 
@@ -109,6 +111,7 @@ class PruningMethod:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     own_loss: ClassVar[bool] = False
     one_shot: ClassVar[bool] = True
+    default_rounds: ClassVar[int] = 1
     description: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):

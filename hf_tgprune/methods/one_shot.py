@@ -11,14 +11,20 @@ from __future__ import annotations
 from .base import PruningMethod, register_method
 
 
-def _one_shot(class_name: str, name: str, description: str) -> type[PruningMethod]:
+def _one_shot(class_name: str, name: str, description: str, default_rounds: int = 1) -> type[PruningMethod]:
     """A one-shot method ranking weights by the scoring criterion of the same name."""
-    attributes = {"name": name, "criterion": name, "description": description, "__doc__": description}
+    attributes = {
+        "name": name, "criterion": name, "description": description, "__doc__": description,
+        "default_rounds": default_rounds,
+    }  # fmt: skip
     return register_method(type(class_name, (PruningMethod,), attributes))
 
 
 TGP = _one_shot("TGP", "tgp", "teacher-guided |θ·∂L/∂θ|, L = alpha·T²·CAKLD + (1-alpha)·CE (Alim et al., 2025)")
-TGPFisher = _one_shot("TGPFisher", "tgp_fisher", "teacher-guided Fisher / OBD: θ²·Σ_b (∂L/∂θ on batch b)²")
+# the default: 5 rounds were its best measured setting on converged networks (benchmarks/RESULTS.md)
+TGPFisher = _one_shot(
+    "TGPFisher", "tgp_fisher", "teacher-guided Fisher / OBD: θ²·Σ_b (∂L/∂θ on batch b)²", default_rounds=5
+)
 SNIP = _one_shot("SNIP", "snip", "|θ·∂CE/∂θ| (SNIP)")
 Grad = _one_shot("Grad", "grad", "|∂L/∂θ| of the teacher-guided loss")
 Magnitude = _one_shot("Magnitude", "magnitude", "|θ| (global magnitude pruning)")
