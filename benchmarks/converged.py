@@ -397,6 +397,7 @@ ABLATION_VARIANTS = [
     "tgp lamp_magnitude allocation", "tgp_fisher", "tgp_fisher lamp", "tgp_fisher lamp_magnitude allocation",
     "tgp rounds=5", "tgp_fisher rounds=5", "tgp lamp rounds=5", "tgp authors' scoring",
 ]  # fmt: skip
+LONG_VARIANTS = ["tgp_fisher rounds=5", "magnitude", "tgp"]  # the default, the reference, the paper's criterion
 SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
@@ -540,8 +541,8 @@ def planned_runs(args) -> list[tuple[str, float, int, int]]:
     """(variant, sparsity, seed, retrain epochs) of the stage, in the order they run."""
     if args.stage == "ablation":
         return [(v, s, 0, args.retrain_epochs) for s in args.ablation_sparsities for v in args.variants]
-    if args.stage == "long":
-        return [(v, 0.98, 0, args.long_epochs) for v in args.variants]
+    if args.stage == "long":  # seed by seed as well
+        return [(v, 0.98, seed, args.long_epochs) for seed in range(args.long_seeds) for v in args.variants]
     runs = []  # seed by seed, so that a stage stopped early leaves whole tables of the first seeds
     for seed in range(args.seeds):
         for sparsity in SPARSITIES if seed == 0 else SPARSITIES[1:]:  # one seed at 90%
@@ -593,6 +594,7 @@ def parse_args(argv=None):
     parser.add_argument("--retrain-images", type=int, default=12000)
     parser.add_argument("--retrain-epochs", type=int, default=2)
     parser.add_argument("--long-epochs", type=int, default=10)
+    parser.add_argument("--long-seeds", type=int, default=3, help="seeds of --stage long (at 98%%)")
     parser.add_argument("--retrain-lr", type=float, default=0.01)
     parser.add_argument("--epsd-warmup-steps", type=int, default=100)
     parser.add_argument("--dg2pf-epochs", type=int, default=2)
@@ -629,7 +631,7 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = {"ablation": ABLATION_VARIANTS, "long": ["tgp", "magnitude"]}.get(args.stage, MAIN_VARIANTS)
+        args.variants = {"ablation": ABLATION_VARIANTS, "long": LONG_VARIANTS}.get(args.stage, MAIN_VARIANTS)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
@@ -641,7 +643,7 @@ def parse_args(argv=None):
         args.cache_dir += "_smoke"
         args.out = str(Path(args.cache_dir) / "results")
         args.dense_epochs, args.student_epochs, args.max_extensions, args.retrain_images, args.seeds = 1, 0, 0, 256, 1
-        args.epsd_warmup_steps, args.imp_rounds, args.long_epochs = 2, 2, 1
+        args.epsd_warmup_steps, args.imp_rounds, args.long_epochs, args.long_seeds = 2, 2, 1, 1
     return args
 
 

@@ -45,6 +45,12 @@ def test_plan_is_seed_major_with_one_seed_at_90():
     assert len(runs) == 2 * (1 + 2 * 3) and len(set(runs)) == len(runs)
 
 
+def test_long_stage_is_seed_major_at_98():
+    args = converged.parse_args(["--stage", "long", "--long-seeds", "2"])
+    runs = converged.planned_runs(args)
+    assert runs == [(v, 0.98, seed, 10) for seed in (0, 1) for v in converged.LONG_VARIANTS]
+
+
 def test_shards_partition_the_plan():
     args = converged.parse_args(["--stage", "main"])
     runs = converged.planned_runs(args)
@@ -87,20 +93,21 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
         "0.9",
         "--variants",
         "magnitude",
-        "tgp",
+        "tgp_fisher",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     runs_file = Path(str(cache) + "_smoke") / "results" / "runs.jsonl"
     records = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    assert [r["variant"] for r in records] == ["magnitude", "tgp"]
+    assert [r["variant"] for r in records] == ["magnitude", "tgp_fisher"]
     for record in records:
         assert record["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
         assert 0.0 <= record["extra_test_top1"] <= 100.0  # --test-data evaluated every final model
         assert (Path(record["saved_model"]) / "sparsity.json").exists()  # saved outside the repository
         assert record["teacher"] == "test_resnet" and "after_prune_recal_test_top1" in record
         assert record["config"]["layer_allocation"] == "global"  # the effective settings, defaults included
+        assert record["config"]["pruning_rounds"] == 1  # a variant names its rounds, whatever the method's default
 
     dense = sorted(Path(str(cache) + "_smoke").glob("dense-*/training.json"))
     assert len(dense) == 2
@@ -118,7 +125,7 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
         timeout=120,
     )
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "| magnitude |" in report.stdout and "| tgp |" in report.stdout
+    assert "| magnitude |" in report.stdout and "| tgp_fisher |" in report.stdout
 
 
 def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
