@@ -386,6 +386,7 @@ VARIANTS = {
     # screening of the scoring sample for the best teacher-guided configuration
     "tgp_fisher rounds=5 batch 8": ("tgp_fisher", {"pruning_rounds": 5, "calibration_batch_size": 8}),
     "tgp_fisher rounds=5 4096 images": ("tgp_fisher", {"pruning_rounds": 5, "num_calibration_samples": 4096}),
+    "tgp_fisher rounds=20": ("tgp_fisher", {"pruning_rounds": 20}),
 }
 MAIN_VARIANTS = [
     "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",
@@ -823,15 +824,22 @@ def report(args) -> str:
     long_runs = [r for r in records if r["retrain_epochs"] != epochs]
     if long_runs:
         lines += [
-            "Longer retraining (`--stage long`), one seed:",
+            "Longer retraining (`--stage long`; mean ± std over seeds, test top-1 per seed, and Δ test against "
+            "`magnitude` paired by seed):",
             "",
-            "| variant | sparsity | retraining epochs | seed | val top-1 | test top-1 |",
-            "|---|---|---|---|---|---|",
+            "| variant | sparsity | retraining epochs | seeds | val top-1 | test top-1 | test per seed | Δ magnitude |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for r in long_runs:
+        groups = dict.fromkeys((r["variant"], r["sparsity"], r["retrain_epochs"]) for r in long_runs)
+        for variant, sparsity, long_epochs in groups:
+            runs = sorted(_runs(long_runs, variant, sparsity, long_epochs), key=lambda r: r["seed"])
+            reference = {r["seed"]: r["test_top1"] for r in _runs(long_runs, "magnitude", sparsity, long_epochs)}
+            deltas = [r["test_top1"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
+            delta = f"{sum(deltas) / len(deltas):+.2f}" if deltas and variant != "magnitude" else "—"
+            per_seed = ", ".join(format(r["test_top1"], ".2f") for r in runs)
             lines.append(
-                f"| {r['variant']} | {r['sparsity']} | {r['retrain_epochs']} | {r['seed']} | {r['val_top1']:.2f} | "
-                f"{r['test_top1']:.2f} |"
+                f"| {variant} | {sparsity} | {long_epochs} | {len(runs)} | {_mean_std([r['val_top1'] for r in runs])} | "
+                f"{_mean_std([r['test_top1'] for r in runs])} | {per_seed} | {delta} |"
             )
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)

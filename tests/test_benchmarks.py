@@ -128,7 +128,7 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
     assert "| magnitude |" in report.stdout and "| tgp_fisher |" in report.stdout
 
 
-def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
+def _write_setup(folder: Path) -> None:
     setup = {
         "machine": "m",
         "torch": "t",
@@ -146,7 +146,11 @@ def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
         },
     }
     setup["student_dir"] = "/cache/dense-student-resnet18-e15"
-    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    (folder / "setup.json").write_text(json.dumps(setup))
+
+
+def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
+    _write_setup(tmp_path)
     base = {"sparsity": 0.95, "seed": 0, "retrain_epochs": 2, "val_top1": 80.0, "test_top1": 80.0, "seconds": 1}
     base.update(forward_images=1, backward_images=1)
     records = [
@@ -191,3 +195,18 @@ def test_goal_check_pairs_seeds_and_compares_compute_with_imp():
     assert cells[3].startswith("+1.50") and cells[4] == "no (n=3)"  # mean >= 1 but one seed loses
     assert cells[5] == "— / +0.60 / -9.50" and cells[6] == "0.10; 0.10"
     assert not any(line.startswith("| tgp lamp |") for line in lines)  # another layer guard: not comparable
+
+
+def test_long_table_averages_seeds_and_pairs_them_with_magnitude(tmp_path):
+    _write_setup(tmp_path)
+    base = {"sparsity": 0.98, "retrain_epochs": 10, "seconds": 1, "forward_images": 1, "backward_images": 1}
+    records = [
+        {**base, "key": f"{v}{seed}", "variant": v, "seed": seed, "val_top1": 70.0 + seed, "test_top1": top1}
+        for v, tops in (("magnitude", (70.0, 71.0, 72.0)), ("tgp", (71.0, 71.5, 71.0)))
+        for seed, top1 in enumerate(tops)
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
+    (row,) = [line for line in text.splitlines() if line.startswith("| tgp | 0.98 | 10 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:] == ["3", "71.00 ± 1.00", "71.17 ± 0.29", "71.00, 71.50, 71.00", "+0.17"]
