@@ -503,7 +503,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     numel = sum(m.numel() for m in masks.values())
     assert pruned == round(sparsity * numel) and zeros == pruned, (variant, pruned, zeros, numel)
     key = f"{variant}|{sparsity}|{seed}|e{retrain_epochs}"
-    saved = Path(args.cache_dir) / "models" / key.replace("|", "_").replace(" ", "-").replace("'", "")
+    saved = model_dir(args, info, key)
     trainer.save_model(str(saved))
     record = {
         "key": key,
@@ -536,6 +536,14 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     if "extra_test" in splits:
         record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
     return record
+
+
+def model_dir(args, info, key: str) -> Path:
+    """Where a run's final model is saved: one folder per results folder, teacher/student pair and run key, so that
+    runs of another stage, pair or `--out` never overwrite it."""
+    pair = f"{info['teacher']['architecture']}-{Path(info['student_dir']).name}"
+    name = key.replace("|", "_").replace(" ", "-").replace("'", "")
+    return Path(args.cache_dir) / "models" / Path(args.out).name / pair / name
 
 
 def planned_runs(args) -> list[tuple[str, float, int, int]]:

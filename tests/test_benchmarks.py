@@ -210,3 +210,19 @@ def test_long_table_averages_seeds_and_pairs_them_with_magnitude(tmp_path):
     (row,) = [line for line in text.splitlines() if line.startswith("| tgp | 0.98 | 10 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:] == ["3", "71.00 ± 1.00", "71.17 ± 0.29", "71.00, 71.50, 71.00", "+0.17"]
+
+
+def test_saved_models_of_other_stages_pairs_or_runs_never_collide(tmp_path):
+    def info(student):
+        return {"teacher": {"architecture": "resnet50d"}, "student_dir": f"/cache/dense-student-{student}-e15"}
+
+    main = converged.parse_args(["--stage", "main", "--cache-dir", str(tmp_path)])
+    ablation = converged.parse_args(["--stage", "ablation", "--cache-dir", str(tmp_path), "--out", "x/ablation"])
+    folders = [
+        converged.model_dir(main, info("resnet18"), "tgp|0.98|0|e2"),
+        converged.model_dir(main, info("resnet10t"), "tgp|0.98|0|e2"),
+        converged.model_dir(ablation, info("resnet18"), "tgp|0.98|0|e2"),
+        converged.model_dir(main, info("resnet18"), "tgp|0.98|1|e2"),
+    ]
+    assert len(set(folders)) == len(folders)
+    assert all(folder.is_relative_to(tmp_path / "models") for folder in folders)
