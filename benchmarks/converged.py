@@ -387,6 +387,7 @@ VARIANTS = {
     "tgp_fisher rounds=5 batch 8": ("tgp_fisher", {"pruning_rounds": 5, "calibration_batch_size": 8}),
     "tgp_fisher rounds=5 4096 images": ("tgp_fisher", {"pruning_rounds": 5, "num_calibration_samples": 4096}),
     "tgp_fisher rounds=20": ("tgp_fisher", {"pruning_rounds": 20}),
+    "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
 }
 MAIN_VARIANTS = [
     "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",

@@ -10,8 +10,8 @@ per calibration batch, aggregated over batches with a bias-corrected EMA (moment
 
     s(θ)    = θ² · Σ_b (∂L_score/∂θ on calibration batch b)²
 
-(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not; it is the
-trainer's default criterion, scored in 5 rounds (`TeacherGuidedPruningConfig.pruning_rounds`). Other
+(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not; the trainer
+scores it in 5 rounds unless `TeacherGuidedPruningConfig.pruning_rounds` says otherwise. Other
 criteria are registered next to them (`register_scoring_method`).
 
 The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`

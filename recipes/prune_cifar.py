@@ -8,8 +8,9 @@ Stages (each timed in results.json, each reused by `--resume_from_checkpoint Tru
   1. teacher       load a trained teacher (--teacher_name_or_path), or train one and save it in <output_dir>/teacher;
   2. student       load the student; optional KD warm-up (--student_warmup_epochs) saved in <output_dir>/dense-student;
   3. scoring       one scoring pass (`trainer.compute_scores()`), shared by every sparsity of a one-shot method
-                   with --pruning_rounds 1 (e.g. --pruning_method tgp); with several rounds (the default
-                   tgp_fisher scores in 5) each sparsity is scored in its own rounds, in its prune step;
+                   with one scoring round (the default magnitude, tgp, snip); with several rounds
+                   (--pruning_method tgp_fisher scores in 5) each sparsity is scored in its own rounds, in its prune
+                   step;
   4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
                    evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
                    with --export_sparse_inference, its dense vs sparse-exported CPU latency is measured first and

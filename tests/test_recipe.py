@@ -93,6 +93,7 @@ def test_recipe_two_processes_end_to_end(tiny_cifar, tmp_path):
             "--teacher_architecture", "test_vit",
             "--student_warmup_epochs", "1",
             "--sparsities", "0.5", "0.9",
+            "--pruning_method", "tgp_fisher",
         ]
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
@@ -104,7 +105,7 @@ def test_recipe_two_processes_end_to_end(tiny_cifar, tmp_path):
         assert 0 <= entry["accuracy"] <= 1 and entry["top5_accuracy"] == 1.0  # 4 classes: top-5 is trivial
     assert results["teacher"]["trained_here"] and results["dense_student"]["trained"]
     assert [run["sparsity"] for run in results["runs"]] == [0.5, 0.9]
-    # the default tgp_fisher scores in 5 rounds per sparsity, inside its prune stage (no shared scoring stage)
+    # tgp_fisher scores in 5 rounds per sparsity, inside its prune stage (no shared scoring stage)
     assert "scoring" not in results["stage_seconds"]
     for stage in ("load", "teacher_training", "student_warmup", "sparsity-0.9/prune", "sparsity-0.9/retraining"):
         assert results["stage_seconds"][stage] > 0, stage

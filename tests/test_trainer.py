@@ -338,16 +338,19 @@ def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path, rounds):
 @pytest.mark.parametrize(
     "overrides,method,rounds",
     [
-        ({}, "tgp_fisher", 5),  # the default: the best measured teacher-guided configuration
+        ({}, "magnitude", 1),  # the library default: the best mask measured on converged networks
+        ({"pruning_method": "tgp_fisher"}, "tgp_fisher", 5),  # the best measured teacher-guided configuration
         ({"pruning_method": "tgp"}, "tgp", 1),  # the paper's criterion is one option away
         ({"pruning_method": "imp"}, "imp", 1),  # methods with a schedule of their own score once
-        ({"sparsity_pattern": "2:4"}, "tgp_fisher", 1),  # N:M fixes every layer's density: rounds do not apply
+        ({"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"}, "tgp_fisher", 1),  # N:M: rounds do not apply
         ({"pruning_method": "tgp", "pruning_rounds": 3}, "tgp", 3),
-        ({"pruning_rounds": 2}, "tgp_fisher", 2),
+        ({"pruning_method": "tgp_fisher", "pruning_rounds": 2}, "tgp_fisher", 2),
     ],
 )
-def test_pruning_rounds_default_to_the_methods_own(tmp_path, overrides, method, rounds):
-    args = _config(tmp_path, **overrides)
+def test_default_method_and_rounds(tmp_path, overrides, method, rounds):
+    from hf_tgprune import TeacherGuidedPruningConfig
+
+    args = TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
     assert (args.pruning_method, args.pruning_rounds) == (method, rounds)
 
 

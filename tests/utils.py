@@ -83,6 +83,7 @@ class RandomImages(Dataset):
 
 # settings every test run shares: offline, quiet, CPU, nothing saved unless asked
 TINY_RUN_DEFAULTS = dict(
+    pruning_method="tgp",  # the teacher-guided scoring pass most tests exercise (the library default is magnitude)
     report_to="none",
     disable_tqdm=True,
     save_strategy="no",

@@ -30,6 +30,7 @@ def main(out_dir):
     args = TeacherGuidedPruningConfig(
         output_dir=os.path.join(out_dir, "trainer"),
         sparsity=0.9,
+        pruning_method="tgp_fisher",  # 5 scoring rounds with BatchNorm recalibration between them, across processes
         num_calibration_samples=20,  # 8 + 8 + 4: the last global batch is split unevenly too
         calibration_batch_size=8,
         per_device_train_batch_size=4,
