@@ -116,7 +116,7 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Iterative one-shot: k rounds of score -> prune to 1-(1-sparsity)^(r/k) -> recalibrate BatchNorm "
-            "(with recalibrate_bn) -> rescore, on the same calibration data and without weight updates; costs k scoring passes. The "
+            "-> rescore, on the same calibration data and without weight updates; costs k scoring passes. The "
             "final count is exact. 1 = one-shot. None (default): the method's own default, 5 for 'tgp_fisher' (it "
             "gained 0.2-0.5 points over one round on converged networks, benchmarks/RESULTS.md) and 1 for every other "
             "method and for an N:M sparsity_pattern."

@@ -334,23 +334,27 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
 
         Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
-        before the next round, applies the mask and recalibrates BatchNorm (unless `recalibrate_bn=False`, which leaves
-        the statistics untouched). Weights that are already zero are pruned first, so the masks are nested and the
-        final count is exact.
+        before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
+        first, so the masks are nested and the final count is exact. The masks do not depend on `recalibrate_bn`:
+        with `recalibrate_bn=False` the statistics the rounds re-estimated are put back afterwards, so that pruning
+        leaves them as they were.
         """
         args = self.args
         levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
+        layers = list(batchnorm_layers(self.model).values()) if len(levels) > 1 and not args.recalibrate_bn else []
+        saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
         masks = None
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
-                if args.recalibrate_bn:
-                    self.recalibrate_batchnorm()
+                self.recalibrate_batchnorm()
             scores = self.compute_scores(method=self.method.criterion)
             masks = self.select_masks(scores, level)
             del scores
             if len(levels) > 1:
                 logger.info("Pruning round %d/%d: sparsity %.4f", index + 1, len(levels), level)
+        for layer, state in zip(layers, saved):
+            layer.load_state_dict(state)
         return masks
 
     def prune(self, scores: Mapping[str, torch.Tensor] | None = None) -> dict | None:

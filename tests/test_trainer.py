@@ -371,6 +371,15 @@ def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, mon
     assert report["pruning_rounds"] == 3
 
 
+def test_round_masks_do_not_depend_on_recalibrate_bn(tmp_path):
+    """Rounds always recalibrate between them; recalibrate_bn only decides whether the final statistics are kept."""
+    reports = [
+        _trainer(tmp_path / str(flag), sparsity=0.95, pruning_method="tgp_fisher", recalibrate_bn=flag).prune()
+        for flag in (True, False)
+    ]
+    assert reports[0]["pruning_rounds"] == 5 and reports[0]["mask_sha256"] == reports[1]["mask_sha256"]
+
+
 def test_iterative_rounds_rescore_the_pruned_network(tmp_path):
     """Round 2 scores the network with round 1's mask applied, so 2 rounds differ from one-shot for tgp."""
     # 95%: on this tiny network the plain global threshold at 90% happens to pick the same weights either way
