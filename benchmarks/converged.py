@@ -54,13 +54,13 @@ def log(message: str) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # shards write setup.json at the same time
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -388,6 +388,8 @@ VARIANTS = {
     "tgp_fisher rounds=5 4096 images": ("tgp_fisher", {"pruning_rounds": 5, "num_calibration_samples": 4096}),
     "tgp_fisher rounds=20": ("tgp_fisher", {"pruning_rounds": 20}),
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
+    "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
+    "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
 }
 MAIN_VARIANTS = [
     "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",
