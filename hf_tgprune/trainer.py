@@ -200,7 +200,15 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         if teacher is None and method.needs_teacher(args):
             raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
         check_same_num_labels(model, teacher)
-        if not method.needs_calibration_data():
+        scoring = method.needs_calibration_data()
+        recalibration = (  # a data-free criterion (the default magnitude) still recalibrates BatchNorm on images
+            args.recalibrate_bn
+            and method.one_shot
+            and method.criterion is not None
+            and args.sparsity > 0
+            and bool(batchnorm_layers(model))
+        )
+        if not (scoring or recalibration):
             return
         source, argument = (
             (calibration_dataset, "calibration_dataset")
@@ -208,10 +216,13 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             else (train_dataset, "train_dataset")
         )
         if source is None or len(source) == 0:
+            fix = "" if scoring else ", or set recalibrate_bn=False to keep the dense model's BatchNorm statistics"
             raise ValueError(
                 f"The calibration set is empty ({argument} has no examples). Pass a non-empty `calibration_dataset` "
-                "or `train_dataset`."
+                f"or `train_dataset`{fix}."
             )
+        if not scoring:
+            return  # recalibration only forwards images: no labels needed
         example = source[0]
         if isinstance(example, Mapping) and "labels" not in example and "label" not in example:
             raise ValueError(

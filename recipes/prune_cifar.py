@@ -172,7 +172,10 @@ class DataArguments:
 class RecipeArguments:
     sparsities: list[float] | None = field(
         default=None,
-        metadata={"help": "Sweep, e.g. --sparsities 0.9 0.95 0.98: one scoring pass, one retrained model each."},
+        metadata={
+            "help": "Sweep, e.g. --sparsities 0.9 0.95 0.98: one retrained model each, from one shared scoring pass when "
+            "the method scores in one round (all but tgp_fisher by default)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."}
@@ -250,7 +253,8 @@ def validate(model_args, data_args, recipe_args, args) -> list[float]:
     if model_args.teacher_name_or_path is None and method.needs_teacher(args) and model_args.teacher_epochs <= 0:
         raise RecipeError(
             "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
-            "(or use a teacher-free setup: --pruning_method snip --retrain_with_kd False)."
+            "(or retrain without one: --retrain_with_kd False with a teacher-free --pruning_method such as the default "
+            "magnitude or snip)."
         )
     if data_args.augmentation not in available_augmentations():
         raise RecipeError(

@@ -245,6 +245,18 @@ def test_bad_trainer_inputs(tmp_path):
         TeacherGuidedPruningTrainer(student, teacher, args, train_dataset=RandomImages(8), calibration_dataset=[])
     with pytest.raises(ValueError, match="no labels"):
         TeacherGuidedPruningTrainer(student, teacher, args, train_dataset=RandomImages(8, labels=False))
+
+
+def test_default_magnitude_needs_images_for_batchnorm_recalibration(tmp_path):
+    """The default criterion is data-free, but recalibrating BatchNorm is not: an early error names both fixes."""
+    student, teacher = make_model("timm_resnet"), make_model("hf_resnet", seed=1)
+    args = _config(tmp_path, pruning_method="magnitude")
+    with pytest.raises(ValueError, match="calibration set is empty.*recalibrate_bn=False"):
+        TeacherGuidedPruningTrainer(student, teacher, args)
+    quiet = _config(tmp_path, pruning_method="magnitude", recalibrate_bn=False)
+    assert TeacherGuidedPruningTrainer(student, teacher, quiet).prune()["bn_recalibration_images"] == 0
+    unlabelled = TeacherGuidedPruningTrainer(student, teacher, args, train_dataset=RandomImages(16, labels=False))
+    assert unlabelled.prune()["bn_recalibration_images"] == 16
     with pytest.raises(ValueError, match="number of labels"):
         TeacherGuidedPruningTrainer(
             student, make_model("hf_resnet", num_labels=7), args, train_dataset=RandomImages(8)

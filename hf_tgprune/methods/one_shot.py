@@ -21,7 +21,7 @@ def _one_shot(class_name: str, name: str, description: str, default_rounds: int 
 
 
 TGP = _one_shot("TGP", "tgp", "teacher-guided |θ·∂L/∂θ|, L = alpha·T²·CAKLD + (1-alpha)·CE (Alim et al., 2025)")
-# 5 rounds: its best measured setting on converged networks (benchmarks/RESULTS.md)
+# 5 rounds: its best setting on a converged ResNet-18 at 95-98% sparsity (benchmarks/RESULTS.md §0.3)
 TGPFisher = _one_shot(
     "TGPFisher", "tgp_fisher", "teacher-guided Fisher / OBD: θ²·Σ_b (∂L/∂θ on batch b)²", default_rounds=5
 )
