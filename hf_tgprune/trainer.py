@@ -159,7 +159,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                 "masks={} no longer means dense training: pass pruning_method='dense' in the config instead."
             )
         method = build_method(args.pruning_method, args.pruning_method_args)
-        self._validate_inputs(model, teacher_model, args, method, train_dataset, calibration_dataset)
+        self._validate_inputs(model, teacher_model, args, method, train_dataset, calibration_dataset, masks is None)
         super().__init__(
             model=model,
             args=args,
@@ -190,7 +190,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
 
     # --- validation ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset) -> None:
+    def _validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset, prunes=True) -> None:
         prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns that match nothing
         if teacher is None and method.scoring_needs_teacher(args):
             raise ValueError(
@@ -202,7 +202,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         check_same_num_labels(model, teacher)
         scoring = method.needs_calibration_data()
         recalibration = (  # a data-free criterion (the default magnitude) still recalibrates BatchNorm on images
-            args.recalibrate_bn
+            prunes  # given masks are installed as they are
+            and args.recalibrate_bn
             and method.one_shot
             and method.criterion is not None
             and args.sparsity > 0
