@@ -685,6 +685,13 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def _paired_deltas(records, variant, sparsity, epochs, reference="magnitude") -> list[float]:
+    """Test top-1 of `variant` minus `reference`, seed by seed (seeds both ran), in seed order."""
+    ours = {r["seed"]: r["test_top1"] for r in _runs(records, variant, sparsity, epochs)}
+    base = {r["seed"]: r["test_top1"] for r in _runs(records, reference, sparsity, epochs)}
+    return [ours[seed] - base[seed] for seed in sorted(ours.keys() & base.keys())]
+
+
 def goal_check(records, variants, epochs) -> list[str]:
     """Issue 8's goal, per teacher-guided variant: Δ test top-1 against `magnitude` (paired by seed; met when the mean
     is >= 1 point and every seed gains) at 95/98%, and accuracy and compute (images through forward + backward passes,
@@ -721,9 +728,7 @@ def goal_check(records, variants, epochs) -> list[str]:
     for variant in guided:
         cells = []
         for sparsity in (0.95, 0.98):
-            ours = {r["seed"]: r["test_top1"] for r in _runs(records, variant, sparsity, epochs)}
-            base = {r["seed"]: r["test_top1"] for r in _runs(records, "magnitude", sparsity, epochs)}
-            deltas = [ours[seed] - base[seed] for seed in sorted(ours.keys() & base.keys())]
+            deltas = _paired_deltas(records, variant, sparsity, epochs)
             if not deltas:
                 cells += ["—", "—"]
                 continue
@@ -844,9 +849,8 @@ def report(args) -> str:
         groups = dict.fromkeys((r["variant"], r["sparsity"], r["retrain_epochs"]) for r in long_runs)
         for variant, sparsity, long_epochs in groups:
             runs = sorted(_runs(long_runs, variant, sparsity, long_epochs), key=lambda r: r["seed"])
-            reference = {r["seed"]: r["test_top1"] for r in _runs(long_runs, "magnitude", sparsity, long_epochs)}
-            deltas = [r["test_top1"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
-            delta = f"{sum(deltas) / len(deltas):+.2f}" if deltas and variant != "magnitude" else "—"
+            deltas = _paired_deltas(long_runs, variant, sparsity, long_epochs)
+            delta = f"{_mean(deltas):+.2f}" if deltas and variant != "magnitude" else "—"
             per_seed = ", ".join(format(r["test_top1"], ".2f") for r in runs)
             lines.append(
                 f"| {variant} | {sparsity} | {long_epochs} | {len(runs)} | {_mean_std([r['val_top1'] for r in runs])} | "

@@ -224,6 +224,7 @@ class TeacherGuidedPruningConfig(TrainingArguments):
                 "Pass e.g. --sparsity 0.95 for 95% sparsity."
             )
         build_method(self.pruning_method, self.pruning_method_args)  # unknown method or settings: a clear error
+        method = get_method(self.pruning_method)
         if self.pruning_method == "dense":
             self.sparsity = 0.0
         for name in ("alpha", "beta"):
@@ -242,11 +243,10 @@ class TeacherGuidedPruningConfig(TrainingArguments):
                 f"scoring_epochs must be >= 0 (0 scores on num_calibration_samples), got {self.scoring_epochs}"
             )
         if self.pruning_rounds is None:
-            method = get_method(self.pruning_method)
             self.pruning_rounds = method.default_rounds if self.sparsity_pattern == "unstructured" else 1
         if self.pruning_rounds < 1:
             raise ValueError(f"pruning_rounds must be >= 1 (1 = one-shot), got {self.pruning_rounds}")
-        if self.pruning_rounds > 1 and not get_method(self.pruning_method).one_shot:
+        if self.pruning_rounds > 1 and not method.one_shot:
             raise ValueError(
                 f"pruning_rounds={self.pruning_rounds} applies to one-shot methods; pruning_method="
                 f"{self.pruning_method!r} prunes during training on a schedule of its own. Set pruning_rounds=1."
@@ -257,11 +257,7 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             raise ValueError(f"layer_allocation must be one of {LAYER_ALLOCATIONS}, got {self.layer_allocation!r}")
         if self.sparsity_pattern != "unstructured":
             n, m = parse_nm_pattern(self.sparsity_pattern)
-            if (
-                self.pruning_rounds > 1
-                or self.layer_allocation != "global"
-                or not get_method(self.pruning_method).one_shot
-            ):
+            if self.pruning_rounds > 1 or self.layer_allocation != "global" or not method.one_shot:
                 raise ValueError(
                     f"sparsity_pattern={self.sparsity_pattern!r} fixes the density of every layer: use it with a "
                     "one-shot pruning_method, pruning_rounds=1 and layer_allocation='global'."
