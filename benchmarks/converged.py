@@ -27,6 +27,7 @@ Protocol:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -103,6 +104,18 @@ def stratified_split(labels: torch.Tensor, num_val: int, seed: int = 0) -> tuple
     return keep.nonzero().reshape(-1), val
 
 
+def resized(split: tuple[torch.Tensor, torch.Tensor], size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images resized (bilinear) to `size` × `size`; unchanged when `size` is None or already theirs."""
+    images, labels = split
+    if size is None or images.shape[-1] == size:
+        return images, labels
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, len(images), 1000):  # in chunks: a float copy of the whole set would not be small
+        chunk = F.interpolate(images[i : i + 1000].float(), size=(size, size), mode="bilinear", align_corners=False)
+        out[i : i + 1000] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+    return out, labels
+
+
 def load_data(args) -> dict:
     cache = Path(args.cache_dir)
     x, y = load_split_uint8(args.data, "train", cache)
@@ -114,7 +127,7 @@ def load_data(args) -> dict:
     }
     if args.test_data:
         splits["extra_test"] = load_split_uint8(args.test_data, args.test_split, cache)
-    return splits
+    return {name: resized(split, args.image_size) for name, split in splits.items()}
 
 
 class Normalizer:
@@ -133,15 +146,17 @@ def normalizer_for(model: nn.Module) -> Normalizer:
     return Normalizer(config["mean"], config["std"])
 
 
-def augmented_batches(images, labels, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-    """Shuffled uint8 batches with random crop (pad 4) + horizontal flip."""
+def augmented_batches(
+    images, labels, batch_size: int, generator: torch.Generator, drop_last: bool = True, pad: int = 4
+):
+    """Shuffled uint8 batches with random crop (zero padding `pad`) + horizontal flip."""
     size = images.shape[-1]
-    padded = F.pad(images, (4, 4, 4, 4))
+    padded = F.pad(images, (pad, pad, pad, pad))
     order = torch.randperm(len(labels), generator=generator)
     stop = len(order) - batch_size + 1 if drop_last else len(order)
     for i in range(0, stop, batch_size):
         index = order[i : i + batch_size]
-        offsets = torch.randint(0, 9, (len(index), 2), generator=generator).tolist()
+        offsets = torch.randint(0, 2 * pad + 1, (len(index), 2), generator=generator).tolist()
         batch = torch.stack(
             [padded[j, :, dy : dy + size, dx : dx + size] for j, (dy, dx) in zip(index.tolist(), offsets)]
         )
@@ -171,12 +186,13 @@ def plateaued(history: list[float]) -> bool:
     return max(history[-PLATEAU_EPOCHS:]) - max(history[:-PLATEAU_EPOCHS]) < PLATEAU_GAIN
 
 
-def lr_at(step: int, phases: list[tuple[int, float]], steps_per_epoch: int) -> float:
-    """Learning rate at `step`: phase 0 = 1 linear warm-up epoch then cosine; later phases are cosine cycles."""
+def lr_at(step: int, phases: list[tuple[int, float]], steps_per_epoch: int, warmup_steps: int | None = None) -> float:
+    """Learning rate at `step`: phase 0 = a linear warm-up (`warmup_steps`, default one epoch) then cosine; later
+    phases are cosine cycles."""
     for index, (epochs, peak) in enumerate(phases):
         total = epochs * steps_per_epoch
         if step < total:
-            warmup = steps_per_epoch if index == 0 else 0
+            warmup = (steps_per_epoch if warmup_steps is None else warmup_steps) if index == 0 else 0
             if step < warmup:
                 return peak * (step + 1) / warmup
             return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -184,28 +200,62 @@ def lr_at(step: int, phases: list[tuple[int, float]], steps_per_epoch: int) -> f
     return 0.0
 
 
+@dataclasses.dataclass
+class DenseSchedule:
+    """How a dense network is trained (or fine-tuned): SGD (momentum 0.9, nesterov), warm-up then cosine."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    warmup_steps: int | None = None  # None: one epoch
+    max_grad_norm: float | None = None  # None / 0: no gradient clipping
+    to_plateau: bool = True  # extend by cosine cycles at lr / 10 until the validation accuracy plateaus
+    max_extensions: int = 3
+    pad: int = 4  # random-crop padding (pixels)
+
+
 def train_dense(args, role: str, architecture: str, splits) -> Path:
     """Train `architecture` from scratch until validation accuracy plateaus; checkpoint every epoch (resumable)."""
     import timm
-    from timm.models import save_for_hf
 
     epochs = args.student_epochs if role == "student" and args.student_epochs else args.dense_epochs
     folder = Path(args.cache_dir) / f"dense-{role}-{architecture}-e{epochs}"
+    schedule = DenseSchedule(
+        epochs=epochs,
+        lr=args.dense_lr,
+        weight_decay=args.dense_weight_decay,
+        batch_size=args.batch_size,
+        max_extensions=args.max_extensions,
+        pad=args.crop_padding,
+    )
+    torch.manual_seed(0)
+    return fit_dense(
+        folder, role, architecture, lambda: timm.create_model(architecture, num_classes=10), splits, schedule
+    )
+
+
+def fit_dense(folder: Path, role: str, architecture: str, build, splits, schedule: DenseSchedule) -> Path:
+    """Train `build()` with `schedule` (to a plateau unless told otherwise) into `folder`, checkpointing every epoch so
+    that a killed run resumes where it stopped; the finished model is saved with `timm.models.save_for_hf` beside
+    `training.json` (its record: epochs, validation history, wall time, accuracies). Returns `folder`."""
+    from timm.models import save_for_hf
+
     record_path = folder / "training.json"
     if record_path.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.pt"
-    torch.manual_seed(0)
-    model = timm.create_model(architecture, num_classes=10)
+    model = build()
     normalize = normalizer_for(model)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.dense_lr, momentum=0.9, nesterov=True, weight_decay=args.dense_weight_decay
+        model.parameters(), lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay
     )
     generator = torch.Generator().manual_seed(0)
     train_x, train_y = splits["train"]
-    steps_per_epoch = len(train_y) // args.batch_size
-    state = {"epoch": 0, "step": 0, "val": [], "seconds": 0.0, "phases": [(epochs, args.dense_lr)]}
+    steps_per_epoch = len(train_y) // schedule.batch_size
+    state = {"epoch": 0, "step": 0, "val": [], "seconds": 0.0, "phases": [(schedule.epochs, schedule.lr)]}
+    state["clipped_steps"] = 0
     if state_path.exists():
         saved = torch.load(state_path, weights_only=False)
         model.load_state_dict(saved["model"])
@@ -214,23 +264,28 @@ def train_dense(args, role: str, architecture: str, splits) -> Path:
         state = saved["state"]
         log(f"{role} {architecture}: resuming after epoch {state['epoch']}")
     log(f"{role} {architecture}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    clip = schedule.max_grad_norm or None
     while True:
         planned = sum(epochs for epochs, _ in state["phases"])
         if state["epoch"] >= planned:
-            if plateaued(state["val"]) or len(state["phases"]) > args.max_extensions:
+            if not schedule.to_plateau or plateaued(state["val"]) or len(state["phases"]) > schedule.max_extensions:
                 break
-            state["phases"].append((PLATEAU_EPOCHS, args.dense_lr * 0.1))
+            state["phases"].append((PLATEAU_EPOCHS, schedule.lr * 0.1))
             log(f"{role}: not yet at a plateau ({state['val'][-6:]}); {PLATEAU_EPOCHS} more epochs")
             continue
         start = time.perf_counter()
         model.train()
         total_loss = 0.0
-        for images, labels in augmented_batches(train_x, train_y, args.batch_size, generator):
+        batches = augmented_batches(train_x, train_y, schedule.batch_size, generator, pad=schedule.pad)
+        for images, labels in batches:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], state["phases"], steps_per_epoch)
+                group["lr"] = lr_at(state["step"], state["phases"], steps_per_epoch, schedule.warmup_steps)
             loss = F.cross_entropy(model(normalize(images)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:  # as TrainingArguments.max_grad_norm does: rescale when the norm is larger
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                state["clipped_steps"] += int(norm > clip)
             optimizer.step()
             state["step"] += 1
             total_loss += loss.item()
@@ -260,7 +315,10 @@ def train_dense(args, role: str, architecture: str, splits) -> Path:
         "plateaued": plateaued(state["val"]),
         "val_history": state["val"],
         "seconds": state["seconds"],
-        "train_images_per_epoch": steps_per_epoch * args.batch_size,
+        "train_images_per_epoch": steps_per_epoch * schedule.batch_size,
+        "schedule": dataclasses.asdict(schedule),
+        "steps": state["step"],
+        "clipped_steps": state.get("clipped_steps", 0),
         "val_top1": state["val"][-1],
         "test_top1": evaluate(model, splits["test"], normalize),
     }
@@ -294,6 +352,10 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
 
 
+def machine_description(args) -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}"
+
+
 def setup(args, splits) -> dict | None:
     """Train (or reuse) the dense teacher and student; with `--roles`, only those (e.g. one per process)."""
     folders = {}
@@ -308,7 +370,7 @@ def setup(args, splits) -> dict | None:
         "student": json.loads((student / "training.json").read_text()),
         "teacher_dir": str(teacher),
         "student_dir": str(student),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
+        "machine": machine_description(args),
         "torch": torch.__version__,
         "commit": git_commit(),
     }
@@ -324,14 +386,15 @@ def setup(args, splits) -> dict | None:
 
 # --- one pruning run -----------------------------------------------------------------------------------------------
 class TensorImages(torch.utils.data.Dataset):
-    """uint8 images in memory -> {"pixel_values", "labels"}; with `augment`: random crop (pad 4) + flip."""
+    """uint8 images in memory -> {"pixel_values", "labels"}; with `augment`: random crop (zero padding `pad`) + flip."""
 
-    def __init__(self, images, labels, normalize: Normalizer, augment: bool = False):
+    def __init__(self, images, labels, normalize: Normalizer, augment: bool = False, pad: int = 4):
         self.labels = labels
         self.normalize = normalize
         self.augment = augment
+        self.pad = pad
         self.size = images.shape[-1]
-        self.images = F.pad(images, (4, 4, 4, 4)) if augment else images
+        self.images = F.pad(images, (pad, pad, pad, pad)) if augment else images
 
     def __len__(self):
         return len(self.labels)
@@ -339,7 +402,7 @@ class TensorImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = self.images[i]
         if self.augment:
-            dx, dy = torch.randint(0, 9, (2,)).tolist()
+            dx, dy = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
             image = image[:, dy : dy + self.size, dx : dx + self.size]
             if torch.rand(()) < 0.5:
                 image = image.flip(-1)
@@ -390,6 +453,9 @@ VARIANTS = {
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
     "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
     "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
+    # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
+    "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
+    "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),
 }
 MAIN_VARIANTS = [
     "magnitude", "tgp", "tgp_fisher", "tgp rounds=5", "imp", "snip", "dg2pf", "tgp_fisher rounds=5", "epsd",
@@ -406,6 +472,7 @@ SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
     "calibration_batch_size", "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
+    "max_grad_norm",
 )  # fmt: skip
 
 
@@ -427,7 +494,9 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     normalize = normalizer_for(student)
     subset = torch.randperm(len(splits["train"][1]), generator=torch.Generator().manual_seed(1234))
     subset = subset[: args.retrain_images]
-    train_set = TensorImages(splits["train"][0][subset], splits["train"][1][subset], normalize, augment=True)
+    train_set = TensorImages(
+        splits["train"][0][subset], splits["train"][1][subset], normalize, augment=True, pad=args.crop_padding
+    )
     calibration = TensorImages(*splits["train"], normalize, augment=False)
     epochs, extra = retrain_epochs, {}
     if method == "dg2pf":
@@ -465,6 +534,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         use_cpu=True,
         seed=seed,
         dataloader_num_workers=0,
+        max_grad_norm=args.max_grad_norm,
         **extra,
     )
     config.update(overrides)
@@ -595,8 +665,9 @@ def run_stage(args, splits, info) -> None:
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The benchmark's options (other regimes, e.g. `transfer.py`, change their defaults and add their own)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--stage", default="setup", choices=["setup", "main", "ablation", "long", "report"])
     parser.add_argument(
         "--variants", nargs="+", default=None, help=f"default: the stage's list; any of {list(VARIANTS)}"
@@ -641,9 +712,32 @@ def parse_args(argv=None):
     parser.add_argument(
         "--roles", nargs="+", default=["teacher", "student"], help="train only these dense models (e.g. in parallel)"
     )
+    parser.add_argument("--image-size", type=int, default=None, help="resize every image to this size (default: 32)")
+    parser.add_argument("--crop-padding", type=int, default=4, help="random-crop padding of training images (pixels)")
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="gradient clipping of the pruned model's retraining (TrainingArguments.max_grad_norm; 0: none)",
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    return finish_args(build_parser(__doc__.split("\n")[0]), argv)
+
+
+def finish_args(parser: argparse.ArgumentParser, argv=None, stage_variants=None) -> argparse.Namespace:
+    """Parse and check `argv`; `stage_variants` maps a stage to its default variants (else this regime's lists);
+    `--smoke` shrinks everything."""
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = {"ablation": ABLATION_VARIANTS, "long": LONG_VARIANTS}.get(args.stage, MAIN_VARIANTS)
+        stage_variants = stage_variants or {
+            "ablation": ABLATION_VARIANTS,
+            "long": LONG_VARIANTS,
+            "main": MAIN_VARIANTS,
+        }
+        args.variants = stage_variants.get(args.stage, stage_variants["main"])
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
@@ -862,8 +956,9 @@ def report(args) -> str:
     return text
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, parse=parse_args, setup=setup):
+    """Run `--stage`; other regimes pass their own argument parser and dense setup."""
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.stage == "report":
