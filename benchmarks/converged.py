@@ -48,6 +48,7 @@ from torch import nn  # noqa: E402
 
 PLATEAU_EPOCHS = 5
 PLATEAU_GAIN = 0.5
+MOVEMENT_FILE = "movement.safetensors"  # movement scores accumulated over a dense model's (fine-)tuning
 
 
 def log(message: str) -> None:
@@ -213,6 +214,7 @@ class DenseSchedule:
     to_plateau: bool = True  # extend by cosine cycles at lr / 10 until the validation accuracy plateaus
     max_extensions: int = 3
     pad: int = 4  # random-crop padding (pixels)
+    movement: bool = False  # accumulate movement scores (−Σ θ·g, hf_tgprune MovementScores) into movement.safetensors
 
 
 def train_dense(args, role: str, architecture: str, splits) -> Path:
@@ -256,12 +258,19 @@ def fit_dense(folder: Path, role: str, architecture: str, build, splits, schedul
     steps_per_epoch = len(train_y) // schedule.batch_size
     state = {"epoch": 0, "step": 0, "val": [], "seconds": 0.0, "phases": [(schedule.epochs, schedule.lr)]}
     state["clipped_steps"] = 0
+    movement = None
+    if schedule.movement:
+        from hf_tgprune.methods.movement import MovementScores
+
+        movement = MovementScores(model)
     if state_path.exists():
         saved = torch.load(state_path, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         state = saved["state"]
+        if movement is not None:
+            movement.scores, movement.steps = saved["movement"], state["step"]
         log(f"{role} {architecture}: resuming after epoch {state['epoch']}")
     log(f"{role} {architecture}: {sum(p.numel() for p in model.parameters()):,} parameters")
     clip = schedule.max_grad_norm or None
@@ -286,6 +295,8 @@ def fit_dense(folder: Path, role: str, architecture: str, build, splits, schedul
             if clip is not None:  # as TrainingArguments.max_grad_norm does: rescale when the norm is larger
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 state["clipped_steps"] += int(norm > clip)
+            if movement is not None:
+                movement.accumulate()
             optimizer.step()
             state["step"] += 1
             total_loss += loss.item()
@@ -298,6 +309,7 @@ def fit_dense(folder: Path, role: str, architecture: str, build, splits, schedul
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
                 "state": state,
+                "movement": None if movement is None else movement.scores,
             },
             state_path,
         )
@@ -307,6 +319,10 @@ def fit_dense(folder: Path, role: str, architecture: str, build, splits, schedul
         )
     model.eval()
     save_for_hf(model, str(folder), safe_serialization=True)
+    if movement is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in movement.scores.items()}, str(folder / MOVEMENT_FILE))
     record = {
         "role": role,
         "architecture": architecture,
@@ -453,6 +469,9 @@ VARIANTS = {
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
     "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
     "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
+    # signed criteria, compared inside each layer (magnitude allocation, their default)
+    "tgp_taylor": ("tgp_taylor", {}),
+    "movement": ("movement", {}),
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),
@@ -548,7 +567,12 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     counter = PassCounter()
     handles = [counter.attach(student)] + ([counter.attach(teacher)] if uses_teacher else [])
     start = time.perf_counter()
-    trainer.prune()
+    scores = None
+    if method == "movement":  # accumulated over the student's own fine-tuning (no scoring pass)
+        from safetensors.torch import load_file
+
+        scores = load_file(str(Path(info["student_dir"]) / MOVEMENT_FILE))
+    trainer.prune(scores=scores)
     one_shot = trainer.method.one_shot  # the others prune during training: no single "right after pruning" point
     after = {}
     if one_shot:
@@ -779,11 +803,39 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _paired_deltas(records, variant, sparsity, epochs, reference="magnitude") -> list[float]:
-    """Test top-1 of `variant` minus `reference`, seed by seed (seeds both ran), in seed order."""
-    ours = {r["seed"]: r["test_top1"] for r in _runs(records, variant, sparsity, epochs)}
-    base = {r["seed"]: r["test_top1"] for r in _runs(records, reference, sparsity, epochs)}
+def _paired_deltas(records, variant, sparsity, epochs, reference="magnitude", key="test_top1") -> list[float]:
+    """Top-1 (`key`) of `variant` minus `reference`, seed by seed (seeds both ran, with `key`), in seed order."""
+    ours = {r["seed"]: r[key] for r in _runs(records, variant, sparsity, epochs) if key in r}
+    base = {r["seed"]: r[key] for r in _runs(records, reference, sparsity, epochs) if key in r}
     return [ours[seed] - base[seed] for seed in sorted(ours.keys() & base.keys())]
+
+
+def heldout_table(records, variants, epochs) -> list[str]:
+    """Top-1 on the `--test-data` set (what decisions are made on) after retraining, with the paired Δ against
+    `magnitude`, and the 1,000-image test split beside it; empty when no record has a held-out figure."""
+    key = "extra_test_top1"
+    if not any(key in r for r in records):
+        return []
+    lines = [
+        f"Held-out top-1 (%) on the `--test-data` set after {epochs} retraining epochs (mean ± std over seeds; Δ "
+        "against `magnitude`, mean of the per-seed differences, with the per-seed values), and the 1,000-image test "
+        "split beside it:",
+        "",
+        "| method | "
+        + " | ".join(f"{int(round(s * 100))}% held-out | Δ magnitude" for s in SPARSITIES)
+        + " | 1k test 90 / 95 / 98% |",
+        "|---|" + "---|---|" * len(SPARSITIES) + "---|",
+    ]
+    for variant in variants:
+        cells = []
+        for sparsity in SPARSITIES:
+            runs = [r for r in _runs(records, variant, sparsity, epochs) if key in r]
+            deltas = _paired_deltas(records, variant, sparsity, epochs, key=key) if variant != "magnitude" else []
+            delta = f"{_mean(deltas):+.2f} ({', '.join(f'{d:+.1f}' for d in deltas)})" if deltas else "—"
+            cells += [f"**{_mean_std([r[key] for r in runs])}** (n={len(runs)})" if runs else "—", delta]
+        test = " / ".join(_mean_std([r["test_top1"] for r in _runs(records, variant, s, epochs)]) for s in SPARSITIES)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {test} |")
+    return lines + [""]
 
 
 def goal_check(records, variants, epochs) -> list[str]:
@@ -909,6 +961,7 @@ def report(args) -> str:
             f"| {variant} | " + " | ".join(cells) + f" | {counts} | {seconds:.0f} | {fwd:,.0f} | {bwd:,.0f} |"
         )
     lines.append("")
+    lines += heldout_table(records, variants, epochs)
     # ablation: seed 0, validation split, against tgp
     ablation_sparsities = sorted({r["sparsity"] for r in records if r["seed"] == 0 and r["sparsity"] > 0.9})
     if ablation_sparsities:

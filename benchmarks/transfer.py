@@ -47,7 +47,7 @@ WEIGHT_PACKAGES = {
 ROLES = ("teacher", "student-short", "student-full", "student-short-clip")
 # the criteria compared in this regime (converged.VARIANTS names); the candidates of issue 16 are added as they land
 TRANSFER_MAIN = [
-    "magnitude", "tgp_fisher rounds=5", "snip", "tgp", "tgp_fisher rounds=5 train-mode BN",
+    "magnitude", "tgp_fisher rounds=5", "movement", "tgp_taylor", "snip", "tgp", "tgp_fisher rounds=5 train-mode BN",
 ]  # fmt: skip
 TRANSFER_ABLATION = ["magnitude", "magnitude clip=1", "tgp_fisher rounds=5", "tgp_fisher rounds=5 clip=1"]
 
@@ -118,19 +118,35 @@ def role_plan(args, role: str) -> tuple[str, converged.DenseSchedule]:
     )
     if role == "teacher":
         return args.teacher, converged.DenseSchedule(epochs=args.teacher_epochs, to_plateau=True, **common)
-    if role == "student-full":
-        return args.student, converged.DenseSchedule(epochs=args.full_epochs, to_plateau=True, **common)
+    if role == "student-full":  # students record movement scores while they are fine-tuned (the `movement` variant)
+        return args.student, converged.DenseSchedule(epochs=args.full_epochs, to_plateau=True, movement=True, **common)
     if role == "student-short-clip":
-        common["max_grad_norm"] = 1.0
-    return args.student, converged.DenseSchedule(epochs=args.short_epochs, to_plateau=False, **common)
+        return args.student, converged.DenseSchedule(
+            epochs=args.short_epochs, to_plateau=False, **{**common, "max_grad_norm": 1.0}
+        )
+    return args.student, converged.DenseSchedule(epochs=args.short_epochs, to_plateau=False, movement=True, **common)
 
 
 def role_folder(args, role: str) -> Path:
     architecture, schedule = role_plan(args, role)
     clip = f"-clip{schedule.max_grad_norm:g}" if schedule.max_grad_norm else ""
     plateau = "-plateau" if schedule.to_plateau else ""
-    name = f"finetune-{role}-{architecture}-{args.image_size}px-e{schedule.epochs}-lr{schedule.lr:g}{clip}{plateau}"
+    movement = "-mv" if schedule.movement else ""
+    name = (
+        f"finetune-{role}-{architecture}-{args.image_size}px-e{schedule.epochs}-lr{schedule.lr:g}{clip}{plateau}"
+        f"{movement}"
+    )
     return Path(args.cache_dir) / name
+
+
+def held_out_accuracy(record_path: Path, splits) -> dict:
+    """A dense model's record, with its top-1 on `--test-data` (`extra_test_top1`) added once when it lacks it."""
+    record = json.loads(record_path.read_text())
+    if "extra_test" in splits and "extra_test_top1" not in record:
+        model, _ = converged.load_dense(record_path.parent)
+        record["extra_test_top1"] = converged.evaluate(model, splits["extra_test"], converged.normalizer_for(model))
+        converged.atomic_write_text(record_path, json.dumps(record, indent=1))
+    return record
 
 
 def setup(args, splits) -> dict | None:
@@ -148,7 +164,7 @@ def setup(args, splits) -> dict | None:
     for role in ROLES:
         record = role_folder(args, role) / "training.json"
         if record.exists():
-            dense[role] = json.loads(record.read_text())
+            dense[role] = held_out_accuracy(record, splits)
     info = {
         "regime": "transfer",
         "image_size": args.image_size,

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .adapters import ModelAdapter, register_adapter
 from .callbacks import GlobalMaskCallback
 from .checkpointing import SparseModelInfo
-from .config import TeacherGuidedPruningConfig
+from .config import PruningArguments, TeacherGuidedPruningConfig
 from .export import export_semi_structured, export_sparse_inference, to_dense
 from .hub import HubPushError, push_sparse_folder
 from .losses import cakld, teacher_guided_loss
@@ -26,6 +26,7 @@ from .masking import (
 from .methods import MethodConfig, PruningMethod, get_method, register_method
 from .models import load_image_classifier
 from .nm import nm_masks
+from .pruner import Pruner
 from .recalibration import recalibrate_batchnorm
 from .scoring import ScoringMethod, ScoringOptions, compute_importance_scores, register_scoring_method
 from .serialization import SparseFormatError, load_sparse, load_sparse_masks, save_sparse_model
@@ -41,6 +42,9 @@ __all__ = [
     "TeacherGuidedPruningConfig",
     "TeacherGuidedPruningTrainer",
     "GlobalMaskCallback",
+    # pruning without a Trainer
+    "Pruner",
+    "PruningArguments",
     # the functional core
     "compute_importance_scores",
     "ScoringOptions",

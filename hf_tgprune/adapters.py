@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .preprocessing import DEFAULT_IMAGE_SIZE, PIL_RESAMPLE, DataConfig
 from .utils import atomic_path, public_name, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 # PIL resampling filters by name (the integers transformers image processors store as `resample`)
-PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -139,8 +139,6 @@ class ModelAdapter:
 
     def data_config(self, model: nn.Module):
         """The ``hf_tgprune.data.DataConfig`` (input size, mean, std, interpolation) the model expects."""
-        from .data import DataConfig
-
         return DataConfig()
 
     def image_processor(self, model: nn.Module, name_or_path: str) -> Any | None:
@@ -224,8 +222,6 @@ class TimmAdapter(ModelAdapter):
 
     def data_config(self, model: nn.Module):
         from timm.data import resolve_model_data_config
-
-        from .data import DataConfig
 
         config = resolve_model_data_config(model)
         return DataConfig(
@@ -346,8 +342,6 @@ class TransformersAdapter(ModelAdapter):
         return [] if name is None else [name]
 
     def data_config(self, model: nn.Module):
-        from .data import DEFAULT_IMAGE_SIZE, DataConfig
-
         size = getattr(model.config, "image_size", None)
         if isinstance(size, (list, tuple)):
             size = size[-1]
@@ -502,6 +496,14 @@ for _adapter in (TransformersAdapter(), TimmAdapter(), ModelAdapter()):  # most 
 def forward_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Logits of any supported classifier (wrapped or not) for a batch of images."""
     return get_adapter(model).logits(model, pixel_values)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's float32 logits; images are cast to the teacher's own floating dtype first, so a bf16 or
+    fp16 teacher distils into an fp32 student (and the other way round)."""
+    dtype = next((p.dtype for p in unwrap_model(teacher).parameters() if p.is_floating_point()), pixel_values.dtype)
+    return forward_logits(teacher, pixel_values.to(dtype)).float()
 
 
 def num_labels(model: nn.Module) -> int | None:

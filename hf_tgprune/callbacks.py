@@ -7,8 +7,9 @@
   Adam moments, ...) are multiplied by the mask, so weight decay or stale momentum cannot revive a weight.
 
 No forward hooks and no `weight_orig` re-parametrisation: weights stay plain parameters, so `state_dict`,
-`deepcopy`, `torch.compile` and `from_pretrained` keep working. The trainer writes the masks into every checkpoint
-(`masks.safetensors`, as part of saving the model) so that `resume_from_checkpoint` restores them.
+`deepcopy`, `torch.compile` and `from_pretrained` keep working. The callbacks hold no masks of their own: they read
+them from their source, a `hf_tgprune.Pruner` (the one owner of the masks) or, used on their own, the mapping they
+were given.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from transformers import TrainerCallback
@@ -36,25 +38,60 @@ class _GradientMask:
             param.grad.mul_(self.multiplier)
 
 
-class GlobalMaskCallback(TrainerCallback):
-    """Keeps pruned weights at exactly zero through training."""
+class MaskSource(Protocol):
+    """Where a mask callback reads its masks (`hf_tgprune.Pruner` is one)."""
+
+    masks: dict[str, torch.Tensor] | None
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None: ...
+
+    def log_report(self) -> None: ...
+
+
+class FixedMasks:
+    """The mask source of a callback used on its own: the masks it was given."""
 
     def __init__(self, masks: Mapping[str, torch.Tensor]):
         self.masks = dict(masks)
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        self.masks = dict(masks)
+
+    def log_report(self) -> None:
+        pass
+
+
+class GlobalMaskCallback(TrainerCallback):
+    """Keeps pruned weights at exactly zero through training.
+
+    Args:
+        masks: a `hf_tgprune.Pruner` (its current masks are enforced, whatever they become) or a mapping of bool
+            masks keyed by parameter name (True = kept).
+    """
+
+    finished: bool | None = None  # whether a schedule is complete; None: fixed masks, no schedule
+
+    def __init__(self, masks: MaskSource | Mapping[str, torch.Tensor]):
+        self.source: MaskSource = FixedMasks(masks) if isinstance(masks, Mapping) else masks
         self._params: list[torch.nn.Parameter] = []
         self._multipliers: list[torch.Tensor] = []
         self._hooks: list = []
+        self._model = None
+        self._optimizer = None
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.source.masks or {}
 
     def bind(self, model: torch.nn.Module) -> None:
-        """Resolve the masked parameters of `model` (wrapped or not) and move the masks to their devices."""
+        """Resolve the masked parameters of `model` (wrapped or not), with 0/1 multipliers on their devices."""
         params = dict(unwrap_model(model).named_parameters())
         missing = [name for name in self.masks if name not in params]
         if missing:
             raise KeyError(f"GlobalMaskCallback: the model has no parameters named {missing[:5]}")
-        self.masks = {name: mask.to(params[name].device) for name, mask in self.masks.items()}
         self._params = [params[name] for name in self.masks]
         # 0/1 multipliers in the parameter dtype: an in-place multiply by them is several times faster than by bool
-        self._multipliers = [mask.to(p.dtype) for p, mask in zip(self._params, self.masks.values())]
+        self._multipliers = [mask.to(p.device, p.dtype) for p, mask in zip(self._params, self.masks.values())]
 
     @torch.no_grad()
     def enforce(self, optimizer=None) -> None:
@@ -79,6 +116,7 @@ class GlobalMaskCallback(TrainerCallback):
 
     def start(self, model, optimizer=None) -> None:
         """Bind to `model`, zero pruned weights and optimizer state, and mask gradients from now on."""
+        self._model, self._optimizer = model, optimizer
         self.bind(model)
         self.enforce(optimizer)
         self._remove_hooks()
@@ -88,6 +126,11 @@ class GlobalMaskCallback(TrainerCallback):
                 # the optimizer), masking in place
                 self._hooks.append(param.register_post_accumulate_grad_hook(_GradientMask(multiplier)))
 
+    def restart(self) -> None:
+        """Enforce the source's current masks at once when training is under way (masks installed mid-training)."""
+        if self._model is not None:
+            self.start(self._model, self._optimizer)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.start(model, optimizer)
 
@@ -96,13 +139,15 @@ class GlobalMaskCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
+        self._model = self._optimizer = None
 
 
 class ScheduledMaskCallback(GlobalMaskCallback):
     """A `GlobalMaskCallback` whose masks change at epoch boundaries (gradual and iterative schedules).
 
     Args:
-        masks: the masks training starts with.
+        masks: the mask source (a `hf_tgprune.Pruner`, or the masks training starts with); every new set of masks
+            is recorded there.
         events: epoch index (0-based, applied at its beginning) -> sparsity to prune to.
         mask_fn: `mask_fn(weights, masks, sparsity)` returns new masks from the current (dense) weights.
         target: the final sparsity.
@@ -110,19 +155,17 @@ class ScheduledMaskCallback(GlobalMaskCallback):
             optimizer step, gradients reach every weight and the optimizer updates a dense copy (restored right
             before each step), so pruned weights can recover; at the beginning of epoch E the masks are recomputed
             at `target` from the dense weights and fixed (hard masks, as in `GlobalMaskCallback`).
-        on_change: `on_change(masks, finished)` is told about every new set of masks.
 
     `state_dict()` / `load_state_dict()` hold what a checkpoint needs to resume the schedule exactly: the events
     already applied, whether the schedule finished, and (while simulating) the dense weights under the mask.
     """
 
-    def __init__(self, masks, events, mask_fn, target, *, simulated_until=None, on_change=None):
+    def __init__(self, masks, events, mask_fn, target, *, simulated_until=None):
         super().__init__(masks)
         self.events = dict(events)
         self.mask_fn = mask_fn
         self.target = target
         self.simulated_until = simulated_until
-        self.on_change = on_change
         self.simulating = simulated_until is not None and simulated_until > 0
         self.finished = not self.events and not self.simulating
         self.applied: set[int] = set()
@@ -147,19 +190,18 @@ class ScheduledMaskCallback(GlobalMaskCallback):
     # --- mask changes -------------------------------------------------------------------------------------------
     def _switch(self, masks, model, optimizer) -> None:
         """Switch to new hard masks: pruned weights, their gradients and optimizer state are zeroed from now on."""
-        self.masks = dict(masks)
+        self.source.set_masks(masks)
         self.start(model, optimizer)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.dense if self.dense is not None else {name: self._named[name] for name in self.masks}
 
     def _notify(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.masks, self.finished)
+        self.source.log_report()
 
     @torch.no_grad()
     def _set_simulated(self, masks) -> None:
-        self.masks = {name: mask.to(self._named[name].device) for name, mask in masks.items()}
+        self.source.set_masks({name: mask.to(self._named[name].device) for name, mask in masks.items()})
         if self.dense is None:
             self.dense = {name: self._named[name].detach().clone() for name in self.masks}
         self.dense = {name: weight.to(self._named[name].device) for name, weight in self.dense.items()}
@@ -178,7 +220,7 @@ class ScheduledMaskCallback(GlobalMaskCallback):
         if hooks:
             self._switch(masks, model, optimizer)
         else:
-            self.masks = dict(masks)
+            self.source.set_masks(masks)
             self.bind(model)
             self.enforce(optimizer)
         self._notify()

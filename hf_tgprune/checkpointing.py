@@ -10,8 +10,8 @@ overrides the Trainer's saving and checkpoint-loading hooks only:
   in place (the other ranks write their RNG states into it meanwhile) and counts once ``trainer_state.json`` is.
   ``args.save_format="bitmask"`` applies to ``save_model()`` outputs; Trainer checkpoints (``checkpoint-*``) stay
   dense and keep the exact training state, so that ``resume_from_checkpoint`` and ``load_best_model_at_end``
-  work; a checkpoint's masks are written inside ``_save`` (``save_pruning_state``), before the Trainer marks the
-  checkpoint complete.
+  work; a checkpoint's pruning state (``pruning_state.safetensors``, :meth:`hf_tgprune.Pruner.save_state`) is
+  written inside ``_save``, before the Trainer marks the checkpoint complete.
 * ``_push_from_checkpoint`` (``hub_strategy`` pushes during training): the Trainer's own version copies the
   checkpoint's weights into ``output_dir`` and uploads whatever is there, which would publish the training state
   without its ``sparsity.json`` (or next to a stale one). Here ``output_dir`` is re-written as a sparse folder from
@@ -20,7 +20,7 @@ overrides the Trainer's saving and checkpoint-loading hooks only:
   strictly through the model's adapter: the Trainer's own loaders read ``model.safetensors`` with
   ``load_state_dict(strict=False)`` under the names on disk, which in transformers 5 silently skips every renamed
   tensor (ViT, DeiT, BEiT, Dinov2, Swin, ...). The weights are verified against the checkpoint's ``sparsity.json``
-  (file size and SHA-256, per-layer counts, mask hash) and its ``masks.safetensors`` (:func:`check_checkpoint_masks`)
+  (file size and SHA-256, per-layer counts, mask hash) and its pruning state (:func:`check_checkpoint_masks`)
   before training goes on.
 * ``create_model_card`` writes the hf_tgprune card from the folder's ``sparsity.json``; ``init_hf_repo`` and
   ``push_to_hub`` upload through :mod:`hf_tgprune.hub`, which uploads exactly the files of the sparse folder and
@@ -44,6 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from . import hub
 from .adapters import model_name, unwrap_model
 from .modelcard import InferenceSpeed, inference_record
+from .pruner import Pruner
 from .serialization import (
     SPARSITY_FILE_NAME,
     SparseFormatError,
@@ -124,30 +125,30 @@ class SparseModelInfo:
 
 
 def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
-    """Refuse a checkpoint whose weights do not belong with its masks (``masks.safetensors``, when it has one).
+    """Refuse a checkpoint whose weights do not belong with its masks (its pruning state, when it has one).
 
     Its ``sparsity.json`` records the hash of the masks the weights were saved with, and how many weights were
-    non-zero where those masks prune (0 for fixed masks, which keep pruned weights at exactly zero). The masks file
-    must have that hash, and `model` (just loaded from the checkpoint) that many non-zero pruned weights.
+    non-zero where those masks prune (0 for fixed masks, which keep pruned weights at exactly zero). The pruning
+    state's masks must have that hash, and `model` (just loaded from the checkpoint) that many non-zero pruned weights.
 
     Raises:
-        MaskFileError: the masks file is unreadable, or belongs to other weights.
+        MaskFileError: the pruning state is unreadable, or its masks belong to other weights.
         SparseFormatError: a pruned weight is non-zero (naming the layers).
     """
-    from .masking import MASKS_NAME, MaskFileError, load_masks, mask_hash
+    from .masking import MaskFileError, mask_hash
+    from .serialization.pruning_state import PRUNING_STATE_NAME, checkpoint_masks
 
     folder = Path(folder)
-    masks_file = folder / MASKS_NAME
-    if not masks_file.is_file():
+    masks = checkpoint_masks(folder)
+    if masks is None:
         return
-    masks = load_masks(masks_file)
     record = read_sparsity_record(folder)
     recorded = (record.get("mask") or {}).get("sha256")
     if recorded is not None and recorded != mask_hash(masks):
         raise MaskFileError(
-            f"{masks_file} does not hold the masks that the weights in {folder} were saved with (their "
-            f"{SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different saves. "
-            "Resume from an earlier checkpoint or prune again."
+            f"{folder / PRUNING_STATE_NAME} does not hold the masks that the weights in {folder} were saved with "
+            f"(their {SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different "
+            "saves. Resume from an earlier checkpoint or prune again."
         )
     params = dict(model.named_parameters())
     nonzero = {}
@@ -161,7 +162,7 @@ def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
         layers = ", ".join(f"{name} ({count})" for name, count in list(nonzero.items())[:5])
         raise SparseFormatError(
             f"{folder / record.get('weights_file', 'model.safetensors')}: {sum(nonzero.values())} weights that "
-            f"{MASKS_NAME} prunes are non-zero (in {layers or 'no layer'}), but the checkpoint was saved with "
+            f"{PRUNING_STATE_NAME} prunes are non-zero (in {layers or 'no layer'}), but the checkpoint was saved with "
             f"{allowed}: its weights were modified after saving. Resume from an earlier checkpoint."
         )
 
@@ -171,19 +172,22 @@ def _enum_value(value: Any) -> Any:
 
 
 class SparseCheckpointMixin:
-    """Sparse saving, model card and Hub push for `transformers.Trainer` subclasses that hold ``self.masks``."""
+    """Sparse saving, model card and Hub push for `TeacherGuidedPruningTrainer` (before `transformers.Trainer` in its
+    bases): reads the trainer's `pruner` (masks, method, report) and `args` (a `TeacherGuidedPruningConfig`)."""
+
+    pruner: Pruner
 
     def __init__(self, *args, **kwargs):
         self.sparse_info = SparseModelInfo()
         self.hub_push_errors: list[hub.HubPushError] = []  # failed pushes during training
+        self.hub_model_id: str | None = None  # set by init_hf_repo
         super().__init__(*args, **kwargs)
 
     # --- what sparsity.json records ------------------------------------------------------------------------------
     def _calibration_size(self) -> int | None:
-        source = getattr(self, "calibration_dataset", None)
-        if source is None:
-            source = getattr(self, "train_dataset", None)
-        limit = getattr(self.args, "num_calibration_samples", None)
+        pruner = self.pruner
+        source = pruner.calibration_dataset if pruner.calibration_dataset is not None else pruner.train_dataset
+        limit = self.args.num_calibration_samples
         try:
             size = len(source)
         except TypeError:
@@ -191,7 +195,7 @@ class SparseCheckpointMixin:
         return min(size, limit) if limit else size
 
     def _latest_eval_metrics(self) -> dict[str, Any]:
-        for entry in reversed(getattr(self.state, "log_history", []) or []):
+        for entry in reversed(self.state.log_history or []):
             metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
             if metrics:
                 return metrics
@@ -200,12 +204,9 @@ class SparseCheckpointMixin:
     def sparse_record_metadata(self) -> dict[str, Any]:
         """The fields ``sparsity.json`` records next to the measured sparsity (from the args and `sparse_info`)."""
         args, info = self.args, self.sparse_info
-        hyperparameters = {
-            name: _enum_value(getattr(args, name)) for name in HYPERPARAMETER_FIELDS if hasattr(args, name)
-        }
-        method = getattr(self, "method", None)
-        if method is not None:  # the method's settings with their defaults filled in
-            hyperparameters["pruning_method_args"] = method.config.to_dict()
+        hyperparameters = {name: _enum_value(getattr(args, name)) for name in HYPERPARAMETER_FIELDS}
+        # the method's settings with their defaults filled in
+        hyperparameters["pruning_method_args"] = self.pruner.method.config.to_dict()
         metrics = {}
         if info.dense_metrics:
             metrics["dense"] = dict(info.dense_metrics)
@@ -213,17 +214,17 @@ class SparseCheckpointMixin:
         if pruned:
             metrics["pruned"] = dict(pruned)
         metadata = {
-            "method": getattr(args, "pruning_method", None),
-            "target_sparsity": getattr(args, "sparsity", None),
+            "method": args.pruning_method,
+            "target_sparsity": args.sparsity,
             "hyperparameters": hyperparameters,
             "base_model": info.base_model or model_name(self.model),
-            "teacher": info.teacher or model_name(getattr(self, "teacher_model", None)),
+            "teacher": info.teacher or model_name(self.pruner.teacher),
             "calibration_size": self._calibration_size(),
             "dataset": info.dataset,
             "metrics": metrics,
-            "global_step": getattr(self.state, "global_step", None),
+            "global_step": self.state.global_step,
         }
-        report = getattr(self, "pruning_report", None) or {}
+        report = self.pruner.report or {}
         if "scoring_seconds" in report:
             metadata["scoring_seconds"] = report["scoring_seconds"]
         if info.inference is not None:
@@ -239,12 +240,12 @@ class SparseCheckpointMixin:
         # written into the new folder before the model's files (an explicit `sparse_info.data_config` overrides it),
         # and published with them, all-or-nothing
         write_processor = None if processor is None else (lambda folder: processor.save_pretrained(folder))
-        save_format = "dense" if checkpoint else getattr(self.args, "save_format", "dense")
+        save_format = "dense" if checkpoint else self.args.save_format
         logger.info("Saving sparse model (%s) to %s", save_format, output_dir)
         save_sparse_model(
             unwrap_model(self.model),
             output_dir,
-            getattr(self, "masks", None),
+            self.pruner.masks,
             save_format=save_format,
             metadata=self.sparse_record_metadata(),
             state_dict=state_dict,
@@ -268,13 +269,13 @@ class SparseCheckpointMixin:
         os.makedirs(output_dir, exist_ok=True)
         is_checkpoint = Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
         self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint)
-        if is_checkpoint:
-            self.save_pruning_state(output_dir)  # part of the checkpoint before trainer_state.json marks it complete
+        if is_checkpoint:  # part of the checkpoint before trainer_state.json marks it complete
+            self.pruner.save_state(output_dir)
 
     # --- loading checkpoints ------------------------------------------------------------------------------------
     def _is_sparse_checkpoint(self, folder: str | None) -> bool:
         """A checkpoint written by `_save` that this process loads itself (not DeepSpeed / FSDP shards)."""
-        sharded = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         return folder is not None and not sharded and (Path(folder) / SPARSITY_FILE_NAME).is_file()
 
     def _load_sparse_checkpoint(self, folder: str, model) -> None:
@@ -332,7 +333,7 @@ class SparseCheckpointMixin:
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         card = create_model_card(
             output_dir,
-            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            repo_id=self.hub_model_id or self.args.hub_model_id,
             model_name=model_name,
             base_model=finetuned_from,
             dataset=dataset,
@@ -383,11 +384,11 @@ class SparseCheckpointMixin:
         dataset = kwargs.get("dataset")
         if dataset and self.sparse_info.dataset is None:
             self.sparse_info.dataset = dataset[0] if isinstance(dataset, (list, tuple)) else dataset
-        if getattr(self, "hub_model_id", None) is None:
-            self.init_hf_repo(token=token, private=private)
-        self.save_model(_internal_call=True)
+        self.save_model(_internal_call=True)  # first: whatever fails next, the model is in output_dir
         if not self.is_world_process_zero():
             return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
         model_name = kwargs.pop("model_name", None) or (self.args.hub_model_id or Path(self.args.output_dir).name)
         self.create_model_card(model_name=model_name.split("/")[-1], **kwargs)
         self._finish_current_push()

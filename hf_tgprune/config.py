@@ -33,14 +33,12 @@ def parse_nm_pattern(pattern: str) -> tuple[int, int]:
 
 
 @dataclass
-class TeacherGuidedPruningConfig(TrainingArguments):
+class PruningArguments:
     r"""
-    Configuration for [`TeacherGuidedPruningTrainer`]: everything of [`~transformers.TrainingArguments`] plus the
-    one-shot pruning and distillation settings of teacher-guided pruning. The loss follows the authors (alpha 0.7,
-    beta 0.5, T 3). The default mask is global magnitude, the best measured on converged networks
-    (benchmarks/RESULTS.md), retrained with the teacher's KD loss; teacher-guided scores are one option away:
-    `pruning_method="tgp_fisher"` (Fisher, 5 rounds, the best teacher-guided configuration on ResNet-18) or
-    `pruning_method="tgp"` (the paper's criterion: one-shot, EMA aggregation, eval-mode BatchNorm while scoring).
+    Settings of one pruning run, without any training settings: what `hf_tgprune.Pruner` needs (a plain PyTorch
+    loop or the functional core), and the pruning half of [`TeacherGuidedPruningConfig`]. The loss follows the
+    authors (alpha 0.7, beta 0.5, T 3); the default mask is global magnitude; teacher-guided scores are one option
+    away (`pruning_method="tgp_fisher"` or the paper's `"tgp"`).
     """
 
     sparsity: float = field(
@@ -52,10 +50,11 @@ class TeacherGuidedPruningConfig(TrainingArguments):
     pruning_method: str = field(
         default="magnitude",
         metadata={
-            "help": "Pruning method (hf_tgprune.methods): one-shot 'magnitude' (default: global |θ|, the best mask "
-            "measured on converged networks, benchmarks/RESULTS.md), 'tgp_fisher' (teacher-guided Fisher / OBD "
-            "θ²·Σ_b g_b², the best teacher-guided criterion on ResNet-18), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), "
-            "'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), 'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
+            "help": "Pruning method (hf_tgprune.methods): one-shot 'magnitude' (default: global |θ|), 'tgp_fisher' "
+            "(teacher-guided Fisher / OBD θ²·Σ_b g_b²), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), 'tgp_taylor' "
+            "(teacher-guided signed second-order change of the loss −θ·ḡ + ½·F·θ²), 'movement' (−Σ_t θ·g accumulated "
+            "over fine-tuning, hf_tgprune.methods.movement.MovementScores), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), "
+            "'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
         },
     )
     pruning_method_args: dict | str | None = field(
@@ -117,18 +116,19 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         metadata={
             "help": "Iterative one-shot: k rounds of score -> prune to 1-(1-sparsity)^(r/k) -> recalibrate BatchNorm "
             "-> rescore, on the same calibration data and without weight updates; costs k scoring passes. The "
-            "final count is exact. 1 = one-shot. None (default): the method's own default, 5 for 'tgp_fisher' (its "
-            "best setting on ResNet-18 at 95-98% sparsity, benchmarks/RESULTS.md) and 1 for every other method and for "
-            "an N:M sparsity_pattern."
+            "final count is exact. 1 = one-shot. None (default): the method's own `default_rounds` (5 for "
+            "'tgp_fisher', 1 for every other method and for an N:M sparsity_pattern)."
         },
     )
-    layer_allocation: str = field(
-        default="global",
+    layer_allocation: str | None = field(
+        default=None,
         metadata={
             "help": "How layers share the pruning: 'global' (one ranking of the criterion's scores), 'lamp' (one "
             "ranking of their LAMP normalisation s²/Σ_{larger in layer} s²), 'magnitude' or 'lamp_magnitude' (each "
             "layer's kept count from the global ranking of |θ| or of its LAMP normalisation, the weights kept "
-            "inside the layer chosen by the criterion)."
+            "inside the layer chosen by the criterion). None (default): the method's own `default_allocation` "
+            "('magnitude' for the signed criteria 'tgp_taylor' and 'movement', 'global' for every other method and "
+            "for an N:M sparsity_pattern)."
         },
     )
     sparsity_pattern: str = field(
@@ -172,41 +172,14 @@ class TeacherGuidedPruningConfig(TrainingArguments):
             "help": "Layer-collapse guard relative to the target: every pruned layer keeps at least "
             "layer_density_floor·(1 - sparsity) of its weights (combined with min_layer_density by max), in [0, 1); "
             "0 (default) disables it: the plain global threshold of the paper. 0.5 keeps at least 0.01 of every layer "
-            "at sparsity 0.98; it helped every criterion on undertrained 3-epoch networks but cost 1.9-3.1 points at "
-            "sparsity 0.98 on converged ones (benchmarks/RESULTS.md), hence off by default."
+            "at sparsity 0.98."
         },
     )
     retrain_with_kd: bool = field(
         default=True,
         metadata={"help": "Retrain with alpha·T²·CAKLD + (1-alpha)·CE against the frozen teacher; CE only if False."},
     )
-    save_format: str = field(
-        default="dense",
-        metadata={
-            "help": "Format of `save_model()` / `push_to_hub()` outputs: 'dense' (config.json + model.safetensors that "
-            "plain timm and transformers load) or 'bitmask' (compact model.bitmask.safetensors, about 0.13x the dense "
-            "size at sparsity 0.9, read with hf_tgprune.load_sparse). Trainer checkpoints are always dense."
-        },
-    )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
-    )
-
-    @cached_property
-    def _setup_devices(self) -> torch.device:
-        """TrainingArguments' device setup, with `ddp_timeout` honoured on CPU (gloo) too.
-
-        transformers passes `ddp_timeout` to the process group only for accelerator backends; on CPU the group kept
-        its 30-minute default, so a frozen rank blocked the others that long. Initialising accelerate's shared state
-        first with the timeout makes every collective (the scoring all-reduce, DDP) fail within `ddp_timeout`.
-        """
-        from accelerate import PartialState
-
-        use_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-        if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState._shared_state == {}:
-            PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
-        return TrainingArguments._setup_devices.func(self)
+    seed: int = field(default=42, metadata={"help": "Seed of the calibration sample, the scoring pass and training."})
 
     @property
     def effective_min_layer_density(self) -> float:
@@ -216,8 +189,16 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         return min_layer_density_for(self.sparsity, self.min_layer_density, self.layer_density_floor)
 
     def __post_init__(self):
+        self.validate_pruning_arguments()
+
+    def validate_pruning_arguments(self) -> None:
+        """Check every pruning setting (a clear error naming the argument) and resolve `pruning_rounds`."""
         from .methods import build_method, get_method
 
+        for name in ("sparsity", "alpha", "beta", "temperature", "min_layer_density", "layer_density_floor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); e.g. {name}=0.9.")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"sparsity must be in [0, 1) (0 keeps every weight), got {self.sparsity}. "
@@ -252,9 +233,17 @@ class TeacherGuidedPruningConfig(TrainingArguments):
                 f"{self.pruning_method!r} prunes during training on a schedule of its own. Set pruning_rounds=1."
             )
         from .masking import LAYER_ALLOCATIONS
+        from .scoring import get_scoring_method
 
+        if self.layer_allocation is None:
+            self.layer_allocation = method.default_allocation if self.sparsity_pattern == "unstructured" else "global"
         if self.layer_allocation not in LAYER_ALLOCATIONS:
             raise ValueError(f"layer_allocation must be one of {LAYER_ALLOCATIONS}, got {self.layer_allocation!r}")
+        if self.layer_allocation == "lamp" and method.criterion and get_scoring_method(method.criterion).signed:
+            raise ValueError(
+                f"layer_allocation='lamp' normalises non-negative scores, but pruning_method={self.pruning_method!r} "
+                "gives signed ones (a change of the loss). Use layer_allocation='magnitude' or 'lamp_magnitude'."
+            )
         if self.sparsity_pattern != "unstructured":
             n, m = parse_nm_pattern(self.sparsity_pattern)
             if self.pruning_rounds > 1 or self.layer_allocation != "global" or not method.one_shot:
@@ -284,6 +273,45 @@ class TeacherGuidedPruningConfig(TrainingArguments):
                 f"layer keeps at least {self.min_layer_density} of its weights, so at most "
                 f"{1.0 - self.min_layer_density:.6g} can be pruned. Lower min_layer_density or sparsity."
             )
+
+
+@dataclass
+class TeacherGuidedPruningConfig(TrainingArguments, PruningArguments):
+    r"""
+    Configuration for [`TeacherGuidedPruningTrainer`]: everything of [`~transformers.TrainingArguments`] plus the
+    pruning settings of [`PruningArguments`] and how outputs are saved.
+    """
+
+    save_format: str = field(
+        default="dense",
+        metadata={
+            "help": "Format of `save_model()` / `push_to_hub()` outputs: 'dense' (config.json + model.safetensors that "
+            "plain timm and transformers load) or 'bitmask' (compact model.bitmask.safetensors, about 0.13x the dense "
+            "size at sparsity 0.9, read with hf_tgprune.load_sparse). Trainer checkpoints are always dense."
+        },
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
+    )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        """TrainingArguments' device setup, with `ddp_timeout` honoured on CPU (gloo) too.
+
+        transformers passes `ddp_timeout` to the process group only for accelerator backends; on CPU the group kept
+        its 30-minute default, so a frozen rank blocked the others that long. Initialising accelerate's shared state
+        first with the timeout makes every collective (the scoring all-reduce, DDP) fail within `ddp_timeout`.
+        """
+        from accelerate import PartialState
+
+        use_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState._shared_state == {}:
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
+        return TrainingArguments._setup_devices.func(self)
+
+    def __post_init__(self):
+        self.validate_pruning_arguments()
         if self.save_format not in ("dense", "bitmask"):
             raise ValueError(f"save_format must be 'dense' or 'bitmask', got {self.save_format!r}")
         if self.label_names is None:
@@ -291,4 +319,4 @@ class TeacherGuidedPruningConfig(TrainingArguments):
         if not self.use_cpu and _launched_without_accelerator():
             # `accelerate launch --multi_gpu` / torchrun on a machine without GPUs: run the processes on CPU (gloo)
             self.use_cpu = True
-        super().__post_init__()
+        TrainingArguments.__post_init__(self)

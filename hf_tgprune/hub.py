@@ -20,7 +20,7 @@ import huggingface_hub
 from huggingface_hub import HfApi
 
 from .serialization import SPARSITY_FILE_NAME, read_sparsity_record, resolve_weights_file
-from .serialization.record import verify_record_files
+from .serialization.record import describes, verify_record_files
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def check_sparse_folder(folder: str | os.PathLike) -> dict[str, Any]:
     """
     folder = Path(folder)
     record = read_sparsity_record(folder)
-    weights_file = resolve_weights_file(folder / record.get("weights_file", ""))
+    weights_file = resolve_weights_file(folder)  # the file that is there, never a path the record names
+    describes(record, weights_file)  # raises when the record names the other format's file
     verify_record_files(record, weights_file)
     return record
 

@@ -57,13 +57,26 @@ class ModelSource:
 
 
 def _read_config(path: str) -> dict:
+    """A local folder's ``config.json`` (empty when there is none). A file that is not a JSON object, or one that asks
+    for code of its own (``auto_map``: transformers would import and run the folder's Python files), is refused."""
     config = Path(os.path.expanduser(path)) / "config.json"
     if not config.is_file():
         return {}
     try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelLoadError(
+            f"{config} is not valid JSON ({type(err).__name__}: {str(err)[:80]}); it is truncated or corrupted. "
+            "Restore the folder from its source or save the model again."
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ModelLoadError(f"{config} holds a JSON {type(parsed).__name__}, not a model config.")
+    if "auto_map" in parsed:
+        raise ModelLoadError(
+            f"{config} has an `auto_map`: loading it would run the folder's own Python code, which hf_tgprune never "
+            "does. Load the model yourself (e.g. with trust_remote_code=True after reading that code) and pass it in."
+        )
+    return parsed
 
 
 def _hub_failure(name: str, error: Exception, what: str = "") -> ModelLoadError:
@@ -141,9 +154,12 @@ def _load_transformers(request: LoadRequest, *, pretrained: bool | None = None) 
     try:
         if pretrained:
             return AutoModelForImageClassification.from_pretrained(
-                name, ignore_mismatched_sizes=request.num_labels is not None, **_label_kwargs(request)
+                name,
+                ignore_mismatched_sizes=request.num_labels is not None,
+                trust_remote_code=False,  # never run code that came with a model
+                **_label_kwargs(request),
             )
-        config = AutoConfig.from_pretrained(name, **_label_kwargs(request))
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False, **_label_kwargs(request))
         return AutoModelForImageClassification.from_config(config)
     except (OSError, ValueError) as error:
         what = "" if is_local_path(name) else " as a transformers model id (it is not a timm model name)"

@@ -10,9 +10,16 @@ per calibration batch, aggregated over batches with a bias-corrected EMA (moment
 
     s(θ)    = θ² · Σ_b (∂L_score/∂θ on calibration batch b)²
 
-(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not; the trainer
-scores it in 5 rounds unless `TeacherGuidedPruningConfig.pruning_rounds` says otherwise. Other
-criteria are registered next to them (`register_scoring_method`).
+(always summed over batches): near convergence the mean gradient is mostly noise, its second moment is not; it is
+scored in 5 rounds unless `PruningArguments.pruning_rounds` says otherwise. `"tgp_taylor"` is the *signed*
+second-order change of the teacher-guided loss when a weight is zeroed,
+
+    s(θ)    = Σ_b ( −θ · g_b + ½ · n_b · θ² · g_b² )   ∝   −θ·ḡ + ½·F·θ²
+
+(g_b the mean gradient of calibration batch b of n_b images, so n_b·g_b² estimates the per-image Fisher F): the
+weights whose removal raises the loss least are pruned first, whatever their sign. Signed scores are compared inside a
+layer (`layer_allocation="magnitude"` by default), since a global ranking of them empties whole layers. Other criteria
+are registered next to them (`register_scoring_method`).
 
 The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`
 with respect to the prunable weights only. With BatchNorm in eval mode (the default) no parameter or buffer of
@@ -31,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import check_same_num_labels, forward_logits, unwrap_model
+from .adapters import teacher_logits as forward_teacher
 from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
 from .registry import Registry
@@ -50,8 +58,9 @@ class ScoringOptions:
 
 # batch_loss(model, teacher, batch, options) -> per-sample losses, shape [batch]
 BatchLoss = Callable[[nn.Module, nn.Module | None, Mapping[str, torch.Tensor], ScoringOptions], torch.Tensor]
-# saliency(weight, gradient_or_None, generator) -> scores shaped like the weight
-Saliency = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator | None], torch.Tensor]
+# saliency(weight, gradient_or_None, generator) -> scores shaped like the weight; with `ScoringMethod.uses_batch_size`
+# it is also given `batch_size=`, the number of images the gradient is the mean over
+Saliency = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,10 @@ class ScoringMethod:
     description: str = ""
     # how per-batch saliencies are combined when the method prescribes it ("sum" for Fisher); None: the caller's
     aggregation: str | None = None
+    # scores can be negative (a change of the loss, not a magnitude): LAMP normalisation does not apply to them
+    signed: bool = False
+    # the saliency also takes `batch_size=` (images in the batch whose mean gradient it is given)
+    uses_batch_size: bool = False
 
     @property
     def data_free(self) -> bool:
@@ -88,7 +101,7 @@ def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) ->
     teacher_logits = None
     if options.alpha != 0:
         with torch.no_grad():
-            teacher_logits = forward_logits(teacher, batch["pixel_values"])
+            teacher_logits = forward_teacher(teacher, batch["pixel_values"])
         check_finite_logits(teacher_logits, "teacher", teacher)
     return teacher_guided_loss(
         logits,
@@ -121,6 +134,13 @@ def weight_squared_times_squared_gradient(weight, grad, generator=None) -> torch
     return torch.mul(weight.detach(), grad).square_()
 
 
+def second_order_loss_change(weight, grad, generator=None, *, batch_size: int) -> torch.Tensor:
+    """`−θ·g + ½·n·θ²·g²`: one batch's share of the second-order change of the loss when θ is set to zero (g the
+    batch's mean gradient over `batch_size` = n images, so n·g² estimates the per-image Fisher)."""
+    product = torch.mul(weight.detach(), grad)
+    return product.square().mul_(0.5 * batch_size).sub_(product)
+
+
 def weight_magnitude(weight, grad=None, generator=None) -> torch.Tensor:
     return weight.detach().float().abs()
 
@@ -146,6 +166,18 @@ register_scoring_method(
         needs_teacher=True,
         aggregation="sum",
         description="θ²·Σ_b (∂L/∂θ on calibration batch b)² of the teacher-guided loss (Fisher / OBD)",
+    )
+)
+register_scoring_method(
+    ScoringMethod(
+        "tgp_taylor",
+        second_order_loss_change,
+        teacher_guided_batch_loss,
+        needs_teacher=True,
+        aggregation="sum",
+        signed=True,
+        uses_batch_size=True,
+        description="Σ_b (−θ·g_b + ½·n_b·θ²·g_b²): the signed second-order change of the teacher-guided loss",
     )
 )
 register_scoring_method(
@@ -230,7 +262,8 @@ def compute_importance_scores(
             steps += 1
             grads = [g.view(w.shape) for g, w in zip(grads, weights)]
             torch._foreach_div_(grads, count.item())  # gradient of the mean loss over the global batch
-            batch_scores = [spec.saliency(w, g, generator) for w, g in zip(weights, grads)]
+            extra = {"batch_size": int(count.item())} if spec.uses_batch_size else {}
+            batch_scores = [spec.saliency(w, g, generator, **extra) for w, g in zip(weights, grads)]
             if aggregation == "ema":  # ema <- m·ema + (1-m)·s, one fused pass per layer
                 torch._foreach_lerp_(list(scores.values()), batch_scores, 1.0 - ema_momentum)
             else:

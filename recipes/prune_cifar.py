@@ -82,7 +82,7 @@ from hf_tgprune.data import (  # noqa: E402
     set_transforms,
 )
 from hf_tgprune.evaluation import make_compute_metrics  # noqa: E402
-from hf_tgprune.methods import build_method, get_method  # noqa: E402
+from hf_tgprune.methods import build_method  # noqa: E402
 from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier  # noqa: E402
 
 logger = logging.getLogger("prune_cifar")
@@ -499,7 +499,6 @@ def main(argv=None) -> dict:
 
     # ---- 3 + 4. one scoring pass shared by the sparsities (one round); per sparsity: prune, evaluate, retrain, save
     scores = None
-    shared = get_method(args.pruning_method).one_shot and args.pruning_rounds == 1
     finished = {run["sparsity"] for run in results["runs"]}
     for sparsity in sparsities:
         if sparsity in finished:
@@ -518,6 +517,7 @@ def main(argv=None) -> dict:
         run = results["in_progress"].get(tag) or {"sparsity": sparsity, "model_dir": run_dir}
         resume_run = resume and has_checkpoint(run_dir) and "after_pruning" in run
         if not resume_run:
+            shared = trainer.pruner.shares_scores()  # a one-shot method in one round: one scoring pass for all
             if shared and scores is None:
                 with timer.measure("scoring"):
                     scores = trainer.compute_scores()

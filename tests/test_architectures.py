@@ -173,7 +173,7 @@ def test_architecture_life_cycle(name, tmp_path):
     prunable = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(SPARSITY * prunable)
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert (checkpoint / SPARSITY_FILE_NAME).is_file() and (checkpoint / "masks.safetensors").is_file()
+    assert (checkpoint / SPARSITY_FILE_NAME).is_file() and (checkpoint / "pruning_state.safetensors").is_file()
     trained = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
 
     # resume in a fresh trainer with another initialisation: weights and masks come from the checkpoint

@@ -226,3 +226,24 @@ def test_saved_models_of_other_stages_pairs_or_runs_never_collide(tmp_path):
     ]
     assert len(set(folders)) == len(folders)
     assert all(folder.is_relative_to(tmp_path / "models") for folder in folders)
+
+
+def test_heldout_table_pairs_seeds_on_the_test_data_set(tmp_path):
+    """Decisions are read on `--test-data` (e.g. 10,000 held-out images): its mean, the paired Δ against magnitude,
+    and the 1,000-image split beside it."""
+    _write_setup(tmp_path)
+    base = {"retrain_epochs": 2, "seconds": 1, "forward_images": 1, "backward_images": 1, "val_top1": 1.0}
+    records = []
+    for seed in range(2):
+        for variant, held, test in (("magnitude", (60.0, 62.0), 50.0), ("tgp", (61.0, 64.0), 55.0)):
+            records.append(
+                {**base, "key": f"{variant}{seed}", "variant": variant, "sparsity": 0.98, "seed": seed,
+                 "extra_test_top1": held[seed], "test_top1": test}
+            )  # fmt: skip
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
+    (row,) = [line for line in text.splitlines() if line.startswith("| tgp | — | — | — | — |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "**62.50 ± 2.12** (n=2)" and cells[6] == "+1.50 (+1.0, +2.0)"
+    assert cells[7] == "— / — / 55.00 ± 0.00"
+    assert converged.heldout_table([{**r, "extra_test_top1": None} for r in records][:0], ["tgp"], 2) == []

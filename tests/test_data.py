@@ -207,7 +207,7 @@ def test_recipe_and_trainer_draw_the_same_calibration_images(tmp_path):
     from tests.utils import make_model, tiny_config
 
     def loader_images(trainer):
-        return torch.cat([batch["pixel_values"] for batch in trainer.get_calibration_dataloader()])
+        return torch.cat([batch["pixel_values"] for batch in trainer.pruner.calibration_batches()])
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
     raw = datasets.Dataset.from_dict({"image": _images(200), "label": [i % 4 for i in range(200)]}, features)

@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
 import hf_tgprune.adapters as adapters
+import hf_tgprune.pruner as pruner_module
 import hf_tgprune.serialization.save as save_module
-import hf_tgprune.trainer as trainer_module
 from hf_tgprune import TeacherGuidedPruningTrainer, load_sparse, load_sparse_masks, mask_hash, save_sparse_model
 from hf_tgprune.losses import NonFiniteLogitsError, check_finite_logits
-from hf_tgprune.masking import MASKS_NAME, MaskFileError, apply_masks, global_masks, prunable_parameters
+from hf_tgprune.masking import MaskFileError, apply_masks, global_masks, prunable_parameters
 from hf_tgprune.models import ModelLoadError, load_image_classifier
 from hf_tgprune.serialization import (
     BITMASK_WEIGHTS_NAME,
@@ -34,6 +34,7 @@ from hf_tgprune.serialization import (
     publish,
     verify_sparse_folder,
 )
+from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
 from tests.utils import RandomImages, make_model, tiny_config
 
 
@@ -200,8 +201,7 @@ CHECKPOINT_POINTS = {
     # point: (patched object, attribute, the checkpoint that resume must pick)
     "model weights": (adapters, "save_file", 2),
     "sparsity.json": (save_module, "write_json_atomic", 2),
-    "masks.safetensors": (trainer_module, "save_masks", 2),
-    "pruning_state.json": (trainer_module, "write_json_atomic", 2),
+    "pruning_state.safetensors": (pruner_module, "write_pruning_state", 2),
     "optimizer": (None, "_save_optimizer_and_scheduler", 2),
     "rng state": (None, "_save_rng_state", 2),
     "trainer_state.json": (TrainerState, "save_to_json", 2),
@@ -322,7 +322,7 @@ def _truncate(name: str):
 def _revive_a_pruned_weight_and_resave(folder: Path) -> None:
     """Another tool re-saved the checkpoint's weights (with a consistent sparsity.json) after reviving a weight."""
     model = load_sparse(folder, make_model("timm_resnet", seed=3))
-    masks = load_file(folder / MASKS_NAME)
+    masks = pruner_module.read_pruning_state(folder / PRUNING_STATE_NAME).masks
     name = next(name for name, mask in masks.items() if not mask.all())
     with torch.no_grad():
         dict(model.named_parameters())[name].view(-1)[(~masks[name]).view(-1).nonzero()[0]] = 0.5
@@ -339,29 +339,32 @@ def _swap_in_another_runs(checkpoint_run, names):
 
 
 def _flip_a_mask_bit(folder: Path) -> None:
-    path = folder / MASKS_NAME
-    from hf_tgprune.masking import read_masks_metadata
+    from safetensors import safe_open
 
-    metadata = read_masks_metadata(path)
-    masks = load_file(str(path))
-    name = next(iter(masks))
-    masks[name].view(-1)[0] = ~masks[name].view(-1)[0]
-    save_file(masks, str(path), metadata)
+    path = folder / PRUNING_STATE_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("mask."))
+    tensors[name].view(-1)[0] = ~tensors[name].view(-1)[0]
+    save_file(tensors, str(path), metadata)
 
 
 CHECKPOINT_CORRUPTIONS = {
     "flipped bit in model.safetensors": (_flip_a_kept_weight, SparseFormatError, "model.safetensors: SHA-256"),
     "truncated model.safetensors": (_truncate(DENSE_WEIGHTS_NAME), SparseFormatError, "bytes.*truncated"),
-    "pruned weight non-zero": (_revive_a_pruned_weight_and_resave, SparseFormatError, "masks.safetensors prunes"),
-    "flipped bit in masks.safetensors": (_flip_a_mask_bit, MaskFileError, "do not match the hash"),
-    "truncated masks.safetensors": (_truncate(MASKS_NAME), MaskFileError, "masks.safetensors.*truncated"),
-    "another run's masks.safetensors": ((MASKS_NAME,), MaskFileError, "not the ones this checkpoint recorded"),
-    "another run's masks and pruning_state.json": (
-        (MASKS_NAME, trainer_module.PRUNING_STATE_NAME),
-        MaskFileError,
-        "different saves",
+    "pruned weight non-zero": (
+        _revive_a_pruned_weight_and_resave,
+        SparseFormatError,
+        "pruning_state.safetensors prunes",
     ),
-    "truncated pruning_state.json": (_truncate("pruning_state.json"), ValueError, "pruning_state.json.*truncated"),
+    "flipped bit in pruning_state.safetensors": (_flip_a_mask_bit, MaskFileError, "do not match the hash"),
+    "truncated pruning_state.safetensors": (
+        _truncate(PRUNING_STATE_NAME),
+        MaskFileError,
+        "pruning_state.safetensors.*truncated",
+    ),
+    "another run's pruning_state.safetensors": ((PRUNING_STATE_NAME,), MaskFileError, "different saves"),
     "truncated sparsity.json": (_truncate(SPARSITY_FILE_NAME), SparseFormatError, "sparsity.json is not valid JSON"),
     "layer removed from sparsity.json": (
         lambda f: _edit_record(f, lambda r: r["sparsity"]["layers"].pop("layer1.0.conv1.weight")),

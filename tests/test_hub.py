@@ -24,7 +24,7 @@ from huggingface_hub.utils import filter_repo_objects
 import hf_tgprune.hub as hub
 from hf_tgprune import TeacherGuidedPruningTrainer
 from hf_tgprune.hub import HubPushError, push_sparse_folder
-from hf_tgprune.masking import load_masks, mask_hash
+from hf_tgprune.masking import mask_hash
 from hf_tgprune.modelcard import SPEED_NOTE, create_model_card
 from hf_tgprune.serialization import (
     BITMASK_WEIGHTS_NAME,
@@ -34,6 +34,7 @@ from hf_tgprune.serialization import (
     load_sparse_masks,
     save_sparse_model,
 )
+from hf_tgprune.serialization.pruning_state import checkpoint_masks
 from tests.test_serialization import (
     assert_bit_identical,
     expected_state,
@@ -361,7 +362,7 @@ def test_trainer_push_to_hub_with_checkpoint_strategy(fake_hub, tmp_path):
     uploads = fake_hub.uploads()
     assert [u["path_in_repo"] for u in uploads] == [None, "last-checkpoint", None, "last-checkpoint"]
     checkpoint_files = set(uploads[-1]["files"])
-    assert {"masks.safetensors", DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, "optimizer.pt"} <= checkpoint_files
+    assert {"pruning_state.safetensors", DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, "optimizer.pt"} <= checkpoint_files
     assert trainer.hub_push_errors == []
 
     trainer.push_to_hub(dataset="random-images")
@@ -373,7 +374,7 @@ def test_trainer_push_to_hub_with_checkpoint_strategy(fake_hub, tmp_path):
     fresh = load_sparse(remote, model=make_model("timm_resnet", seed=4).eval())
     assert torch.equal(logits_of(fresh, x), logits_of(trainer.model.eval(), x))
     # the pushed last checkpoint is a resumable one: its masks are the trainer's masks
-    pushed_masks = load_masks(str(remote / "last-checkpoint" / "masks.safetensors"))
+    pushed_masks = checkpoint_masks(remote / "last-checkpoint")
     assert mask_hash(pushed_masks) == mask_hash(trainer.masks)
     readme = (remote / "README.md").read_text()
     assert "random-images" in readme and "hf_tgprune" in readme
@@ -397,7 +398,7 @@ def test_trainer_push_failures(tmp_path, monkeypatch):
     trainer.train()  # checkpoint pushes fail: logged, training goes on
     assert len(trainer.hub_push_errors) == 2 and trainer.state.global_step == 2
     out = Path(args.output_dir)
-    assert (out / "checkpoint-2" / "masks.safetensors").is_file()
+    assert (out / "checkpoint-2" / "pruning_state.safetensors").is_file()
     with pytest.raises(HubPushError, match="HTTP 503"):
         trainer.push_to_hub()
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -1,16 +1,31 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written."""
 
 import re
 from pathlib import Path
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
+def _run_block(after: str, tmp_path, monkeypatch) -> dict:
+    """Run the first ```python block of README.md that follows the text `after`; returns its namespace."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"## Use it from Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(re.escape(after) + r".*?```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    namespace = _run_block("## Use it from Python", tmp_path, monkeypatch)
     trainer = namespace["trainer"]
     pruned = sum(int((~m).sum()) for m in trainer.masks.values())
     assert pruned == round(0.95 * namespace["report"]["prunable"]["numel"])
     assert (tmp_path / "resnet18-tgp-95" / "sparsity.json").is_file()
+
+
+def test_readme_pruner_example_runs(tmp_path, monkeypatch):
+    namespace = _run_block("A plain PyTorch loop uses the `Pruner`", tmp_path, monkeypatch)
+    pruner, student = namespace["pruner"], namespace["student"]
+    params = dict(student.named_parameters())
+    assert all(int(params[n][~m].count_nonzero()) == 0 for n, m in pruner.masks.items())
+    assert namespace["report"]["pruned_by_mask"] == round(0.9 * namespace["report"]["prunable"]["numel"])
+    assert (tmp_path / "pruning-state" / "pruning_state.safetensors").is_file()

@@ -39,6 +39,10 @@ def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, 
             if criterion == "fisher":  # θ²·g² summed over batches
                 total[n] += (params[n].detach() * params[n].grad) ** 2
                 continue
+            if criterion == "taylor":  # −θ·g + ½·b·θ²·g², summed over batches of b images
+                w, g = params[n].detach(), params[n].grad
+                total[n] += -w * g + 0.5 * len(batch["labels"]) * w**2 * g**2
+                continue
             s = (params[n].grad if criterion == "g" else params[n].detach() * params[n].grad).abs()
             total[n] = 0.9 * total[n] + 0.1 * s if aggregation == "ema" else total[n] + s
     if aggregation == "ema":
@@ -155,3 +159,17 @@ def test_train_mode_scoring_of_a_single_image_batch_uses_running_statistics():
     batches = _batches(n_batches=2, batch_size=4) + [{k: v[:1] for k, v in _batches(1, 1, seed=5)[0].items()}]
     scores = compute_importance_scores(student, batches, method="tgp", teacher=teacher, bn_mode="train")
     assert all(torch.isfinite(s).all() for s in scores.values())
+
+
+@pytest.mark.parametrize("alpha", [0.7, 0.0])
+def test_signed_taylor_scores_match_independent_autograd(alpha):
+    """`tgp_taylor`: Σ_b (−θ·g_b + ½·n_b·θ²·g_b²), signed, against loss.backward() batch by batch (uneven batches)."""
+    student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
+    batches = _batches(n_batches=2, batch_size=6) + _batches(n_batches=1, batch_size=4, seed=3)
+    got = compute_importance_scores(
+        student, batches, method="tgp_taylor", teacher=teacher, options=ScoringOptions(alpha=alpha)
+    )
+    expected = _independent_scores(student, teacher, batches, alpha, 0.5, 3.0, "sum", "taylor")
+    assert any(bool((score < 0).any()) for score in got.values())  # signed: removing some weights lowers the loss
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)

@@ -106,14 +106,14 @@ def _two_checkpoints(tmp_path, **overrides):
 
 def test_masks_are_written_with_the_checkpoint_before_it_counts_as_complete(tmp_path, monkeypatch):
     """Masks are saved with the model (inside `_save`), before the optimizer state and trainer_state.json."""
-    from hf_tgprune.masking import MASKS_NAME
+    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
 
     order = []
     trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
     original = trainer._save_optimizer_and_scheduler
 
     def spy(output_dir):
-        order.append(("masks present", (tmp_path / "out" / "checkpoint-2" / MASKS_NAME).is_file()))
+        order.append(("masks present", (tmp_path / "out" / "checkpoint-2" / PRUNING_STATE_NAME).is_file()))
         return original(output_dir)
 
     monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", spy)
@@ -131,28 +131,32 @@ def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path):
 
 
 def test_resume_refuses_modified_masks(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from hf_tgprune.masking import MASKS_NAME, MaskFileError, read_masks_metadata
+    from hf_tgprune.masking import MaskFileError
+    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
 
     _, _, newest = _two_checkpoints(tmp_path)
-    path = newest / MASKS_NAME
-    metadata = read_masks_metadata(path)
-    masks = load_file(str(path))
-    name = next(iter(masks))
-    masks[name].view(-1)[0] = ~masks[name].view(-1)[0]  # one flipped bit, header kept
-    save_file(masks, str(path), metadata)
+    path = newest / PRUNING_STATE_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("mask."))
+    tensors[name].view(-1)[0] = ~tensors[name].view(-1)[0]  # one flipped bit, header kept
+    save_file(tensors, str(path), metadata)
     with pytest.raises(MaskFileError, match="do not match the hash"):
         _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=str(newest))
 
 
 def test_resume_refuses_truncated_masks_naming_the_file(tmp_path):
-    from hf_tgprune.masking import MASKS_NAME, MaskFileError
+    from hf_tgprune.masking import MaskFileError
+    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
 
     _, _, newest = _two_checkpoints(tmp_path)
-    path = newest / MASKS_NAME
+    path = newest / PRUNING_STATE_NAME
     path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(MaskFileError, match="masks.safetensors.*truncated or corrupted"):
+    with pytest.raises(MaskFileError, match="pruning_state.safetensors.*truncated or corrupted"):
         _trainer(tmp_path, max_steps=6).train(resume_from_checkpoint=str(newest))
 
 
@@ -164,7 +168,7 @@ def test_resume_refuses_another_target_sparsity(tmp_path):
 
 def test_resume_from_foreign_checkpoint_is_an_error(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ValueError, match="masks.safetensors"):
+    with pytest.raises(ValueError, match="pruning_state.safetensors"):
         _trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "ckpt"))
 
 
@@ -370,11 +374,12 @@ def test_default_method_and_rounds(tmp_path, overrides, method, rounds):
 def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, monkeypatch):
     trainer = _trainer(tmp_path, pruning_method=method, pruning_rounds=3, sparsity=0.95)
     calls = []
-    original = trainer.compute_scores
-    monkeypatch.setattr(trainer, "compute_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    pruner = trainer.pruner
+    original = pruner.compute_scores
+    monkeypatch.setattr(pruner, "compute_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
     recalibrations = []
-    original_recal = trainer.recalibrate_batchnorm
-    monkeypatch.setattr(trainer, "recalibrate_batchnorm", lambda: recalibrations.append(1) or original_recal())
+    original_recal = pruner.recalibrate_batchnorm
+    monkeypatch.setattr(pruner, "recalibrate_batchnorm", lambda: recalibrations.append(1) or original_recal())
     report = trainer.prune()
     assert len(calls) == 3  # one scoring pass per round
     assert len(recalibrations) == 3  # between rounds (2) and after the final mask (1)
@@ -410,10 +415,10 @@ def test_layer_allocation_through_the_trainer(tmp_path, allocation):
 
 def test_scoring_epochs_score_over_whole_epochs_of_the_training_set(tmp_path):
     trainer = _trainer(tmp_path, scoring_epochs=2, calibration_batch_size=8)
-    loader = trainer.get_calibration_dataloader(epochs=2)
+    loader = trainer.pruner.calibration_batches(epochs=2)
     seen = [int(b["pixel_values"].shape[0]) for b in loader]
     assert sum(seen) == 2 * len(trainer.train_dataset)  # 2 epochs of the 32 training images, not 16 samples
-    first_epoch = torch.cat([b["labels"] for b in list(trainer.get_calibration_dataloader(epochs=2))[:4]])
+    first_epoch = torch.cat([b["labels"] for b in list(trainer.pruner.calibration_batches(epochs=2))[:4]])
     assert sorted(first_epoch.tolist()) == sorted(trainer.train_dataset.labels.tolist())
     assert trainer.prune()["pruned_by_mask"] > 0
 
@@ -428,7 +433,7 @@ def test_two_four_pattern_exact_per_layer_and_kept_through_training(tmp_path, st
     )
     assert trainer.args.sparsity == 0.5
     trainer.prune()
-    params = trainer.prunable_parameters()
+    params = trainer.pruner.prunable_parameters()
     dense = set(nm_incompatible_layers(params, 4))
     assert set(trainer.masks) == set(params) and len(dense) < len(params)
     trainer.train()

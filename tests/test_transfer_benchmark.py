@@ -111,3 +111,23 @@ def test_fit_dense_counts_clipped_steps_and_resumes(tmp_path):
     mtime = (folder / "training.json").stat().st_mtime_ns
     assert converged.fit_dense(folder, "student", "test_resnet", None, splits, schedule) == folder  # cached
     assert (folder / "training.json").stat().st_mtime_ns == mtime
+
+
+def test_dense_records_gain_their_held_out_accuracy_once(tmp_path):
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(24) % 10
+    splits = {"train": (images, labels), "val": (images[:8], labels[:8]), "test": (images[:8], labels[:8])}
+    schedule = converged.DenseSchedule(epochs=1, lr=0.01, weight_decay=0.0, batch_size=8, to_plateau=False)
+    folder = converged.fit_dense(
+        tmp_path / "m", "teacher", "test_resnet", lambda: timm.create_model("test_resnet", num_classes=10), splits,
+        schedule,
+    )  # fmt: skip
+    record_path = folder / "training.json"
+    assert "extra_test_top1" not in transfer.held_out_accuracy(record_path, splits)  # no --test-data: nothing added
+    splits["extra_test"] = (images[8:], labels[8:])
+    model, _ = converged.load_dense(folder)
+    expected = converged.evaluate(model, splits["extra_test"], converged.normalizer_for(model))
+    assert transfer.held_out_accuracy(record_path, splits)["extra_test_top1"] == expected
+    mtime = record_path.stat().st_mtime_ns
+    assert transfer.held_out_accuracy(record_path, splits)["extra_test_top1"] == expected
+    assert record_path.stat().st_mtime_ns == mtime  # stored, not recomputed

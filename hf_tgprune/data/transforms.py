@@ -8,38 +8,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..adapters import data_config, forward_logits, unwrap_model
+from ..preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, DataConfig  # noqa: F401
 from ..registry import Registry
 from .loading import IMAGE_COLUMN, LABEL_COLUMN, DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE = 224
 # Datasets whose images are at most this many pixels a side (CIFAR: 32, TinyImageNet: 64) are trained at
 # their own resolution unless `image_size` is given; larger images go to the model's input size.
 SMALL_IMAGE_MAX_SIZE = 64
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Input resolution and normalisation a model expects."""
-
-    image_size: int = DEFAULT_IMAGE_SIZE
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-
 def _pil_resample_names() -> dict[int, str]:
-    from ..adapters import PIL_RESAMPLE
-
     return {code: name for name, code in PIL_RESAMPLE.items()}
 
 
@@ -85,8 +72,6 @@ def native_image_size(dataset, num_images: int = 8) -> int | None:
 
 
 def _model_data_config(model: nn.Module) -> DataConfig:
-    from ..adapters import data_config
-
     return data_config(model)
 
 
@@ -94,8 +79,6 @@ def _model_data_config(model: nn.Module) -> DataConfig:
 def accepts_image_size(model: nn.Module, size: int) -> bool:
     """Whether `model` runs on `size`×`size` images (ViTs with a fixed input size do not), probed with one
     zero image in eval mode; the model's training mode, parameters and buffers are left as they were."""
-    from ..adapters import forward_logits, unwrap_model
-
     model = unwrap_model(model)
     was_training = model.training
     parameter = next(model.parameters(), None)

@@ -1,24 +1,27 @@
 """The pruning-method protocol and its registry: `pruning_method` names one entry here.
 
 A method is a small class with its own settings dataclass (`config_class`, filled from
-`TeacherGuidedPruningConfig.pruning_method_args`). `TeacherGuidedPruningTrainer` composes it through a few hooks:
+`PruningArguments.pruning_method_args`). A `hf_tgprune.Pruner` composes it through a few hooks, each given the
+pruner (never the Trainer):
 
-- `prune(trainer)`: masks to install before training (`None`: none yet, e.g. a method that prunes later);
-- `callbacks(trainer)`: mask callbacks for methods whose masks change during training;
-- `compute_loss(trainer, model, inputs)`: the method's own training loss, or `None` for the trainer's (KD or CE);
-- `state_dict()` / `load_state_dict(state)` and `resume(trainer, masks)`: what a checkpoint needs to continue a
+- `prune(pruner)`: masks to install before training (`None`: none yet, e.g. a method that prunes later);
+- `mask_callback(pruner)`: the callback that enforces the masks during training (default: `GlobalMaskCallback`);
+- `callbacks(pruner)`: further callbacks (e.g. one that prunes after a warm-up);
+- `compute_loss(pruner, model, inputs)`: the method's own training loss, or `None` for the trainer's (KD or CE);
+- `state_dict()` / `load_state_dict(state)` and `resume(pruner, masks)`: what a checkpoint needs to continue a
   half-finished run exactly.
 
-The trainer offers methods its public building blocks: `compute_scores`, `compute_masks`, `select_masks`,
-`install_masks`, `masks_changed`, `recalibrate_batchnorm`, `teacher_model`. Add a method with one file:
+The pruner offers `model`, `teacher`, `args`, `masks`, `report`, `prunable_parameters()`, `min_layer_density()`,
+`compute_scores()`, `select_masks()`, `compute_masks()`, `install()`, `set_masks()` and `recalibrate_batchnorm()`.
+Add a method with one file:
 
     @register_method
     class MyMethod(PruningMethod):
         name = "my_method"
         criterion = "snip"
 
-        def prune(self, trainer):
-            return trainer.compute_masks()
+        def prune(self, pruner):
+            return pruner.compute_masks()
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class PruningMethod:
             serve several sparsities.
         default_rounds: the scoring rounds (`pruning_rounds`) used when the user leaves it unset; one-shot methods
             only.
+        default_allocation: the `layer_allocation` used when the user leaves it unset.
         description: one line for listings.
     """
 
@@ -112,6 +116,7 @@ class PruningMethod:
     own_loss: ClassVar[bool] = False
     one_shot: ClassVar[bool] = True
     default_rounds: ClassVar[int] = 1
+    default_allocation: ClassVar[str] = "global"
     description: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):
@@ -129,19 +134,19 @@ class PruningMethod:
         return self.criterion is not None and not get_scoring_method(self.criterion).data_free
 
     # --- hooks ------------------------------------------------------------------------------------------------------
-    def prune(self, trainer) -> dict[str, torch.Tensor] | None:
+    def prune(self, pruner) -> dict[str, torch.Tensor] | None:
         """Masks to install before training (exactly `round(sparsity·N)` pruned for one-shot methods)."""
-        return trainer.compute_masks()
+        return pruner.compute_masks()
 
-    def callbacks(self, trainer) -> list:
-        """Callbacks to add with the masks (the default `GlobalMaskCallback` is the trainer's)."""
+    def callbacks(self, pruner) -> list:
+        """Callbacks to add beside the mask callback (made once, with the pruner)."""
         return []
 
-    def mask_callback(self, trainer, masks):
-        """The callback that enforces `masks` during training; None: the trainer's `GlobalMaskCallback`."""
+    def mask_callback(self, pruner):
+        """The callback that enforces the pruner's masks during training; None: `GlobalMaskCallback`."""
         return None
 
-    def compute_loss(self, trainer, model, inputs):
+    def compute_loss(self, pruner, model, inputs):
         """`(loss, logits)` of the method's own training loss, or None for the trainer's loss."""
         return None
 
@@ -152,17 +157,17 @@ class PruningMethod:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()` (called on resume, before `resume`)."""
 
-    def resume(self, trainer, masks: dict[str, torch.Tensor] | None) -> None:
-        """Continue from a checkpoint's masks (the default: fixed masks)."""
+    def resume(self, pruner, masks: dict[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's masks (the default: fixed masks; none yet: prune when the method does)."""
         if masks is not None:
-            trainer.install_masks(masks)
+            pruner.install(masks)
 
 
 class ScheduledPruningMethod(PruningMethod):
     """Base of methods whose masks change at epoch boundaries through a `ScheduledMaskCallback` (DG2PF, IMP).
 
-    `schedule_callback(...)` builds the callback and restores its state when the run resumes; `state_dict()` is the
-    callback's (events applied, finished, dense weights while simulating).
+    `schedule_callback(...)` builds the callback (the method's `mask_callback`); `state_dict()` is the callback's
+    (events applied, finished, dense weights while simulating), and `load_state_dict()` restores it on resume.
     """
 
     one_shot = False
@@ -170,24 +175,21 @@ class ScheduledPruningMethod(PruningMethod):
     def __init__(self, config: MethodConfig | None = None):
         super().__init__(config)
         self.callback = None
-        self._resume_state: dict[str, Any] | None = None
 
-    def schedule_callback(self, trainer, masks, events, mask_fn, simulated_until=None):
+    def schedule_callback(self, pruner, events, mask_fn, simulated_until=None):
         from ..callbacks import ScheduledMaskCallback
 
         self.callback = ScheduledMaskCallback(
-            masks, events, mask_fn, trainer.args.sparsity, simulated_until=simulated_until,
-            on_change=trainer.masks_changed,
-        )  # fmt: skip
-        if self._resume_state is not None:
-            self.callback.load_state_dict(self._resume_state)
+            pruner, events, mask_fn, pruner.args.sparsity, simulated_until=simulated_until
+        )
         return self.callback
 
     def state_dict(self) -> dict[str, Any]:
         return self.callback.state_dict() if self.callback is not None else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._resume_state = dict(state)
+        if self.callback is not None:
+            self.callback.load_state_dict(state)
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning_method")

@@ -67,39 +67,44 @@ class DG2PF(ScheduledPruningMethod):
         super().__init__(config)
         self.dense_teacher = None
         self.dense_sha256: str | None = None
+        self._expected_sha256: str | None = None  # recorded by the checkpoint being resumed
 
-    def _freeze_dense(self, trainer) -> None:
-        self.dense_teacher = copy.deepcopy(unwrap_model(trainer.model)).eval().requires_grad_(False)
+    def _freeze_dense(self, pruner) -> None:
+        self.dense_teacher = copy.deepcopy(unwrap_model(pruner.model)).eval().requires_grad_(False)
         self.dense_sha256 = _fingerprint(self.dense_teacher)
 
-    def prune(self, trainer):
-        self._freeze_dense(trainer)
-        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in trainer.prunable_parameters().items()}
+    def prune(self, pruner):
+        self._freeze_dense(pruner)
+        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in pruner.prunable_parameters().items()}
 
-    def mask_callback(self, trainer, masks):
+    def mask_callback(self, pruner):
         epochs = self.config.gradual_pruning_epochs
-        sparsity = trainer.args.sparsity
+        sparsity = pruner.args.sparsity
         events = {i: sparsity * (i + 1) / epochs for i in range(epochs)}
 
         def mask_fn(weights, masks, level):
-            return magnitude_masks(weights, level, trainer.min_layer_density(level))
+            return magnitude_masks(weights, level, pruner.min_layer_density(level))
 
-        return self.schedule_callback(trainer, masks, events, mask_fn, simulated_until=epochs)
+        return self.schedule_callback(pruner, events, mask_fn, simulated_until=epochs)
 
     def state_dict(self):
         return {"dense_sha256": self.dense_sha256, **super().state_dict()}
 
-    def resume(self, trainer, masks):
-        self._freeze_dense(trainer)
-        expected = (self._resume_state or {}).get("dense_sha256")
+    def load_state_dict(self, state):
+        self._expected_sha256 = state.get("dense_sha256")
+        super().load_state_dict(state)
+
+    def resume(self, pruner, masks):
+        self._freeze_dense(pruner)
+        expected = self._expected_sha256
         if expected is not None and expected != self.dense_sha256:
             raise ValueError(
                 "DG2PF distils from the unpruned network: resume with the same dense model the interrupted run was "
                 "given (its weights differ from the ones recorded in the checkpoint)."
             )
-        trainer.install_masks(masks)
+        pruner.install(masks)
 
-    def compute_loss(self, trainer, model, inputs):
+    def compute_loss(self, pruner, model, inputs):
         logits = forward_logits(model, inputs["pixel_values"])
         if self.callback is not None and self.callback.finished:  # pruned fine-tuning: cross-entropy only
             return F.cross_entropy(logits.float(), inputs["labels"]), logits

@@ -76,15 +76,16 @@ register_scoring_method(
 
 
 class _PruneAfterWarmup(TrainerCallback):
-    """Scores and prunes once, at the end of optimizer step `warmup_steps`."""
+    """Scores and prunes once, at the end of optimizer step `warmup_steps` (unless the pruner already has masks,
+    e.g. when resuming after the warm-up)."""
 
-    def __init__(self, method: EPSD, trainer):
+    def __init__(self, method: EPSD, pruner):
         self.method = method
-        self.trainer = trainer
+        self.pruner = pruner
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.masks is None and state.global_step >= self.method.config.warmup_steps:
-            self.method.prune_now(self.trainer, started=True)
+        if self.pruner.masks is None and state.global_step >= self.method.config.warmup_steps:
+            self.method.prune_now(self.pruner, started=True)
 
 
 @register_method
@@ -96,32 +97,25 @@ class EPSD(PruningMethod):
     one_shot = False
     description = "EPSD: early pruning of a fresh network scored and trained with self-distillation"
 
-    def prune(self, trainer):
+    def prune(self, pruner):
         if self.config.warmup_steps == 0:
-            return self._masks(trainer)
+            return self._masks(pruner)
         return None  # pruned by the callback after the warm-up steps
 
-    def _masks(self, trainer):
+    def _masks(self, pruner):
         options = ScoringOptions(
             temperature=self.config.temperature, self_distillation_weight=self.config.self_distillation_weight
         )
-        return trainer.select_masks(trainer.compute_scores(method=self.criterion, options=options))
+        return pruner.select_masks(pruner.compute_scores(method=self.criterion, options=options))
 
-    def prune_now(self, trainer, started: bool) -> None:
-        trainer.install_masks(self._masks(trainer), started=started)
-        trainer.pruning_report["warmup_steps"] = self.config.warmup_steps
+    def prune_now(self, pruner, started: bool) -> None:
+        pruner.install(self._masks(pruner), started=started)
+        pruner.report["warmup_steps"] = self.config.warmup_steps
 
-    def callbacks(self, trainer):
-        return [] if self.config.warmup_steps == 0 else [_PruneAfterWarmup(self, trainer)]
+    def callbacks(self, pruner):
+        return [] if self.config.warmup_steps == 0 else [_PruneAfterWarmup(self, pruner)]
 
-    def resume(self, trainer, masks):
-        if masks is not None:
-            trainer.install_masks(masks)
-        else:  # interrupted during the warm-up: prune when it ends
-            for callback in self.callbacks(trainer):
-                trainer.add_callback(callback)
-
-    def compute_loss(self, trainer, model, inputs):
+    def compute_loss(self, pruner, model, inputs):
         logits, loss = epsd_logits_and_loss(
             model, inputs, weight=self.config.self_distillation_weight, temperature=self.config.temperature
         )

@@ -79,15 +79,15 @@ class IMP(ScheduledPruningMethod):
     def levels(self, sparsity: float) -> list[float]:
         return imp_sparsities(sparsity, self.config.rounds, self.config.prune_fraction)
 
-    def prune(self, trainer):
-        level = self.levels(trainer.args.sparsity)[0]
-        return magnitude_masks(trainer.prunable_parameters(), level, trainer.min_layer_density(level))
+    def prune(self, pruner):
+        level = self.levels(pruner.args.sparsity)[0]
+        return magnitude_masks(pruner.prunable_parameters(), level, pruner.min_layer_density(level))
 
-    def mask_callback(self, trainer, masks):
-        levels = self.levels(trainer.args.sparsity)
+    def mask_callback(self, pruner):
+        levels = self.levels(pruner.args.sparsity)
         events = {r * self.config.epochs_per_round: level for r, level in enumerate(levels) if r > 0}
 
         def mask_fn(weights, masks, level):
-            return magnitude_masks(weights, level, trainer.min_layer_density(level), previous=masks)
+            return magnitude_masks(weights, level, pruner.min_layer_density(level), previous=masks)
 
-        return self.schedule_callback(trainer, masks, events, mask_fn)
+        return self.schedule_callback(pruner, events, mask_fn)

@@ -14,9 +14,12 @@ DENSE_WEIGHTS_NAME = WEIGHTS_NAME
 BITMASK_WEIGHTS_NAME = "model.bitmask.safetensors"
 SPARSITY_FILE_NAME = "sparsity.json"
 SAVE_FORMATS = ("dense", "bitmask")
+# the files besides the weights whose SHA-256 sparsity.json records and readers verify
+CHECKSUMMED_CONFIGS = (CONFIG_NAME, PREPROCESSOR_CONFIG_NAME)
 
 __all__ = [
     "BITMASK_WEIGHTS_NAME",
+    "CHECKSUMMED_CONFIGS",
     "CONFIG_NAME",
     "DENSE_WEIGHTS_NAME",
     "PREPROCESSOR_CONFIG_NAME",

@@ -11,6 +11,11 @@ folder, now in the sibling, is deleted. Where the exchange is not available, the
 
 A failure (or a kill) before the swap leaves the old folder untouched; the staging folder and any other leftover
 (sibling folders, ``.tmp`` files of interrupted atomic writes) are removed by the next save into the same path.
+
+Writers of one folder take turns: each save holds a lock (``.<name>.tgp-lock`` beside the folder, released by the
+operating system if the writer dies) from its clean-up of leftovers to its swap, so that a save never removes the
+staging folder of another live one; a save that cannot get the lock within `LOCK_TIMEOUT` seconds is refused with
+an error naming the folder.
 """
 
 from __future__ import annotations
@@ -38,6 +43,30 @@ _ATOMIC_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+LOCK_TIMEOUT = 600.0  # seconds a save waits for another writer of the same folder
+
+
+class FolderBusyError(RuntimeError):
+    """Another writer held the folder for longer than `LOCK_TIMEOUT`."""
+
+
+@contextmanager
+def writer_lock(target: Path) -> Iterator[None]:
+    """Hold the lock of `target`'s writers (a file lock beside it; the OS releases it if this process dies)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(target.parent / f".{target.name}.tgp-lock"))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise FolderBusyError(
+            f"Another process has been saving into {target} for over {LOCK_TIMEOUT:.0f} s; nothing was written. "
+            "Save into another folder, or wait until that writer is done."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _sibling_pattern(target: Path) -> re.Pattern:
@@ -201,18 +230,19 @@ def staged_folder(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) ->
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{output_dir} exists and is not a folder; pass a folder to save into.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{NEW_TAG}-", dir=target.parent))
-    try:
-        yield staging
-        if target.is_dir():
-            carry_over(target, staging, skip=drop)
-        os.chmod(staging, _folder_mode(target))
-        (staging / COMPLETE_MARKER).touch()
-        publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writer_lock(target):
+        recover(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{NEW_TAG}-", dir=target.parent))
+        try:
+            yield staging
+            if target.is_dir():
+                carry_over(target, staging, skip=drop)
+            os.chmod(staging, _folder_mode(target))
+            (staging / COMPLETE_MARKER).touch()
+            publish(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @contextmanager

@@ -12,7 +12,14 @@ import torch
 
 from ..masking import mask_hash
 from ..utils import public_name
-from .formats import SPARSITY_FILE_NAME, SparseFormatError
+from .formats import (
+    BITMASK_WEIGHTS_NAME,
+    CHECKSUMMED_CONFIGS,
+    DENSE_WEIGHTS_NAME,
+    SPARSITY_FILE_NAME,
+    SparseFormatError,
+    sha256_file,
+)
 
 # Fields that save_sparse_model measures or derives itself; metadata may not set them.
 RESERVED_KEYS = frozenset(
@@ -31,10 +38,8 @@ def library_versions() -> dict[str, str]:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            if package == "hf_tgprune":
-                import hf_tgprune
-
-                versions[package] = str(getattr(hf_tgprune, "__version__", "unknown"))
+            if package == "hf_tgprune":  # a source checkout that is not installed (as the package's __version__)
+                versions[package] = "0.0.0+unknown"
     return versions
 
 
@@ -90,14 +95,35 @@ def read_sparsity_record(folder: str | os.PathLike) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SparseFormatError(f"{path} is not valid JSON ({err}); it is truncated or corrupted. {_RESAVE}") from err
+    except RecursionError:  # nesting deeper than any record save_sparse_model writes
+        raise SparseFormatError(
+            f"{path} nests JSON deeper than Python can read: not a sparsity record. {_RESAVE}"
+        ) from None
     if not isinstance(record, dict):
         raise _record_error(path, f"holds a JSON {type(record).__name__}, not the record save_sparse_model writes")
+    named = record.get("weights_file", DENSE_WEIGHTS_NAME)
+    if named not in (DENSE_WEIGHTS_NAME, BITMASK_WEIGHTS_NAME):  # a bare known file name: no path, nothing else
+        raise _record_error(
+            path, f"names the weights file {named!r}, which is neither {DENSE_WEIGHTS_NAME} nor {BITMASK_WEIGHTS_NAME}"
+        )
     return record
 
 
 def describes(record: Mapping[str, Any], weights_file: Path) -> bool:
-    """Whether `record` (a ``sparsity.json`` next to `weights_file`) is the record of that weights file."""
-    return record.get("weights_file", weights_file.name) == weights_file.name
+    """Whether `record` (a ``sparsity.json`` next to `weights_file`) is the record of that weights file.
+
+    Raises:
+        SparseFormatError: the record names the other weights file of the two formats: a record next to a weights
+            file is always that file's (a save removes the other format's file), so verification cannot be
+            switched off by editing the record.
+    """
+    named = record.get("weights_file", weights_file.name)
+    if named != weights_file.name and weights_file.name in (DENSE_WEIGHTS_NAME, BITMASK_WEIGHTS_NAME):
+        raise _record_error(
+            weights_file.parent / SPARSITY_FILE_NAME,
+            f"names the weights file {named!r}, but the file is {weights_file.name}",
+        )
+    return named == weights_file.name
 
 
 def verify_record_files(record: Mapping[str, Any], weights_file: Path) -> None:
@@ -114,8 +140,6 @@ def verify_record_files(record: Mapping[str, Any], weights_file: Path) -> None:
     entry = files.get(weights_file.name)
     if not isinstance(entry, Mapping) or not isinstance(entry.get("sha256"), str):
         raise _record_error(path, f"`files` has no SHA-256 entry for {weights_file.name} (it was removed or edited)")
-    from .formats import BITMASK_WEIGHTS_NAME, sha256_file
-
     save_format = record.get("format")
     expected_format = "bitmask" if weights_file.name == BITMASK_WEIGHTS_NAME else "dense"
     if save_format is not None and save_format != expected_format:
@@ -131,6 +155,16 @@ def verify_record_files(record: Mapping[str, Any], weights_file: Path) -> None:
             f"{weights_file}: SHA-256 differs from the one recorded in {SPARSITY_FILE_NAME}; the file is corrupted or "
             "was modified after saving. Re-download or re-save it."
         )
+    for name in CHECKSUMMED_CONFIGS:  # recorded since configs are checksummed; older records have no entry
+        entry = files.get(name)
+        if entry is None:
+            continue
+        config = weights_file.parent / name
+        if not isinstance(entry, Mapping) or not config.is_file() or sha256_file(config) != entry.get("sha256"):
+            raise SparseFormatError(
+                f"{config}: missing, or its SHA-256 differs from the one recorded in {SPARSITY_FILE_NAME}; the model "
+                f"would be built or fed differently from the saved one. {_RESAVE}"
+            )
 
 
 def _counts(value: Any) -> tuple[Any, Any]:

@@ -16,7 +16,14 @@ from ..adapters import get_adapter, preprocessing_dict, unwrap_model
 from ..masking import mask_hash, measure_sparsity
 from ..utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
-from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SAVE_FORMATS, SPARSITY_FILE_NAME, sha256_file
+from .formats import (
+    BITMASK_WEIGHTS_NAME,
+    CHECKSUMMED_CONFIGS,
+    DENSE_WEIGHTS_NAME,
+    SAVE_FORMATS,
+    SPARSITY_FILE_NAME,
+    sha256_file,
+)
 from .publish import folder_in_place, staged_folder
 from .record import check_metadata, library_versions, public_metadata
 from .weights import convert_masks, read_weights
@@ -242,6 +249,9 @@ def save_sparse_model(
         record = _measure_and_record(
             folder / weights_name, save_format, adapter, file_masks, file_parameters, masks, masks_given, enforced
         )
+        for name in CHECKSUMMED_CONFIGS:  # how the model is built and fed: verified on load like the weights
+            if (folder / name).is_file():
+                record["files"][name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
         if preprocessing is not None:
             record["preprocessing"] = preprocessing
         record.update(public_metadata(jsonable(metadata)))

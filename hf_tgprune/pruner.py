@@ -1,0 +1,485 @@
+"""`Pruner`: the pruning state of one model, with one owner.
+
+A `Pruner` holds the pruning settings (`PruningArguments`), the method (`hf_tgprune.methods`), the one current mask
+set, the pruning report, and writes and reads the state a checkpoint needs (`pruning_state.safetensors`). Methods
+receive the `Pruner`; the mask callback reads the masks from it; `TeacherGuidedPruningTrainer` composes one. It needs
+no Trainer:
+
+    pruner = Pruner(student, PruningArguments(sparsity=0.9), teacher=teacher, calibration_dataset=images)
+    pruner.prune()                                      # score, select, install, recalibrate BatchNorm
+    enforcer = pruner.mask_callback
+    enforcer.start(student, optimizer)                  # gradients of pruned weights are masked from now on
+    for batch in loader:
+        loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
+        enforcer.enforce(optimizer)                      # pruned weights and their optimizer state stay zero
+
+What methods may use: `model`, `teacher`, `args`, `masks`, `report`, `prunable_parameters()`,
+`min_layer_density(sparsity)`, `compute_scores()`, `select_masks()`, `compute_masks()`, `install()`,
+`set_masks()`, `recalibrate_batchnorm()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .adapters import check_same_num_labels
+from .callbacks import GlobalMaskCallback
+from .config import PruningArguments, parse_nm_pattern
+from .data.collate import check_labelled, collate_fn
+from .data.splits import deterministic_sample
+from .masking import (
+    MaskFileError,
+    apply_masks,
+    as_bool_masks,
+    mask_hash,
+    min_layer_density_for,
+    prunable_parameters,
+    prune_zeros_first,
+    select_masks,
+    sparsity_report,
+)
+from .methods import PruningMethod, build_method, get_method
+from .methods.imp import imp_sparsities
+from .nm import nm_incompatible_layers, nm_masks
+from .recalibration import batchnorm_layers, recalibrate_batchnorm
+from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+from .serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
+
+logger = logging.getLogger(__name__)
+
+
+def shard_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous slice `[start, stop)` of a global batch that `rank` processes."""
+    return rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+
+
+class ShardedBatches:
+    """Global calibration batches in a fixed order; this rank loads its slice of each (None when it is empty)."""
+
+    def __init__(self, dataset, global_batch_size, rank, world_size, collate_fn, num_workers=0, pin_memory=False):
+        n = len(dataset)
+        self.global_batches = [list(range(i, min(i + global_batch_size, n))) for i in range(0, n, global_batch_size)]
+        self.shards = []
+        for indices in self.global_batches:
+            start, stop = shard_bounds(len(indices), rank, world_size)
+            self.shards.append(indices[start:stop])
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=[shard for shard in self.shards if shard],
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+
+    def __len__(self):
+        return len(self.global_batches)
+
+    def __iter__(self):
+        loaded = iter(self.loader)
+        for shard in self.shards:
+            yield next(loaded) if shard else None
+
+
+def validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset, prunes=True) -> None:
+    """Refuse, before any work, what pruning `model` with `method` cannot run on (each error names the fix)."""
+    wrapped = sorted(
+        f"{module_name}.{parameter[: -len('_orig')]}" if module_name else parameter[: -len("_orig")]
+        for module_name, module in model.named_modules()
+        for parameter, _ in module.named_parameters(recurse=False)
+        if parameter.endswith("_orig") and hasattr(module, parameter[: -len("_orig")] + "_mask")
+    )
+    if wrapped:
+        raise ValueError(
+            f"{len(wrapped)} weight(s) are re-parametrised by torch.nn.utils.prune (weight_orig / weight_mask), e.g. "
+            f"{wrapped[:3]}: hf_tgprune keeps plain weights. Call torch.nn.utils.prune.remove(module, 'weight') on "
+            "each first, and pass their masks as `masks=` (bool or 0/1) to keep them."
+        )
+    params = prunable_parameters(model, args.prune_include, args.prune_exclude)  # raises on patterns matching nothing
+    frozen = [name for name, param in params.items() if not param.requires_grad]
+    criterion = get_scoring_method(method.criterion) if method.criterion else None
+    if frozen and prunes and criterion is not None and not criterion.data_free:
+        raise ValueError(
+            f"pruning_method={args.pruning_method!r} scores weights by their gradients, but {len(frozen)} prunable "
+            f"weight(s) are frozen (requires_grad=False), e.g. {frozen[:3]}. Unfreeze them for pruning, leave them out "
+            "with prune_exclude, or choose a data-free method such as 'magnitude'."
+        )
+    if teacher is None and method.scoring_needs_teacher(args):
+        raise ValueError(
+            f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, or choose a "
+            "teacher-free method such as 'snip', 'magnitude' or 'random'."
+        )
+    check_same_num_labels(model, teacher)
+    scoring = method.needs_calibration_data()
+    recalibration = (  # a data-free criterion (the default magnitude) still recalibrates BatchNorm on images
+        prunes  # given masks are installed as they are
+        and args.recalibrate_bn
+        and method.one_shot
+        and method.criterion is not None
+        and args.sparsity > 0
+        and bool(batchnorm_layers(model))
+    )
+    rounds = prunes and method.one_shot and args.pruning_rounds > 1 and bool(batchnorm_layers(model))
+    if not (scoring or recalibration or rounds):
+        return
+    source, argument = (
+        (calibration_dataset, "calibration_dataset")
+        if calibration_dataset is not None
+        else (train_dataset, "train_dataset")
+    )
+    if source is None or len(source) == 0:
+        fix = "" if scoring else ", or set recalibrate_bn=False to keep the dense model's BatchNorm statistics"
+        raise ValueError(
+            f"The calibration set is empty ({argument} has no examples). Pass a non-empty `calibration_dataset` "
+            f"or `train_dataset`{fix}."
+        )
+    if (recalibration or rounds) and min(args.calibration_batch_size, len(source), args.recalibration_samples) < 2:
+        raise ValueError(
+            "BatchNorm recalibration needs batches of at least 2 images (BatchNorm has no statistics of one image), "
+            f"but calibration_batch_size={args.calibration_batch_size}, recalibration_samples="
+            f"{args.recalibration_samples} and {argument} has {len(source)} example(s). Raise them to >= 2, or set "
+            "recalibrate_bn=False (and pruning_rounds=1) to keep the dense model's BatchNorm statistics."
+        )
+    if not scoring:
+        return  # recalibration only forwards images: no labels needed
+    example = source[0]
+    if isinstance(example, Mapping) and "labels" not in example and "label" not in example:
+        raise ValueError(
+            f"Calibration examples from `{argument}` have no labels (keys: {sorted(example)}); every example "
+            "needs a `labels` (or `label`) entry next to `pixel_values`."
+        )
+    check_labelled(source, argument)  # partly labelled data, where cheap to see (else collate_fn, per batch)
+
+
+class Pruner:
+    """Prunes one model and owns its pruning state.
+
+    Args:
+        model: the student (a timm / transformers classifier or any `nn.Module` that returns logits).
+        args: the pruning settings; `TeacherGuidedPruningConfig` is one too.
+        teacher: the frozen teacher of teacher-guided criteria (eval mode, no gradients).
+        calibration_dataset: examples (`{"pixel_values", "labels"}` or `(image, label)`) to score and recalibrate
+            BatchNorm on; default: a seeded sample of `train_dataset`.
+        train_dataset: the training set (calibration fallback, and `scoring_epochs`).
+        masks: given masks to install instead of pruning (bool, or 0/1 as `torch.nn.utils.prune` writes them).
+        collate_fn: turns a list of examples into a batch.
+
+    Settable after construction (the trainer does, once its accelerator exists): `teacher`, `collate_fn`, `rank`,
+    `world_size`, `all_reduce` (sums a tensor over processes), `num_workers`, `pin_memory`, `progress`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: PruningArguments | None = None,
+        *,
+        teacher: nn.Module | None = None,
+        calibration_dataset: Dataset | None = None,
+        train_dataset: Dataset | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        collate_fn: Callable = collate_fn,
+    ):
+        self.args = args if args is not None else PruningArguments()
+        self.method: PruningMethod = build_method(self.args.pruning_method, self.args.pruning_method_args)
+        if masks is not None and not masks:
+            raise ValueError("masks={} is not a mask set: pass pruning_method='dense' to train without pruning.")
+        validate_inputs(
+            model, teacher, self.args, self.method, train_dataset, calibration_dataset, prunes=masks is None
+        )
+        self.model = model
+        self.teacher = teacher
+        self.calibration_dataset = calibration_dataset
+        self.train_dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.rank, self.world_size, self.all_reduce = 0, 1, None
+        self.num_workers, self.pin_memory, self.progress = 0, False, True
+        self.masks: dict[str, torch.Tensor] | None = None
+        self._report: dict | None = None
+        self.pruned = False
+        # the one callback that enforces the masks (or the method's schedule) during training
+        self.mask_callback: GlobalMaskCallback = self.method.mask_callback(self) or GlobalMaskCallback(self)
+        if masks is not None:
+            self.install(as_bool_masks(masks))
+            self.pruned = True
+
+    # --- the report -------------------------------------------------------------------------------------------------
+    @property
+    def report(self) -> dict | None:
+        """Measured sparsity of the current masks (prunable and total, per layer), the method, the target and the mask
+        hash; extra fields a run adds (e.g. `scoring_seconds`) stay until the masks change. None before pruning."""
+        if self.masks is None:
+            return None
+        if self._report is None:
+            report = sparsity_report(self.model, self.masks)
+            report.update(
+                method=self.args.pruning_method, target_sparsity=self.args.sparsity, mask_sha256=mask_hash(self.masks)
+            )
+            if self.mask_callback.finished is not None:
+                report["schedule_finished"] = self.mask_callback.finished
+            self._report = report
+        return self._report
+
+    def log_report(self) -> None:
+        report = self.report
+        logger.info(
+            "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s)",
+            report["method"],
+            report["prunable"]["sparsity"],
+            report["total"]["sparsity"],
+            report["mask_sha256"][:12],
+        )
+
+    # --- building blocks ----------------------------------------------------------------------------------------
+    def prunable_parameters(self) -> dict[str, nn.Parameter]:
+        """The weights this run prunes (`prune_include` / `prune_exclude`, default: conv/linear except the head)."""
+        return prunable_parameters(self.model, self.args.prune_include, self.args.prune_exclude)
+
+    def min_layer_density(self, sparsity: float) -> float:
+        """Per-layer minimum density at `sparsity` (the layer-collapse guard of the settings)."""
+        return min_layer_density_for(sparsity, self.args.min_layer_density, self.args.layer_density_floor)
+
+    def calibration_batches(self, num_samples: int | None = None, epochs: int = 0) -> ShardedBatches:
+        """Calibration batches, split across ranks.
+
+        Args:
+            num_samples: images drawn (seeded by `seed`) from `calibration_dataset`, or from `train_dataset` when
+                there is none; default `num_calibration_samples`.
+            epochs: > 0 instead runs over this many whole epochs of `train_dataset`, reshuffled every epoch (the
+                authors' scoring regime, `scoring_epochs`).
+        """
+        if epochs > 0:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            n = len(self.train_dataset)
+            order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)]).tolist()
+            dataset = Subset(self.train_dataset, order)
+        else:
+            source = self.calibration_dataset if self.calibration_dataset is not None else self.train_dataset
+            dataset = deterministic_sample(source, num_samples or self.args.num_calibration_samples, self.args.seed)
+        return ShardedBatches(
+            dataset,
+            self.args.calibration_batch_size,
+            self.rank,
+            self.world_size,
+            self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def compute_scores(self, method: str | None = None, options: ScoringOptions | None = None) -> dict:
+        """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight.
+
+        `method` / `options` override the method's criterion and the options built from the settings (EPSD uses it).
+        """
+        args = self.args
+        name = method or self.method.criterion
+        if name is None:
+            raise ValueError(f"pruning_method={args.pruning_method!r} scores no weights.")
+        batches = None if get_scoring_method(name).data_free else self.calibration_batches(epochs=args.scoring_epochs)
+        return compute_importance_scores(
+            self.model,
+            batches,
+            method=name,
+            teacher=self.teacher,
+            params=self.prunable_parameters(),
+            options=options or ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
+            aggregation=args.score_aggregation,
+            ema_momentum=args.ema_momentum,
+            bn_mode=args.scoring_bn_mode,
+            all_reduce=self.all_reduce,
+            seed=args.seed,
+            progress=self.progress,
+            total=None if batches is None else len(batches),
+        )
+
+    def recalibrate_batchnorm(self) -> int:
+        """Re-estimate BatchNorm running statistics on `recalibration_samples` calibration images (see
+        `hf_tgprune.recalibration`); returns the number of images this process forwarded (0 without BatchNorm)."""
+        if not batchnorm_layers(self.model):
+            return 0
+        batches = self.calibration_batches(num_samples=self.args.recalibration_samples)
+        return recalibrate_batchnorm(
+            self.model, batches, all_reduce=self.all_reduce, progress=self.progress, total=len(batches)
+        )
+
+    def select_masks(self, scores: Mapping[str, torch.Tensor], sparsity: float | None = None) -> dict:
+        """Masks from scores at `sparsity` (default `args.sparsity`): the settings' layer allocation and guard,
+        already-zero weights first, exactly `round(sparsity·N)` pruned (or the N:M pattern)."""
+        sparsity = self.args.sparsity if sparsity is None else sparsity
+        if self.args.sparsity_pattern != "unstructured":
+            return self._nm_masks(scores)
+        return select_masks(
+            scores,
+            sparsity,
+            min_density=self.min_layer_density(sparsity),
+            allocation=self.args.layer_allocation,
+            weights=self.prunable_parameters(),
+        )
+
+    def _nm_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n, m = parse_nm_pattern(self.args.sparsity_pattern)
+        weights = self.prunable_parameters()
+        dense = set(nm_incompatible_layers(weights, m))
+        if dense:
+            logger.warning(
+                "sparsity_pattern=%r: %d layer(s) whose input size is not a multiple of %d stay dense: %s",
+                self.args.sparsity_pattern, len(dense), m, sorted(dense),
+            )  # fmt: skip
+        ranked = prune_zeros_first({k: v for k, v in scores.items() if k not in dense}, weights)
+        masks = nm_masks(ranked, n, m)
+        masks.update({name: torch.ones_like(scores[name], dtype=torch.bool) for name in dense})
+        return {name: masks[name] for name in scores}
+
+    def compute_masks(self) -> dict[str, torch.Tensor]:
+        """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
+
+        Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
+        before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
+        first, so the masks are nested and the final count is exact. The masks do not depend on `recalibrate_bn`:
+        with `recalibrate_bn=False` the statistics the rounds re-estimated are put back afterwards.
+        """
+        args = self.args
+        levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
+        layers = list(batchnorm_layers(self.model).values()) if len(levels) > 1 and not args.recalibrate_bn else []
+        saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+        masks = None
+        for index, level in enumerate(levels):
+            if masks is not None:
+                apply_masks(self.model, masks)
+                self.recalibrate_batchnorm()
+            scores = self.compute_scores(method=self.method.criterion)
+            masks = self.select_masks(scores, level)
+            del scores
+            if len(levels) > 1:
+                logger.info("Pruning round %d/%d: sparsity %.4f", index + 1, len(levels), level)
+        for layer, state in zip(layers, saved):
+            layer.load_state_dict(state)
+        return masks
+
+    # --- pruning ------------------------------------------------------------------------------------------------
+    def prune(self, scores: Mapping[str, torch.Tensor] | None = None) -> dict | None:
+        """Prune with the method and return the report; calling it again returns the same report.
+
+        One-shot methods score once (or `pruning_rounds` times), install one mask and recalibrate BatchNorm
+        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`) install their initial masks
+        (if any) here; their callbacks (`method.callbacks(pruner)`) do the rest.
+
+        Args:
+            scores: importance scores already computed by `compute_scores()` on these same (dense) weights. One-shot
+                scores do not depend on the target, so one scoring pass can serve several sparsities (one pruner
+                per sparsity, each on a copy of the dense model). One-shot methods with `pruning_rounds=1` only.
+        """
+        if self.pruned:
+            return self.report
+        if scores is not None and not self.shares_scores():
+            raise ValueError(
+                "prune(scores=...) reuses one scoring pass, which only one-shot methods with pruning_rounds=1 can "
+                f"do (pruning_method={self.args.pruning_method!r}, pruning_rounds={self.args.pruning_rounds}). Call "
+                "prune() without scores."
+            )
+        start = time.perf_counter()
+        # transactional: on any error the model's parameters and buffers are put back exactly as they were
+        before = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
+        try:
+            masks = self.select_masks(scores) if scores is not None else self.method.prune(self)
+            if masks is not None:
+                self.install(masks)
+            seconds = time.perf_counter() - start
+            recalibrate = masks is not None and self.method.one_shot and self.args.recalibrate_bn
+            recalibrated = self.recalibrate_batchnorm() if recalibrate else 0
+        except BaseException:
+            with torch.no_grad():
+                for name, tensor in self.model.state_dict().items():
+                    tensor.copy_(before[name])
+            self.masks, self._report = None, None
+            raise
+        del before
+        self.pruned = True
+        if masks is None:
+            return self.report
+        if self.method.one_shot:
+            self.report.update(
+                scoring_seconds=seconds,
+                pruning_rounds=self.args.pruning_rounds,
+                layer_allocation=self.args.layer_allocation,
+                bn_recalibration_images=recalibrated,
+            )
+        else:
+            self.report["pruning_seconds"] = seconds
+        return self.report
+
+    def shares_scores(self) -> bool:
+        """Whether one scoring pass can serve several sparsities: a one-shot method in one round."""
+        return self.method.one_shot and self.args.pruning_rounds == 1
+
+    def install(self, masks: Mapping[str, torch.Tensor], started: bool = False) -> None:
+        """Zero the pruned weights and enforce `masks` from now on.
+
+        Args:
+            masks: bool tensors keyed by parameter name, True = kept.
+            started: True when called during training (e.g. a method that prunes after a warm-up): gradients and
+                optimizer state are masked from now on instead of from the start of training.
+        """
+        masks = dict(masks)
+        apply_masks(self.model, masks)
+        self.set_masks(masks)
+        if started:
+            self.mask_callback.restart()
+        self.log_report()
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Record new masks without touching the weights (schedules that apply them their own way)."""
+        self.masks = dict(masks)
+        self._report = None
+
+    # --- checkpoint state ---------------------------------------------------------------------------------------
+    def state(self) -> PruningState:
+        """What a checkpoint needs to continue: the masks, the method and its settings, its state, the target."""
+        return PruningState(
+            pruning_method=self.args.pruning_method,
+            target_sparsity=float(self.args.sparsity),
+            masks=self.masks,
+            pruning_method_args=self.method.config.to_dict(),
+            method_state=dict(self.method.state_dict()),
+        )
+
+    def save_state(self, folder: str | os.PathLike) -> None:
+        """Write `pruning_state.safetensors` into `folder` (created if needed; the file is written atomically)."""
+        os.makedirs(folder, exist_ok=True)
+        write_pruning_state(self.state(), os.path.join(folder, PRUNING_STATE_NAME))
+
+    def load_state(self, folder: str | os.PathLike) -> None:
+        """Restore and verify what `save_state` wrote, and let the method continue from it.
+
+        Refuses (with a message naming the fix) a checkpoint of another method or target sparsity, masks whose
+        content does not match their recorded hash, and truncated files.
+        """
+        path = os.path.join(folder, PRUNING_STATE_NAME)
+        if not os.path.isfile(path):
+            raise MaskFileError(
+                f"{str(folder)!r} has no {PRUNING_STATE_NAME}: it was not written by hf_tgprune, so its masks cannot "
+                "be restored. Resume from one of its own checkpoints."
+            )
+        state = read_pruning_state(path)
+        if state.pruning_method != self.args.pruning_method and not (
+            self.method.one_shot and get_method(state.pruning_method).one_shot
+        ):  # one-shot masks are fixed, whichever criterion made them; a schedule's state belongs to its method
+            raise ValueError(
+                f"{str(folder)!r} was written by a pruning_method={state.pruning_method!r} run, but this run uses "
+                f"pruning_method={self.args.pruning_method!r}. Resume with the checkpoint's method, or start a new "
+                "run in another output_dir."
+            )
+        if abs(state.target_sparsity - self.args.sparsity) > 1e-12:
+            raise ValueError(
+                f"{str(folder)!r} was trained at sparsity={state.target_sparsity}, but this run asks for "
+                f"sparsity={self.args.sparsity}. Resume with the checkpoint's sparsity, or start a new run in another "
+                "output_dir."
+            )
+        self.method.load_state_dict(state.method_state)
+        self.method.resume(self, state.masks)
+        self.pruned = True
