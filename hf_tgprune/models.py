@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -126,7 +128,48 @@ def _is_timm_folder(name: str) -> bool:
     return is_local_path(name) and "architecture" in _read_config(name)
 
 
+def _weights_numel(folder: Path) -> int | None:
+    """How many values the folder's weights file holds, from its header alone (None without a weights file)."""
+    from safetensors import safe_open
+
+    from .serialization import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME
+    from .serialization.bitmask import read_bitmask_header
+
+    for name in (DENSE_WEIGHTS_NAME, BITMASK_WEIGHTS_NAME):
+        if (folder / name).is_file():
+            with safe_open(str(folder / name), framework="pt") as handle:
+                header = read_bitmask_header(handle)
+                if header is not None:
+                    return sum(math.prod(entry["shape"]) for entry in header["tensors"].values())
+                return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    return None
+
+
+def _refuse_what_the_weights_cannot_fill(name_or_path: str, build: Callable[[], nn.Module]) -> None:
+    """Build the model that `config.json` describes on the meta device (no memory) and refuse it when it is far
+    larger than the weights file beside it: an edited or foreign config must not allocate gigabytes."""
+    folder = Path(os.path.expanduser(name_or_path))
+    on_disk = _weights_numel(folder)
+    if on_disk is None:
+        return
+    with torch.device("meta"):
+        needed = sum(tensor.numel() for tensor in build().state_dict().values())
+    if needed > 2 * on_disk + 10_000_000:  # room for a resized head, never for another model
+        raise ModelLoadError(
+            f"{folder / 'config.json'} describes a model of {needed:,} values, but its weights file holds {on_disk:,}: "
+            "the config does not belong with the weights (edited, or from another model). Nothing was built; "
+            "restore the folder from its source."
+        )
+
+
+def _timm_folder_on_meta(request: LoadRequest) -> nn.Module:
+    import timm
+
+    return timm.create_model(f"local-dir:{os.path.abspath(os.path.expanduser(request.name_or_path))}")
+
+
 def _load_timm_folder(request: LoadRequest) -> nn.Module:
+    _refuse_what_the_weights_cannot_fill(request.name_or_path, lambda: _timm_folder_on_meta(request))
     path = os.path.abspath(os.path.expanduser(request.name_or_path))
     return _create_timm(f"local-dir:{path}", request, pretrained=True)
 
@@ -166,7 +209,15 @@ def _load_transformers(request: LoadRequest, *, pretrained: bool | None = None) 
         raise _hub_failure(request.name_or_path, error, what) from error
 
 
+def _transformers_folder_on_meta(request: LoadRequest) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(os.path.expanduser(request.name_or_path), trust_remote_code=False)
+    return AutoModelForImageClassification.from_config(config)
+
+
 def _load_transformers_folder(request: LoadRequest) -> nn.Module:
+    _refuse_what_the_weights_cannot_fill(request.name_or_path, lambda: _transformers_folder_on_meta(request))
     return _load_transformers(request, pretrained=True)
 
 
@@ -185,9 +236,11 @@ def _load_bitmask_folder(request: LoadRequest) -> nn.Module:
 
     config = _read_config(request.name_or_path)
     if "architecture" in config:
+        _refuse_what_the_weights_cannot_fill(request.name_or_path, lambda: _timm_folder_on_meta(request))
         path = os.path.abspath(os.path.expanduser(request.name_or_path))
         model = _create_timm(f"local-dir:{path}", request, pretrained=False)
     elif "model_type" in config:
+        _refuse_what_the_weights_cannot_fill(request.name_or_path, lambda: _transformers_folder_on_meta(request))
         model = _load_transformers(request, pretrained=False)
     else:
         raise ModelLoadError(

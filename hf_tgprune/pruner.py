@@ -281,6 +281,13 @@ class Pruner:
         if name is None:
             raise ValueError(f"pruning_method={args.pruning_method!r} scores no weights.")
         batches = None if get_scoring_method(name).data_free else self.calibration_batches(epochs=args.scoring_epochs)
+        # the pass leaves the global RNG as it found it (a DataLoader draws its seed from it): training that follows
+        # is the same whether scores were computed here or taken from an earlier pass (a sweep, a resumed run)
+        with torch.random.fork_rng(devices=[]):
+            return self._scores(name, batches, options)
+
+    def _scores(self, name: str, batches, options: ScoringOptions | None) -> dict:
+        args = self.args
         return compute_importance_scores(
             self.model,
             batches,
@@ -303,9 +310,10 @@ class Pruner:
         if not batchnorm_layers(self.model):
             return 0
         batches = self.calibration_batches(num_samples=self.args.recalibration_samples)
-        return recalibrate_batchnorm(
-            self.model, batches, all_reduce=self.all_reduce, progress=self.progress, total=len(batches)
-        )
+        with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it found it, as the scoring pass does
+            return recalibrate_batchnorm(
+                self.model, batches, all_reduce=self.all_reduce, progress=self.progress, total=len(batches)
+            )
 
     def select_masks(self, scores: Mapping[str, torch.Tensor], sparsity: float | None = None) -> dict:
         """Masks from scores at `sparsity` (default `args.sparsity`): the settings' layer allocation and guard,

@@ -44,6 +44,7 @@ from recipe_utils import (  # noqa: E402
     RecipeError,
     StageTimer,
     check_output_dir,
+    check_same_arguments,
     check_sparsities,
     compact_sparsity,
     format_summary,
@@ -51,6 +52,7 @@ from recipe_utils import (  # noqa: E402
     measure_inference_speed,
     parse_recipe_args,
     read_json,
+    result_arguments,
     resume_requested,
     run_dirname,
     stage_args,
@@ -398,6 +400,9 @@ def main(argv=None) -> dict:
     resume = resume_requested(args.resume_from_checkpoint, out)
     sparsities = validate(model_args, data_args, recipe_args, args)
     check_output_dir(out, recipe_args.overwrite_output_dir, resume)
+    arguments = result_arguments(model_args, data_args, recipe_args, args)
+    if resume:  # the arguments that determine a result must be the interrupted run's
+        check_same_arguments(read_json(os.path.join(out, RESULTS_NAME)).get("arguments"), arguments)
     state.wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(args.seed)
     teacher_dir, warmup_dir = os.path.join(out, "teacher"), os.path.join(out, "dense-student")
@@ -429,7 +434,7 @@ def main(argv=None) -> dict:
     has_validation = validation_ds is not None
     results = read_json(os.path.join(out, RESULTS_NAME)) if resume else {}
     results.update(
-        command=sys.argv, world_size=state.num_processes, device=str(args.device),
+        command=sys.argv, arguments=arguments, world_size=state.num_processes, device=str(args.device),
         dataset={"name": data_args.dataset_name, "num_labels": num_labels, "train": len(train_ds),
                  "validation": len(validation_ds) if has_validation else 0, "test": len(test_ds),
                  "calibration": len(calibration_ds)},

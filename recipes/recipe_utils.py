@@ -111,6 +111,49 @@ def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool = Fal
         )
 
 
+# Arguments that cannot change a finished result (where it is written, how it is logged, shared or measured); all
+# others must be those of the run that `--resume_from_checkpoint True` continues.
+RESULT_NEUTRAL_ARGUMENTS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_strategy", "logging_steps",
+    "logging_first_step", "logging_nan_inf_filter", "report_to", "disable_tqdm", "run_name", "log_level",
+    "log_level_replica", "log_on_each_node", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy",
+    "hub_private_repo", "hub_revision", "hub_always_push", "plots", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "save_total_limit", "save_on_each_node",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "ddp_timeout", "local_rank", "_n_gpu", "sparsities",
+    "sparsity", "export_sparse_inference", "inference_batch_sizes", "inference_repeats",
+})  # fmt: skip
+
+
+def result_arguments(*argument_objects) -> dict:
+    """The run's arguments as JSON values (TrainingArguments through its own `to_dict`), recorded in results.json."""
+    values = {}
+    for arguments in argument_objects:
+        as_dict = arguments.to_dict() if hasattr(arguments, "to_dict") else dataclasses.asdict(arguments)
+        values.update(as_dict)
+    return json.loads(json.dumps(values, default=str))
+
+
+def check_same_arguments(previous: dict | None, current: dict) -> None:
+    """Refuse to resume a run with arguments that determine a result differently (a mixed results.json otherwise).
+
+    Raises:
+        RecipeError: listing every differing argument, old and new value.
+    """
+    if previous is None:
+        return
+    differing = sorted(
+        name
+        for name in previous.keys() | current.keys()
+        if name not in RESULT_NEUTRAL_ARGUMENTS and previous.get(name) != current.get(name)
+    )
+    if differing:
+        listed = "; ".join(f"--{name} {previous.get(name)!r} -> {current.get(name)!r}" for name in differing)
+        raise RecipeError(
+            f"--resume_from_checkpoint True continues the run in --output_dir, but these arguments differ from that "
+            f"run's: {listed}. Resume with the same arguments, or start a new run in another --output_dir."
+        )
+
+
 def resume_requested(value: str | None, output_dir: str) -> bool:
     """`--resume_from_checkpoint`: None (a new run), `True` or the output folder itself (continue that run)."""
     if value is None or str(value).lower() in ("false", "none", ""):

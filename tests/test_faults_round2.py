@@ -2,6 +2,7 @@
 names the case it covers; every one failed before its fix."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from hf_tgprune import load_sparse, save_sparse_model
 from hf_tgprune.hub import check_sparse_folder
 from hf_tgprune.serialization import DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
-from tests.test_faults import pruned
+from tests.test_faults import pruned, same_state, state_of
 
 
 def _saved(tmp_path, save_format="dense"):
@@ -210,7 +211,7 @@ import sys
 import torch
 sys.path.insert(0, {root!r})
 from hf_tgprune import save_sparse_model
-from tests.test_faults import pruned
+from tests.test_faults import pruned, same_state, state_of
 model, masks = pruned(seed={seed})
 failures = 0
 for _ in range({n}):
@@ -268,3 +269,81 @@ def test_an_edited_config_json_is_refused(tmp_path, save_format):
         load_sparse(folder, model)
     with pytest.raises(SparseFormatError, match="config.json.*SHA-256"):
         check_sparse_folder(folder)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a fresh tmpfs at a path (root only; skipped where mounting is not permitted)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(path):
+        path.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "bitmask"])
+def test_a_mount_inside_the_output_folder_is_never_emptied(tmp_path, tmpfs, save_format):
+    """Issue 17, item 1: the swap copied the mounted files, then deleted the old folder, walking into the mount."""
+    from hf_tgprune.serialization import verify_sparse_folder
+
+    folder, model = _saved(tmp_path)
+    data = tmpfs(folder / "data")
+    (data / "images.bin").write_bytes(b"user data")
+    (data / "sub").mkdir()
+    (data / "sub" / "more.txt").write_text("mine")
+    model2, masks2 = pruned(seed=1)
+    save_sparse_model(model2, folder, masks2, save_format=save_format)
+    assert (data / "images.bin").read_bytes() == b"user data" and (data / "sub" / "more.txt").read_text() == "mine"
+    assert os.path.ismount(data)
+    verify_sparse_folder(folder)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tgp-inplace")]
+
+
+def test_an_output_folder_that_is_a_mount_point_is_saved_file_by_file(tmp_path, tmpfs):
+    """Issue 17, item 6: a Docker volume / PVC as output_dir failed with EBUSY from the folder swap."""
+    from hf_tgprune.serialization import verify_sparse_folder
+
+    folder = tmpfs(tmp_path / "volume")
+    (folder / "notes.txt").write_text("mine")
+    for seed, save_format in ((0, "dense"), (1, "bitmask"), (2, "dense")):
+        model, masks = pruned(seed=seed)
+        save_sparse_model(model, folder, masks, save_format=save_format)
+        verify_sparse_folder(folder)
+        assert same_state(load_sparse(folder), state_of(model, masks))
+    assert (folder / "notes.txt").read_text() == "mine" and os.path.ismount(folder)
+    assert not (folder / "model.bitmask.safetensors").exists()  # the other format's stale file is removed
+
+
+@pytest.mark.parametrize("family", ["timm_resnet", "hf_resnet"])
+def test_a_config_describing_a_huge_model_is_refused_before_anything_is_allocated(tmp_path, family, monkeypatch):
+    """Issue 17, item 8: a 511-byte edit of config.json made the loader build a ~150 GB model before comparing it
+    with the 1.5 MB weights (here without a sparsity.json, so no checksum can catch the edit)."""
+    import torch.nn as nn
+
+    from hf_tgprune.models import ModelLoadError, load_image_classifier
+    from tests.utils import make_model
+
+    model = make_model(family)
+    save_sparse_model(model, tmp_path / "out")
+    folder = tmp_path / "out"
+    (folder / SPARSITY_FILE_NAME).unlink()  # a plain folder: nothing records the config's checksum
+    config = json.loads((folder / "config.json").read_text())
+    if family == "timm_resnet":
+        config["num_classes"] = 30_000_000  # a head of billions of values
+    else:
+        config["hidden_sizes"] = [4096 * 4] * len(config["hidden_sizes"])
+    (folder / "config.json").write_text(json.dumps(config))
+    allocated = []
+    monkeypatch.setattr(nn.Linear, "reset_parameters", lambda self: allocated.append(self.weight.device.type))
+    with pytest.raises(ModelLoadError, match="does not belong with the weights"):
+        load_image_classifier(str(folder))
+    assert set(allocated) <= {"meta"}  # built on the meta device only

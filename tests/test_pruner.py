@@ -185,3 +185,16 @@ def test_a_failed_prune_leaves_the_model_exactly_as_it_was(monkeypatch):
     assert pruner.masks is None and pruner.report is None and not pruner.pruned
     monkeypatch.setattr(pruner, "recalibrate_batchnorm", original)
     assert pruner.prune()["pruned_by_mask"] == round(0.8 * pruner.report["prunable"]["numel"])  # and it can retry
+
+
+@pytest.mark.parametrize("method", ["tgp", "tgp_fisher"])
+def test_scoring_and_recalibration_leave_the_global_rng_as_they_found_it(method):
+    """Issue 17, item 11: a shared scoring pass drew from the global RNG, so a resumed sweep (which scores at another
+    point) retrained with other data orders."""
+    pruner = _pruner(method)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    pruner.compute_scores()
+    pruner.recalibrate_batchnorm()
+    assert torch.equal(torch.rand(3), expected)

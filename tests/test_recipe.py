@@ -600,3 +600,105 @@ def test_measure_inference_speed_records_the_export_and_leaves_the_model_alone()
     dense = measure_inference_speed(model, torch.randn(2, 3, 8, 8), [1], repeats=1)  # density 1: never converted
     (latency,) = dense.latencies
     assert latency.layers_converted == 0 and latency.speedup == 1.0 and latency.max_abs_error == 0.0
+
+
+def test_resume_with_other_arguments_is_refused_listing_them(recipe, tiny_cifar, tmp_path):
+    """Issue 17, item 2: run B resumed run A's folder with another student, method and seed and mixed the two."""
+    from recipe_utils import RecipeError
+
+    out = tmp_path / "out"
+    args = [*_common_args(tiny_cifar, out), "--model_name_or_path", "test_resnet", "--plots", "False"]
+    args += ["--sparsities", "0.5", "--num_train_epochs", "0", "--teacher_epochs", "0", "--retrain_with_kd", "False"]
+    args += ["--pruning_method", "magnitude"]
+    first = recipe.main(args)
+    before = (out / "results.json").read_text()
+    other = [*args, "--resume_from_checkpoint", "True", "--seed", "1", "--pruning_method", "snip"]
+    other += ["--sparsities", "0.5", "0.8", "--model_name_or_path", "test_vit"]
+    with pytest.raises(RecipeError, match="--model_name_or_path 'test_resnet' -> 'test_vit'.*--seed 0 -> 1"):
+        recipe.main(other)
+    assert (out / "results.json").read_text() == before and not (out / "sparsity-0.8").exists()
+    assert first["runs"][0]["sparsity"] == 0.5
+
+
+def _dataset_folder(root: Path, labels: list[int]) -> Path:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    (root / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return root
+
+
+@pytest.mark.parametrize("case", ["label -1", "label >= classes", "empty folder", "csv file"])
+def test_bad_data_is_a_clear_error_before_any_folder_or_training(recipe, tmp_path, case):
+    """Issue 17, item 15: labels -1 or >= num_labels, an empty dataset folder, a CSV path."""
+    from hf_tgprune.data import DataError
+
+    if case == "label -1":
+        dataset, message = _dataset_folder(tmp_path / "d", [0, 1, 2, -1] * 8), "outside \\[0, 3\\).*-1"
+    elif case == "label >= classes":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = _dataset_folder(tmp_path / "d", [0, 1] * 16)
+        features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+        datasets.load_dataset(str(path), split="train").cast(features).to_parquet(str(tmp_path / "ok.parquet"))
+        table = pq.read_table(tmp_path / "ok.parquet")  # a ClassLabel of 2 names whose data holds a 5 (another tool)
+        labels = table.column("label").to_pylist()
+        labels[3] = 5
+        table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+        (tmp_path / "e" / "data").mkdir(parents=True)
+        for split in ("train", "test"):
+            pq.write_table(table, tmp_path / "e" / "data" / f"{split}-00000-of-00001.parquet")
+        dataset, message = tmp_path / "e", "outside \\[0, 2\\).*5"
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        dataset, message = tmp_path / "empty", "empty folder"
+    else:
+        (tmp_path / "labels.csv").write_text("image,label\nx.png,0\n")
+        dataset, message = tmp_path / "labels.csv", "image column"
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message):
+        recipe.main([*_common_args(dataset, out), "--model_name_or_path", "test_resnet"])
+    assert not out.exists()
+
+
+def test_a_sweep_killed_when_the_second_prune_starts_resumes_to_the_same_weights(
+    recipe, tiny_cifar, tmp_path, monkeypatch
+):
+    """Issue 17, item 11: killed as `prune` starts for the second sparsity of a teacher-guided sweep, the resumed run
+    scores again (no shared scores in memory) and must still retrain exactly as the uninterrupted run did."""
+    from safetensors.torch import load_file
+
+    args = _common_args(tiny_cifar, tmp_path / "x") + ["--model_name_or_path", "test_resnet", "--plots", "False"]
+    args += ["--sparsities", "0.5", "0.8", "--pruning_method", "tgp"]
+
+    def run(out, *extra):
+        return recipe.main([*args, "--output_dir", str(out), *extra])
+
+    reference = run(tmp_path / "reference")
+    original = recipe.make_trainer
+
+    def interrupting(*a, **kw):
+        trainer = original(*a, **kw)
+        if trainer.args.output_dir.endswith("sparsity-0.8"):
+
+            def killed(*_, **__):
+                raise _Interrupted
+
+            trainer.prune = killed
+        return trainer
+
+    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    with pytest.raises(_Interrupted):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(recipe, "make_trainer", original)
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "True")
+    for ours, theirs in zip(resumed["runs"], reference["runs"]):
+        assert ours["mask_sha256"] == theirs["mask_sha256"]
+        ours_w = load_file(str(tmp_path / "resumed" / run_dir_name(ours) / "model.safetensors"))
+        theirs_w = load_file(str(tmp_path / "reference" / run_dir_name(theirs) / "model.safetensors"))
+        assert all(torch.equal(ours_w[name], tensor) for name, tensor in theirs_w.items()), ours["sparsity"]

@@ -172,3 +172,31 @@ def test_model_load_errors(tmp_path):
         load_image_classifier(str(tmp_path / "empty"), 10)
     with pytest.raises(ModelLoadError, match="offline"):  # tests run with HF_HUB_OFFLINE=1
         load_image_classifier("not-a-timm-model-name", 10)
+
+
+def test_resume_refuses_arguments_that_determine_a_result_and_lists_them():
+    """Issue 17, item 2: a resumed run with another model, method and seed mixed two runs in one results.json."""
+    import pytest
+    from recipe_utils import RecipeError, check_same_arguments
+
+    previous = {"model_name_or_path": "a", "pruning_method": "tgp", "seed": 0, "logging_steps": 5, "sparsities": [0.5]}
+    same_result = {**previous, "logging_steps": 50, "sparsities": [0.5, 0.8]}  # neutral: logging, the sweep's list
+    check_same_arguments(previous, same_result)
+    check_same_arguments(None, previous)  # a results.json written before arguments were recorded
+    other = {**previous, "model_name_or_path": "b", "pruning_method": "magnitude", "seed": 1}
+    with pytest.raises(RecipeError) as info:
+        check_same_arguments(previous, other)
+    message = str(info.value)
+    for fragment in ("--model_name_or_path 'a' -> 'b'", "--pruning_method 'tgp' -> 'magnitude'", "--seed 0 -> 1"):
+        assert fragment in message
+    assert "logging_steps" not in message and "another --output_dir" in message
+
+
+def test_result_arguments_are_json_and_cover_every_argument_class():
+    from recipe_utils import result_arguments
+
+    from hf_tgprune import TeacherGuidedPruningConfig
+
+    config = TeacherGuidedPruningConfig(output_dir="x", report_to="none", sparsity=0.8)
+    values = result_arguments(config)
+    assert values["sparsity"] == 0.8 and values["pruning_method"] == "magnitude" and values["seed"] == 42

@@ -71,9 +71,23 @@ def _load_dataset_dict(dataset_name: str, dataset_config: str | None, data_dir: 
         path = os.path.expanduser(dataset_name)
         if not os.path.exists(path):
             raise DataError(f"--dataset_name {dataset_name!r}: no such file or folder ({os.path.abspath(path)}).")
-        dataset_name = path
+        if os.path.isdir(path) and not any(os.scandir(path)):
+            raise DataError(f"--dataset_name {dataset_name!r} is an empty folder; it holds no images or data files.")
+        if os.path.isfile(path):  # one data file: its format from the extension, every row in the train split
+            builder = _FILE_BUILDERS.get(os.path.splitext(path)[1].lower().lstrip("."))
+            if builder is None:
+                raise DataError(
+                    f"--dataset_name {dataset_name!r} is a file of a format load_dataset cannot read; pass a folder, "
+                    f"or a {', '.join(sorted(_FILE_BUILDERS))} file."
+                )
+            kwargs = {**kwargs, "data_files": {"train": path}}
+            dataset_name, dataset_config = builder, None
+        else:
+            dataset_name = path
     try:
         loaded = datasets.load_dataset(dataset_name, dataset_config, data_dir=data_dir, **kwargs)
+    except datasets.data_files.EmptyDatasetError as error:
+        raise DataError(f"--dataset_name {dataset_name!r} holds no data files datasets can read ({error}).") from None
     except ConnectionError as error:
         offline = any(os.environ.get(v, "0").upper() in ("1", "ON", "YES", "TRUE") for v in _OFFLINE_VARS)
         raise DataError(
@@ -89,6 +103,8 @@ def _load_dataset_dict(dataset_name: str, dataset_config: str | None, data_dir: 
 
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+# single data files by extension: the `datasets` builder that reads them
+_FILE_BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet", "arrow": "arrow"}
 
 
 def _pick_column(
@@ -206,7 +222,24 @@ def load_image_dataset(
     renames = {old: new for old, new in ((image, IMAGE_COLUMN), (label, LABEL_COLUMN)) if old != new}
     if renames:
         dataset_dict = dataset_dict.rename_columns(renames)
-    return _as_class_label(_as_image(dataset_dict))
+    return _check_labels(_as_class_label(_as_image(dataset_dict)))
+
+
+def _check_labels(dataset_dict):
+    """Refuse labels outside `[0, num_classes)` (e.g. -1 for "unlabelled"), naming the split, the values and the fix."""
+    for split, dataset in dataset_dict.items():
+        classes = dataset.features[LABEL_COLUMN].num_classes
+        labels = np.asarray(dataset[LABEL_COLUMN])
+        if labels.size == 0:
+            continue
+        bad = labels[(labels < 0) | (labels >= classes)]
+        if bad.size:
+            raise DataError(
+                f"The {split!r} split has {bad.size} label(s) outside [0, {classes}) (e.g. {sorted(set(bad.tolist()))[:5]}): "
+                "every example needs one of the dataset's classes. Drop the unlabelled examples (label -1) or fix the "
+                "label column (--label_column)."
+            )
+    return dataset_dict
 
 
 def label_names(dataset) -> list[str]:

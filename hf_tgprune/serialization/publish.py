@@ -12,14 +12,22 @@ folder, now in the sibling, is deleted. Where the exchange is not available, the
 A failure (or a kill) before the swap leaves the old folder untouched; the staging folder and any other leftover
 (sibling folders, ``.tmp`` files of interrupted atomic writes) are removed by the next save into the same path.
 
-Writers of one folder take turns: each save holds a lock (``.<name>.tgp-lock`` beside the folder, released by the
-operating system if the writer dies) from its clean-up of leftovers to its swap, so that a save never removes the
+Where the folder cannot be swapped — it is itself a mount point (a Docker volume, a Kubernetes PVC), it holds a
+mount point or another file system (a ``-v`` volume inside it, which copying and deleting the old folder would
+empty), or its parent is not writable — the save goes file by file instead: the files are written into a staging
+folder inside `output_dir`, then ``sparsity.json`` is removed, each file is renamed into place (atomic per file),
+and the new ``sparsity.json`` comes last, so a reader sees either a complete record that matches the files or none
+(and a folder without its record is not verified as a sparse checkpoint). Nothing else in the folder is touched.
+
+Writers of one folder on one machine take turns: each save holds a lock (a file in the system's temporary folder named
+by the folder's path, released by the operating system if the writer dies) from its clean-up of leftovers to its swap, so that a save never removes the
 staging folder of another live one; a save that cannot get the lock within `LOCK_TIMEOUT` seconds is refused with
 an error naming the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -52,10 +60,19 @@ class FolderBusyError(RuntimeError):
 
 @contextmanager
 def writer_lock(target: Path) -> Iterator[None]:
-    """Hold the lock of `target`'s writers (a file lock beside it; the OS releases it if this process dies)."""
+    """Hold the lock of `target`'s writers on this machine: a file lock in the system's temporary folder, named by the
+    folder's real path (nothing is written beside or inside the folder; the OS releases it if this process dies)."""
+    import hashlib
+
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(target.parent / f".{target.name}.tgp-lock"))
+    locks = Path(tempfile.gettempdir()) / "hf_tgprune-save-locks"
+    if not locks.is_dir():
+        locks.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):  # shared by every user of the machine, like /tmp itself
+            os.chmod(locks, 0o1777)
+    key = hashlib.sha256(os.fsencode(os.path.realpath(target))).hexdigest()[:32]
+    lock = FileLock(str(locks / f"{key}.lock"))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
     except Timeout:
@@ -112,7 +129,7 @@ def recover(target: Path) -> None:
         _remove(path)
     if target.is_dir():
         for name in os.listdir(target):
-            if is_atomic_write_leftover(name) or name == COMPLETE_MARKER:
+            if is_atomic_write_leftover(name) or name == COMPLETE_MARKER or name.startswith(f".{IN_PLACE_TAG}-"):
                 logger.info("Removing %s, left by an interrupted write", target / name)
                 _remove(target / name)
 
@@ -216,6 +233,71 @@ def _folder_mode(target: Path) -> int:
     return 0o777 & ~umask
 
 
+IN_PLACE_TAG = "tgp-inplace"
+_RECORD_NAME = "sparsity.json"
+
+
+def _holds_another_file_system(folder: Path) -> bool:
+    """Whether `folder` holds a mount point or an entry of another device anywhere below it (not descending into
+    other file systems or through symlinks)."""
+    device = folder.stat().st_dev
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                    continue
+                path = Path(entry.path)
+                if entry.stat(follow_symlinks=False).st_dev != device or os.path.ismount(path):
+                    return True
+                pending.append(path)
+    return False
+
+
+def needs_in_place(target: Path) -> str | None:
+    """Why `target` cannot be replaced by a swap (None: it can)."""
+    if not target.exists():
+        return None if os.access(target.parent, os.W_OK) else "its parent folder is not writable"
+    if os.path.ismount(target):
+        return "it is a mount point"
+    if _holds_another_file_system(target):
+        return "it holds a mount point or another file system"
+    if not os.access(target.parent, os.W_OK):
+        return "its parent folder is not writable"
+    return None
+
+
+def _move_in(staging: Path, target: Path, drop: Iterable[str]) -> None:
+    """Rename every file of `staging` into `target` (atomic per file), the record removed first and written last."""
+    (target / _RECORD_NAME).unlink(missing_ok=True)
+    for name in drop:
+        (target / name).unlink(missing_ok=True)
+    names = sorted(os.listdir(staging), key=lambda name: name == _RECORD_NAME)
+    for name in names:
+        source, destination = staging / name, target / name
+        if source.is_dir() and not source.is_symlink():
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(source, destination)
+        else:
+            os.replace(source, destination)
+        _fsync_dir(target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def staged_folder(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) -> Iterator[Path]:
     """Write a folder all-or-nothing: yields an empty staging folder next to `output_dir`; when the block succeeds,
@@ -232,6 +314,17 @@ def staged_folder(output_dir: str | os.PathLike, *, drop: Iterable[str] = ()) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(target):
         recover(target)
+        reason = needs_in_place(target)
+        if reason is not None:
+            logger.info("Saving into %s file by file (%s).", target, reason)
+            target.mkdir(exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{IN_PLACE_TAG}-", dir=target))
+            try:
+                yield staging
+                _move_in(staging, target, drop)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{NEW_TAG}-", dir=target.parent))
         try:
             yield staging
