@@ -8,6 +8,7 @@ batch); saving, checkpoint loading and Hub pushes are `SparseCheckpointMixin`'s 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Mapping
@@ -31,6 +32,14 @@ from .scoring import ScoringOptions
 from .serialization.pruning_state import PRUNING_STATE_NAME
 
 logger = logging.getLogger(__name__)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a write failed for want of space (torch reports it as a position mismatch of its zip writer)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "unexpected pos" in text
 
 
 class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
@@ -219,12 +228,25 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             resume_from_checkpoint = checkpoint
         else:
             self.prune()
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        except (OSError, RuntimeError) as error:
+            if not _disk_full(error):
+                raise
+            try:
+                intact = f"the newest complete checkpoint is {self._checkpoint_to_resume(True)}"
+            except ValueError:
+                intact = "no complete checkpoint was written yet"
+            raise OSError(
+                errno.ENOSPC,
+                f"The disk is full: a checkpoint in {self.args.output_dir} could not be written ({error}); {intact}. "
+                "Free some space (or lower save_total_limit) and train again with resume_from_checkpoint=True.",
+            ) from error
 
     def get_train_dataloader(self) -> DataLoader:
         """The Trainer's training loader, dropping an epoch's last batch when it would be a single image fed to a

@@ -3,6 +3,7 @@ names the case it covers; every one failed before its fix."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,3 +348,51 @@ def test_a_config_describing_a_huge_model_is_refused_before_anything_is_allocate
     with pytest.raises(ModelLoadError, match="does not belong with the weights"):
         load_image_classifier(str(folder))
     assert set(allocated) <= {"meta"}  # built on the meta device only
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_names_the_intact_checkpoint(tmp_path, monkeypatch):
+    """Issue 17, item 16: torch's zip writer reported "unexpected pos 424000 vs 423888" on a full disk."""
+    from hf_tgprune import TeacherGuidedPruningTrainer
+    from tests.utils import RandomImages, make_model, tiny_config
+
+    args = tiny_config(
+        tmp_path, pruning_method="magnitude", retrain_with_kd=False, max_steps=4, save_strategy="steps", save_steps=2
+    )
+    trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
+    original = trainer._save_optimizer_and_scheduler
+
+    def full_at_the_second(output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 424000 vs 423888")
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", full_at_the_second)
+    with pytest.raises(OSError, match="disk is full.*newest complete checkpoint is .*checkpoint-2.*resume"):
+        trainer.train()
+
+
+def test_a_folder_whose_parent_is_not_writable_is_saved_file_by_file(tmp_path, monkeypatch):
+    """Issue 17, item 6: a writable output folder in a read-only parent (PermissionError on the staging folder)."""
+    import hf_tgprune.serialization.publish as publish
+    from hf_tgprune.serialization import verify_sparse_folder
+
+    folder, _ = _saved(tmp_path)
+    readonly_parent = folder.parent
+    real_access = os.access
+    monkeypatch.setattr(
+        publish.os, "access", lambda path, mode: False if Path(path) == readonly_parent else real_access(path, mode)
+    )
+    monkeypatch.setattr(publish.tempfile, "mkdtemp", _refusing_mkdtemp(readonly_parent, publish.tempfile.mkdtemp))
+    model, masks = pruned(seed=2)
+    save_sparse_model(model, folder, masks)
+    verify_sparse_folder(folder)
+    assert same_state(load_sparse(folder), state_of(model, masks))
+
+
+def _refusing_mkdtemp(readonly: Path, mkdtemp):
+    def refusing(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == readonly:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return mkdtemp(*args, dir=dir, **kwargs)
+
+    return refusing

@@ -702,3 +702,40 @@ def test_a_sweep_killed_when_the_second_prune_starts_resumes_to_the_same_weights
         ours_w = load_file(str(tmp_path / "resumed" / run_dir_name(ours) / "model.safetensors"))
         theirs_w = load_file(str(tmp_path / "reference" / run_dir_name(theirs) / "model.safetensors"))
         assert all(torch.equal(ours_w[name], tensor) for name, tensor in theirs_w.items()), ours["sparsity"]
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_training_further(
+    recipe, tiny_cifar, tmp_path, monkeypatch
+):
+    """Issue 17, item 12: killed during save_model after the last checkpoint, the resumed run trained one step past
+    --max_steps and recorded other weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = _common_args(tiny_cifar, out) + ["--model_name_or_path", "test_resnet", "--plots", "False"]
+    args += ["--sparsities", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    original = recipe.make_trainer
+
+    def interrupting(*a, **kw):
+        trainer = original(*a, **kw)
+        if trainer.args.output_dir.endswith("sparsity-0.5"):
+            save = trainer.save_model
+
+            def killed(*a, _internal_call=False, **kw):
+                if _internal_call:  # the Trainer's own checkpoints are written
+                    return save(*a, _internal_call=True, **kw)
+                raise _Interrupted  # the final save of the finished run is not
+
+            trainer.save_model = killed
+        return trainer
+
+    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    with pytest.raises(_Interrupted):
+        recipe.main(args)
+    last = load_file(str(out / "sparsity-0.5" / "checkpoint-4" / "model.safetensors"))
+    monkeypatch.setattr(recipe, "make_trainer", original)
+    recipe.main([*args, "--resume_from_checkpoint", "True"])
+    record = json.loads((out / "sparsity-0.5" / "sparsity.json").read_text())
+    assert record["global_step"] == 4
+    saved = load_file(str(out / "sparsity-0.5" / "model.safetensors"))
+    assert all(torch.equal(saved[name], tensor) for name, tensor in last.items())
