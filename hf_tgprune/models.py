@@ -141,7 +141,7 @@ def _weights_numel(folder: Path) -> int | None:
                 header = read_bitmask_header(handle)
                 if header is not None:
                     return sum(math.prod(entry["shape"]) for entry in header["tensors"].values())
-                return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+                return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
     return None
 
 

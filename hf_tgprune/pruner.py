@@ -284,25 +284,21 @@ class Pruner:
         # the pass leaves the global RNG as it found it (a DataLoader draws its seed from it): training that follows
         # is the same whether scores were computed here or taken from an earlier pass (a sweep, a resumed run)
         with torch.random.fork_rng(devices=[]):
-            return self._scores(name, batches, options)
-
-    def _scores(self, name: str, batches, options: ScoringOptions | None) -> dict:
-        args = self.args
-        return compute_importance_scores(
-            self.model,
-            batches,
-            method=name,
-            teacher=self.teacher,
-            params=self.prunable_parameters(),
-            options=options or ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
-            aggregation=args.score_aggregation,
-            ema_momentum=args.ema_momentum,
-            bn_mode=args.scoring_bn_mode,
-            all_reduce=self.all_reduce,
-            seed=args.seed,
-            progress=self.progress,
-            total=None if batches is None else len(batches),
-        )
+            return compute_importance_scores(
+                self.model,
+                batches,
+                method=name,
+                teacher=self.teacher,
+                params=self.prunable_parameters(),
+                options=options or ScoringOptions(args.alpha, args.beta, args.temperature, args.normalize_logits),
+                aggregation=args.score_aggregation,
+                ema_momentum=args.ema_momentum,
+                bn_mode=args.scoring_bn_mode,
+                all_reduce=self.all_reduce,
+                seed=args.seed,
+                progress=self.progress,
+                total=None if batches is None else len(batches),
+            )
 
     def recalibrate_batchnorm(self) -> int:
         """Re-estimate BatchNorm running statistics on `recalibration_samples` calibration images (see

@@ -76,7 +76,7 @@ def read_pruning_state(path: str | os.PathLike) -> PruningState:
     try:
         with safe_open(path, framework="pt") as handle:
             header = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open API)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         method_state = json.loads(header["method_state"])
         state = PruningState(
             pruning_method=header["pruning_method"],
