@@ -602,7 +602,7 @@ def _decide_layer(
 
 def export_sparse_inference(
     model: nn.Module,
-    example_inputs,
+    example_inputs: torch.Tensor | tuple,
     *,
     batch_sizes: Sequence[int] | None = None,
     min_speedup: float = 1.1,

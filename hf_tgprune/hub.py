@@ -193,7 +193,7 @@ def push_sparse_folder(
     require_sparse_checkpoint: bool = True,
     ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
     model_card_kwargs: dict[str, Any] | None = None,
-):
+) -> huggingface_hub.CommitInfo:
     """Upload a folder written by ``save_sparse_model`` (or a Trainer checkpoint) to a Hub model repo.
 
     Args:

@@ -306,10 +306,17 @@ def create_model_card(
         base_model: Hub id of the model that was pruned; written to the card's ``base_model`` metadata only when it
             is a Hub id, since the Hub rejects anything else. Local paths (here and for ``teacher`` / ``dataset``)
             are shown as their folder name.
-        teacher, dataset, method, hyperparameters, dense_metrics, pruned_metrics, save_format: override the record.
+        teacher: overrides the record's teacher.
+        dataset: overrides the record's dataset.
+        method: overrides the record's pruning method.
+        hyperparameters: override the record's hyperparameters.
+        dense_metrics: override the record's dense metrics.
+        pruned_metrics: override the record's pruned metrics.
+        save_format: overrides the record's format (`"dense"` or `"bitmask"`).
         model_family: the adapter name (``"timm"``, ``"transformers"``, ``"torch"``) whose load snippets the card
             shows; default: the record's ``model_family``.
-        license, tags: card metadata.
+        license: the card's license metadata.
+        tags: the card's tags (added to the library's own).
         max_layers: rows of the per-layer sparsity table (the full table is in ``sparsity.json``).
         inference: measured latency of the model dense vs exported with ``export_sparse_inference``
             (:class:`InferenceSpeed`); default: the record's ``inference``. With figures the card gets an

@@ -333,7 +333,8 @@ def load_image_classifier(
         num_labels: the number of classes; None keeps the checkpoint's. A checkpoint with another number gets a
             new, randomly initialised head, unless `strict_num_labels`.
         pretrained: load trained weights for architecture names and model ids.
-        id2label, label2id: class names for transformers configs.
+        id2label: class names by index, for transformers configs.
+        label2id: class indices by name, for transformers configs.
         strict_num_labels: raise instead of replacing the head (a trained teacher must match the dataset).
 
     Folders written by hf_tgprune (with a ``sparsity.json``) are verified first: a weights file whose size or

@@ -1,9 +1,5 @@
 import os
-import sys
-from pathlib import Path
 
-# the recipe's own helpers (recipes/recipe_utils.py, recipes/plots.py) are not part of the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")

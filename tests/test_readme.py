@@ -15,17 +15,8 @@ def _run_block(after: str, tmp_path, monkeypatch) -> dict:
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
-    namespace = _run_block("## Use it from Python", tmp_path, monkeypatch)
+    namespace = _run_block("## Quick start", tmp_path, monkeypatch)
     trainer = namespace["trainer"]
     pruned = sum(int((~m).sum()) for m in trainer.masks.values())
     assert pruned == round(0.95 * namespace["report"]["prunable"]["numel"])
     assert (tmp_path / "resnet18-tgp-95" / "sparsity.json").is_file()
-
-
-def test_readme_pruner_example_runs(tmp_path, monkeypatch):
-    namespace = _run_block("A plain PyTorch loop uses the `Pruner`", tmp_path, monkeypatch)
-    pruner, student = namespace["pruner"], namespace["student"]
-    params = dict(student.named_parameters())
-    assert all(int(params[n][~m].count_nonzero()) == 0 for n, m in pruner.masks.items())
-    assert namespace["report"]["pruned_by_mask"] == round(0.9 * namespace["report"]["prunable"]["numel"])
-    assert (tmp_path / "pruning-state" / "pruning_state.safetensors").is_file()

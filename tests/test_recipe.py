@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_tgprune.scripts import parse_arguments, stages, validate_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "prune_cifar.py"
 NUM_CLASSES = 4
@@ -213,14 +215,14 @@ def test_teacher_label_count_mismatch(recipe, tiny_cifar, tmp_path):
 
 
 def test_teacher_name_that_is_not_trained(recipe, tiny_cifar, tmp_path):
-    from recipe_utils import RecipeError
+    from hf_tgprune.scripts import RecipeError
 
     with pytest.raises(RecipeError, match="architecture name, not a trained model"):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", "test_resnet")
 
 
 def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
-    from recipe_utils import RecipeError
+    from hf_tgprune.scripts import RecipeError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -249,7 +251,7 @@ def test_non_empty_output_dir(recipe, tiny_cifar, tmp_path):
     ],
 )
 def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
-    from recipe_utils import RecipeError
+    from hf_tgprune.scripts import RecipeError
 
     with pytest.raises(RecipeError, match=message):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", *extra)
@@ -257,7 +259,8 @@ def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
 
 def test_push_to_hub_needs_network_and_token(recipe, tiny_cifar, tmp_path, monkeypatch):
     import huggingface_hub
-    from recipe_utils import RecipeError
+
+    from hf_tgprune.scripts import RecipeError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RecipeError, match="HF_HUB_OFFLINE is set"):
@@ -340,10 +343,10 @@ def test_default_warmup_trains_an_untrained_student(recipe, tiny_cifar, tmp_path
     from hf_tgprune.serialization import save_sparse_model
 
     def warmup(*extra):
-        model_args, data_args, recipe_args, args = recipe.parse_arguments(
+        model_args, data_args, recipe_args, args = parse_arguments(
             _common_args(tiny_cifar, tmp_path / "o") + ["--teacher_epochs", "2", *extra]
         )
-        recipe.validate(model_args, data_args, recipe_args, args)
+        validate_arguments(model_args, data_args, recipe_args, args)
         return model_args.student_warmup_epochs
 
     save_sparse_model(timm.create_model("test_resnet", num_classes=NUM_CLASSES), tmp_path / "trained")
@@ -391,14 +394,14 @@ def test_interrupted_recipe_resumes_stage_by_stage_to_the_same_result(recipe, ti
             if args.output_dir.endswith("sparsity-0.8") and state.global_step > state.max_steps // 2:
                 raise _Interrupted  # after the epoch-1 checkpoint of the second sparsity
 
-    original = recipe.make_trainer
+    original = stages.make_trainer
     calls = {"trainers": 0, "scoring": 0, "train": 0}
 
     def interrupting(*a, **kw):
         calls["trainers"] += 1
         return original(*a, callbacks=[*kw.pop("callbacks", []), Stop()], **kw)
 
-    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    monkeypatch.setattr(stages, "make_trainer", interrupting)
     with pytest.raises(_Interrupted):
         run(tmp_path / "resumed")
     partial = json.loads((tmp_path / "resumed" / "results.json").read_text())
@@ -416,7 +419,7 @@ def test_interrupted_recipe_resumes_stage_by_stage_to_the_same_result(recipe, ti
             setattr(trainer, name, wrapped)
         return trainer
 
-    monkeypatch.setattr(recipe, "make_trainer", counting)
+    monkeypatch.setattr(stages, "make_trainer", counting)
     resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "True")
     assert calls["scoring"] == 0  # the scoring pass, the teacher and the warm-up were not run again
     assert calls["train"] == 1  # only the interrupted retraining, from its checkpoint
@@ -566,7 +569,7 @@ def test_recipe_plug_and_play_transformers_without_inference_export(recipe, tiny
 
 
 def test_inference_arguments_need_the_flag_and_valid_values(recipe, tiny_cifar, tmp_path):
-    from recipe_utils import RecipeError
+    from hf_tgprune.scripts import RecipeError
 
     with pytest.raises(RecipeError, match="add --export_sparse_inference True"):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", "--inference_batch_sizes", "1")
@@ -582,7 +585,7 @@ def test_inference_arguments_need_the_flag_and_valid_values(recipe, tiny_cifar, 
 def test_measure_inference_speed_records_the_export_and_leaves_the_model_alone():
     """A dense (unpruned) model: the export converts nothing, so the speed-up is exactly 1 (not timing noise); the
     masks are applied to the measured copy only."""
-    from recipe_utils import measure_inference_speed
+    from hf_tgprune.scripts import measure_inference_speed
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, NUM_CLASSES))
@@ -604,7 +607,7 @@ def test_measure_inference_speed_records_the_export_and_leaves_the_model_alone()
 
 def test_resume_with_other_arguments_is_refused_listing_them(recipe, tiny_cifar, tmp_path):
     """Issue 17, item 2: run B resumed run A's folder with another student, method and seed and mixed the two."""
-    from recipe_utils import RecipeError
+    from hf_tgprune.scripts import RecipeError
 
     out = tmp_path / "out"
     args = [*_common_args(tiny_cifar, out), "--model_name_or_path", "test_resnet", "--plots", "False"]
@@ -680,7 +683,7 @@ def test_a_sweep_killed_when_the_second_prune_starts_resumes_to_the_same_weights
         return recipe.main([*args, "--output_dir", str(out), *extra])
 
     reference = run(tmp_path / "reference")
-    original = recipe.make_trainer
+    original = stages.make_trainer
 
     def interrupting(*a, **kw):
         trainer = original(*a, **kw)
@@ -692,10 +695,10 @@ def test_a_sweep_killed_when_the_second_prune_starts_resumes_to_the_same_weights
             trainer.prune = killed
         return trainer
 
-    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    monkeypatch.setattr(stages, "make_trainer", interrupting)
     with pytest.raises(_Interrupted):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(recipe, "make_trainer", original)
+    monkeypatch.setattr(stages, "make_trainer", original)
     resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "True")
     for ours, theirs in zip(resumed["runs"], reference["runs"]):
         assert ours["mask_sha256"] == theirs["mask_sha256"]
@@ -714,7 +717,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_training_further
     out = tmp_path / "out"
     args = _common_args(tiny_cifar, out) + ["--model_name_or_path", "test_resnet", "--plots", "False"]
     args += ["--sparsities", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
-    original = recipe.make_trainer
+    original = stages.make_trainer
 
     def interrupting(*a, **kw):
         trainer = original(*a, **kw)
@@ -729,11 +732,11 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_training_further
             trainer.save_model = killed
         return trainer
 
-    monkeypatch.setattr(recipe, "make_trainer", interrupting)
+    monkeypatch.setattr(stages, "make_trainer", interrupting)
     with pytest.raises(_Interrupted):
         recipe.main(args)
     last = load_file(str(out / "sparsity-0.5" / "checkpoint-4" / "model.safetensors"))
-    monkeypatch.setattr(recipe, "make_trainer", original)
+    monkeypatch.setattr(stages, "make_trainer", original)
     recipe.main([*args, "--resume_from_checkpoint", "True"])
     record = json.loads((out / "sparsity-0.5" / "sparsity.json").read_text())
     assert record["global_step"] == 4

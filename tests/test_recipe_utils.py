@@ -1,11 +1,13 @@
-"""Pure helpers of the recipe: config files, output-folder guard, model loading, results and plots."""
+"""Pure helpers of `hf_tgprune.scripts`: config files, output-folder guard, model loading, results and plots."""
 
 import json
 
 import pytest
 import torch
-from plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
-from recipe_utils import (
+
+from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
+from hf_tgprune.scripts.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
+from hf_tgprune.scripts.utils import (
     RecipeError,
     StageTimer,
     check_output_dir,
@@ -17,8 +19,6 @@ from recipe_utils import (
     strip_prefix,
     write_json,
 )
-
-from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
 
 
 # --- config files ----------------------------------------------------------------------------------------------
@@ -34,14 +34,12 @@ def test_single_yaml_file_and_overrides(tmp_path):
 
 
 def test_json_config_file_parses_with_hf_argument_parser(tmp_path):
-    from recipe_utils import parse_recipe_args
-    from transformers import HfArgumentParser
-
     from hf_tgprune import TeacherGuidedPruningConfig
+    from hf_tgprune.scripts import PruningParser
 
     config = tmp_path / "recipe.json"
     config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "sparsity": 0.8, "alpha": 0.5}))
-    (args,) = parse_recipe_args(HfArgumentParser(TeacherGuidedPruningConfig), [str(config), "--alpha", "0.25"])
+    (args,) = PruningParser(TeacherGuidedPruningConfig).parse_args_and_config([str(config), "--alpha", "0.25"])
     assert (args.sparsity, args.alpha, args.output_dir) == (0.8, 0.25, str(tmp_path / "out"))
 
 
@@ -177,7 +175,8 @@ def test_model_load_errors(tmp_path):
 def test_resume_refuses_arguments_that_determine_a_result_and_lists_them():
     """Issue 17, item 2: a resumed run with another model, method and seed mixed two runs in one results.json."""
     import pytest
-    from recipe_utils import RecipeError, check_same_arguments
+
+    from hf_tgprune.scripts.utils import RecipeError, check_same_arguments
 
     previous = {"model_name_or_path": "a", "pruning_method": "tgp", "seed": 0, "logging_steps": 5, "sparsities": [0.5]}
     same_result = {**previous, "logging_steps": 50, "sparsities": [0.5, 0.8]}  # neutral: logging, the sweep's list
@@ -193,9 +192,8 @@ def test_resume_refuses_arguments_that_determine_a_result_and_lists_them():
 
 
 def test_result_arguments_are_json_and_cover_every_argument_class():
-    from recipe_utils import result_arguments
-
     from hf_tgprune import TeacherGuidedPruningConfig
+    from hf_tgprune.scripts.utils import result_arguments
 
     config = TeacherGuidedPruningConfig(output_dir="x", report_to="none", sparsity=0.8)
     values = result_arguments(config)

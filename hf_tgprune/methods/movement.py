@@ -13,6 +13,8 @@ ranking by default (`layer_allocation="magnitude"`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -27,11 +29,14 @@ class MovementScores(TrainerCallback):
 
     Args:
         model: the network being fine-tuned (the same object the optimizer updates).
-        prune_include / prune_exclude: which weights, as in `PruningArguments` (default: conv and linear weights
-            except the classifier head).
+        prune_include: which weights, as in `PruningArguments` (default: conv and linear weights except the
+            classifier head).
+        prune_exclude: weights left out, as in `PruningArguments`.
     """
 
-    def __init__(self, model: nn.Module, prune_include=None, prune_exclude=None):
+    def __init__(
+        self, model: nn.Module, prune_include: Sequence[str] | None = None, prune_exclude: Sequence[str] | None = None
+    ):
         self._params = prunable_parameters(model, prune_include, prune_exclude)
         self.scores = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
         self.steps = 0

@@ -1,26 +1,22 @@
-"""Small, pure helpers of the end-to-end recipe (`recipes/prune_cifar.py`); not part of the library.
-
-Argument parsing with YAML/JSON config files (as TRL's scripts), the output-folder guard, per-stage
-configs and timers, metric extraction and results files, and the dense-vs-exported latency measurement of
-`--export_sparse_inference`. Nothing here trains a model.
+"""Small, pure helpers of the scripts (`recipes/prune_cifar.py`): argument parsing with YAML/JSON config files (as
+TRL's `TrlParser`), the output-folder and resume guards, stage timers and the results file. Nothing here trains.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_tgprune.utils import write_json_atomic
+from transformers import HfArgumentParser
+
+from ..utils import write_json_atomic
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RESULTS_NAME = "results.json"
@@ -81,10 +77,17 @@ def expand_config_args(argv: Sequence[str]) -> list[str]:
     return argv
 
 
-def parse_recipe_args(parser, argv: Sequence[str] | None = None):
-    """`HfArgumentParser.parse_args_into_dataclasses` with config files (see `expand_config_args`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args_into_dataclasses(args=expand_config_args(argv))
+class PruningParser(HfArgumentParser):
+    """`HfArgumentParser` that also reads its arguments from YAML/JSON files (see `expand_config_args`)."""
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple:
+        """The dataclasses from `args` (default: `sys.argv[1:]`) with config files expanded in place; a value
+        refused by a dataclass's `__post_init__` (e.g. `--sparsity 1.5`) is a `RecipeError`."""
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            return self.parse_args_into_dataclasses(args=expand_config_args(argv))
+        except ValueError as error:
+            raise RecipeError(str(error)) from error
 
 
 # --- output folder ---------------------------------------------------------------------------------------------
@@ -255,97 +258,6 @@ def compact_sparsity(report: Mapping[str, Any]) -> dict[str, Any]:
         "total": dict(report["total"]),
         "layers": {name: dict(layer) for name, layer in report["layers"].items()},
     }
-
-
-# --- inference speed (--export_sparse_inference) ---------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU's model name (`/proc/cpuinfo` on Linux, else `platform.processor()`), e.g. "AMD EPYC 7B13"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def median_latencies_ms(models: Sequence[Any], inputs: Any, repeats: int) -> list[float]:
-    """Median milliseconds per forward pass of each model on `inputs` (a tensor), in interleaved rounds.
-
-    One untimed warm-up round, then `repeats` rounds in which every model runs once; the order of the models
-    alternates from round to round, so that slow drifts of a shared machine hit them alike.
-    """
-    import torch
-
-    samples: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for round_index in range(repeats + 1):
-            order = list(range(len(models)))
-            if round_index % 2:
-                order.reverse()
-            for i in order:
-                start = time.perf_counter()
-                models[i](inputs)
-                if round_index:  # round 0 is the warm-up
-                    samples[i].append(1e3 * (time.perf_counter() - start))
-    return [statistics.median(s) for s in samples]
-
-
-def measure_inference_speed(
-    model: Any, examples: Any, batch_sizes: Sequence[int], repeats: int, masks: Mapping[str, Any] | None = None
-):
-    """End-to-end latency of a pruned model on the CPU: as it is (dense kernels) vs exported with
-    `hf_tgprune.export_sparse_inference`, exported and measured separately at each batch size. Where the export
-    converts no layer it is the dense model itself: only the dense model is timed and the speed-up is 1.
-
-    Args:
-        model: the pruned model (any device; a float32 CPU copy in eval mode is measured, `model` is untouched).
-        examples: a batch of eval images `(n, 3, H, W)`; cut or cycled to each batch size.
-        batch_sizes: batch sizes to export for and measure.
-        repeats: timed rounds of the export's per-layer timing and of the end-to-end comparison.
-        masks: the pruning masks, applied to the copy (the weights `save_model` writes); None: `model` as it is.
-
-    Returns:
-        a `hf_tgprune.modelcard.InferenceSpeed` (device, threads, per batch size: dense ms, sparse ms, layers).
-    """
-    import torch
-
-    from hf_tgprune import apply_masks, export_sparse_inference
-    from hf_tgprune.export import resize_batch
-    from hf_tgprune.modelcard import InferenceLatency, InferenceSpeed
-
-    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    if masks:
-        with torch.no_grad():
-            apply_masks(model, masks)
-    examples = examples.to(device="cpu", dtype=torch.float32)
-    latencies = []
-    for batch_size in batch_sizes:
-        (inputs,) = resize_batch(examples, batch_size)
-        exported, report = export_sparse_inference(model, inputs, repeats=repeats)
-        if report.sparse_layers:
-            dense_ms, sparse_ms = median_latencies_ms([model, exported], inputs, repeats)
-        else:  # nothing converted: the export runs exactly the dense model, and any measured difference is noise
-            (dense_ms,) = median_latencies_ms([model], inputs, repeats)
-            sparse_ms = dense_ms
-        latencies.append(
-            InferenceLatency(
-                batch_size=int(batch_size),
-                dense_ms=dense_ms,
-                sparse_ms=sparse_ms,
-                layers_converted=len(report.sparse_layers),
-                layers_candidate=len(report.layers),
-                max_abs_error=report.max_abs_error,
-            )
-        )
-    return InferenceSpeed(
-        device=f"CPU: {cpu_name()}",
-        threads=torch.get_num_threads(),
-        latencies=latencies,
-        input_shape=[int(s) for s in examples.shape[1:]],
-        repeats=repeats,
-        torch_version=torch.__version__,
-    )
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
