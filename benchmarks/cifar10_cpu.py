@@ -408,7 +408,7 @@ def kd_warmed_student(args, splits, models, log=print):
     path = Path(args.cache_dir) / f"student_kdwarm_e{args.kd_warmup_epochs}_n{args.retrain_images}.pt"
     if path.exists():
         return torch.load(path)
-    from hf_tgprune.losses import teacher_guided_loss
+    from hf_tgprune.core.losses import teacher_guided_loss
 
     student, teacher = load_model(models["student"]), load_model(models["teacher"])
     subset = torch.randperm(len(splits["train"][1]), generator=torch.Generator().manual_seed(1234))

@@ -36,7 +36,7 @@ from hf_tgprune import (  # noqa: E402
     compute_importance_scores,
     global_masks,
 )
-from hf_tgprune.losses import teacher_guided_loss  # noqa: E402
+from hf_tgprune.core.losses import teacher_guided_loss  # noqa: E402
 
 
 class TensorImages(torch.utils.data.Dataset):

@@ -143,7 +143,7 @@ def scored_model(name: str, method: str, calibration_images: int, seed: int = 0)
 def pruned_copy(model: torch.nn.Module, scores: dict, sparsity: float) -> tuple[torch.nn.Module, float]:
     """A copy of `model` with a global mask at `sparsity` applied; and the measured prunable sparsity."""
     from hf_tgprune import apply_masks, global_masks, sparsity_report
-    from hf_tgprune.masking import min_layer_density_for
+    from hf_tgprune.core.masking import min_layer_density_for
 
     masks = global_masks(scores, sparsity, min_density=min_layer_density_for(sparsity, 0.0, 0.5))
     pruned = copy.deepcopy(model)
@@ -162,7 +162,7 @@ def export_repeats_for(batch_size: int, export_repeats: int) -> int:
 
 
 def bench_model(name: str, args) -> list[dict]:
-    from hf_tgprune.export import export_sparse_inference
+    from hf_tgprune.io.export import export_sparse_inference
 
     start = time.perf_counter()
     base, scores = scored_model(name, args.method, args.calibration_images)

@@ -23,8 +23,8 @@ import torch
 def measure(model_name: str, num_classes: int, sparsity: float, include_head: bool, workdir: Path) -> dict:
     import timm
 
-    from hf_tgprune.masking import apply_masks, global_masks, prunable_parameters
-    from hf_tgprune.serialization import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, load_sparse, save_sparse_model
+    from hf_tgprune.core.masking import apply_masks, global_masks, prunable_parameters
+    from hf_tgprune.io.serialization import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, load_sparse, save_sparse_model
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=num_classes).eval()

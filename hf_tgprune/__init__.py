@@ -1,19 +1,15 @@
 """hf_tgprune: teacher-guided one-shot unstructured pruning of vision models.
 
 The names below are what a user needs; everything else stays importable from its module (`hf_tgprune.data`,
-`hf_tgprune.adapters`, `hf_tgprune.serialization`, ...).
+`hf_tgprune.core.adapters`, `hf_tgprune.io.serialization`, ...).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .adapters import ModelAdapter, register_adapter
-from .callbacks import GlobalMaskCallback
-from .checkpointing import SparseModelInfo
-from .config import PruningArguments, TeacherGuidedPruningConfig
-from .export import export_semi_structured, export_sparse_inference, to_dense
-from .hub import HubPushError, push_sparse_folder
-from .losses import cakld, teacher_guided_loss
-from .masking import (
+from .core.adapters import ModelAdapter, register_adapter
+from .core.callbacks import GlobalMaskCallback
+from .core.losses import cakld, teacher_guided_loss
+from .core.masking import (
     apply_masks,
     global_masks,
     load_masks,
@@ -23,14 +19,18 @@ from .masking import (
     select_masks,
     sparsity_report,
 )
+from .core.nm import nm_masks
+from .core.recalibration import recalibrate_batchnorm
+from .core.scoring import ScoringMethod, ScoringOptions, compute_importance_scores, register_scoring_method
+from .io.export import export_semi_structured, export_sparse_inference, to_dense
+from .io.hub import HubPushError, push_sparse_folder
+from .io.models import load_image_classifier
+from .io.serialization import SparseFormatError, load_sparse, load_sparse_masks, save_sparse_model
 from .methods import MethodConfig, PruningMethod, get_method, register_method
-from .models import load_image_classifier
-from .nm import nm_masks
-from .pruner import Pruner
-from .recalibration import recalibrate_batchnorm
-from .scoring import ScoringMethod, ScoringOptions, compute_importance_scores, register_scoring_method
-from .serialization import SparseFormatError, load_sparse, load_sparse_masks, save_sparse_model
-from .trainer import TeacherGuidedPruningTrainer
+from .pruning.config import PruningArguments, TeacherGuidedPruningConfig
+from .pruning.pruner import Pruner
+from .training.checkpointing import SparseModelInfo
+from .training.trainer import TeacherGuidedPruningTrainer
 
 try:
     __version__ = version("hf_tgprune")

@@ -34,7 +34,7 @@ from accelerate import PartialState  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from hf_tgprune.data import DataError  # noqa: E402
-from hf_tgprune.models import ModelLoadError  # noqa: E402
+from hf_tgprune.io.models import ModelLoadError  # noqa: E402
 from hf_tgprune.scripts import (  # noqa: E402
     RecipeError,
     RecipeRun,

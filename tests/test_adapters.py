@@ -1,4 +1,4 @@
-"""Model adapters: heads, labels, data config, names, unwrapping; and the shared helpers of hf_tgprune.utils."""
+"""Model adapters: heads, labels, data config, names, unwrapping; and the shared helpers of hf_tgprune.core.utils."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_tgprune.adapters import (
+from hf_tgprune.core.adapters import (
     ModelAdapter,
     check_same_num_labels,
     classifier_parameter_names,
@@ -20,8 +20,8 @@ from hf_tgprune.adapters import (
     register_adapter,
     unwrap_model,
 )
-from hf_tgprune.masking import prunable_parameters
-from hf_tgprune.utils import atomic_path, is_hub_id, is_local_path, jsonable, public_name, write_json_atomic
+from hf_tgprune.core.masking import prunable_parameters
+from hf_tgprune.core.utils import atomic_path, is_hub_id, is_local_path, jsonable, public_name, write_json_atomic
 from tests.utils import IMAGE_SIZE, make_model
 
 
@@ -163,7 +163,7 @@ def test_register_adapter_refuses_duplicate_names_and_is_looked_up_by_name():
         def num_labels(self, model):
             return 7
 
-    from hf_tgprune import adapters
+    from hf_tgprune.core import adapters
 
     adapter = register_adapter(ToyAdapter())
     try:
@@ -176,7 +176,7 @@ def test_register_adapter_refuses_duplicate_names_and_is_looked_up_by_name():
         get_adapter("toy-family")
 
 
-# --- hf_tgprune.utils ----------------------------------------------------------------------------------------------
+# --- hf_tgprune.core.utils ----------------------------------------------------------------------------------------------
 def test_jsonable():
     import enum
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from hf_tgprune import TeacherGuidedPruningTrainer, load_sparse, mask_hash
-from hf_tgprune.adapters import classifier_parameter_names, get_adapter
-from hf_tgprune.serialization import SPARSITY_FILE_NAME, load_sparse_masks, read_sparsity_record
+from hf_tgprune.core.adapters import classifier_parameter_names, get_adapter
+from hf_tgprune.io.serialization import SPARSITY_FILE_NAME, load_sparse_masks, read_sparsity_record
 from tests.utils import IMAGE_SIZE, NUM_LABELS, TINY_HF_VIT, RandomImages, tiny_config
 
 SPARSITY = 0.8

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_tgprune import Pruner, PruningArguments, TeacherGuidedPruningTrainer
-from hf_tgprune.masking import prunable_parameters, prune_zeros_first, select_masks
+from hf_tgprune.core.masking import prunable_parameters, prune_zeros_first, select_masks
 from hf_tgprune.methods.movement import MovementScores
 from tests.utils import RandomImages, make_model, tiny_config
 

@@ -1,4 +1,4 @@
-"""Sparse inference export (hf_tgprune.export): outputs, per-layer choice, the way back, the 2:4 CUDA error path.
+"""Sparse inference export (hf_tgprune.io.export): outputs, per-layer choice, the way back, the 2:4 CUDA error path.
 
 The layer timings are injected (fake timers) so that every choice is deterministic; nothing here asserts on time.
 """
@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_tgprune.export import (
+from hf_tgprune.core.masking import apply_masks, global_masks, prunable_parameters
+from hf_tgprune.io.export import (
     EXPORT_ATOL,
     EXPORT_RTOL,
     SemiStructuredUnavailableError,
@@ -24,7 +25,6 @@ from hf_tgprune.export import (
     sparsify_layers,
     to_dense,
 )
-from hf_tgprune.masking import apply_masks, global_masks, prunable_parameters
 
 # one torch thread inside these tests only: the setting is process-wide
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

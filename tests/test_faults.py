@@ -19,14 +19,14 @@ import transformers.trainer as transformers_trainer
 from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
-import hf_tgprune.adapters as adapters
-import hf_tgprune.pruner as pruner_module
-import hf_tgprune.serialization.save as save_module
+import hf_tgprune.core.adapters as adapters
+import hf_tgprune.io.serialization.save as save_module
+import hf_tgprune.pruning.pruner as pruner_module
 from hf_tgprune import TeacherGuidedPruningTrainer, load_sparse, load_sparse_masks, mask_hash, save_sparse_model
-from hf_tgprune.losses import NonFiniteLogitsError, check_finite_logits
-from hf_tgprune.masking import MaskFileError, apply_masks, global_masks, prunable_parameters
-from hf_tgprune.models import ModelLoadError, load_image_classifier
-from hf_tgprune.serialization import (
+from hf_tgprune.core.losses import NonFiniteLogitsError, check_finite_logits
+from hf_tgprune.core.masking import MaskFileError, apply_masks, global_masks, prunable_parameters
+from hf_tgprune.io.models import ModelLoadError, load_image_classifier
+from hf_tgprune.io.serialization import (
     BITMASK_WEIGHTS_NAME,
     DENSE_WEIGHTS_NAME,
     SPARSITY_FILE_NAME,
@@ -34,7 +34,7 @@ from hf_tgprune.serialization import (
     publish,
     verify_sparse_folder,
 )
-from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
+from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME
 from tests.utils import RandomImages, make_model, tiny_config
 
 
@@ -485,7 +485,7 @@ def test_a_single_image_last_batch_is_dropped_for_a_batchnorm_student(tmp_path, 
         calibration_dataset=RandomImages(16),
         eval_dataset=RandomImages(33),
     )
-    with caplog.at_level(logging.WARNING, logger="hf_tgprune.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_tgprune.training.trainer"):
         trainer.train()
     assert "batch of one image" in caplog.text
     assert trainer.state.global_step == 4

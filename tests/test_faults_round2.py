@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hf_tgprune import load_sparse, save_sparse_model
-from hf_tgprune.hub import check_sparse_folder
-from hf_tgprune.serialization import DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
+from hf_tgprune.io.hub import check_sparse_folder
+from hf_tgprune.io.serialization import DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
 from tests.test_faults import pruned, same_state, state_of
 
 
@@ -61,7 +61,7 @@ def test_deeply_nested_sparsity_json_is_a_format_error(tmp_path):
 
 
 def test_a_folder_asking_for_its_own_code_is_refused_without_running_it(tmp_path):
-    from hf_tgprune.models import ModelLoadError, load_image_classifier
+    from hf_tgprune.io.models import ModelLoadError, load_image_classifier
 
     folder = tmp_path / "remote-code"
     folder.mkdir()
@@ -76,7 +76,7 @@ def test_a_folder_asking_for_its_own_code_is_refused_without_running_it(tmp_path
 
 
 def test_a_truncated_config_json_is_named_as_truncated(tmp_path):
-    from hf_tgprune.models import ModelLoadError, load_image_classifier
+    from hf_tgprune.io.models import ModelLoadError, load_image_classifier
 
     folder, _ = _saved(tmp_path)
     text = (folder / "config.json").read_text()
@@ -131,7 +131,7 @@ def test_push_to_hub_that_fails_at_repo_creation_has_saved_the_model_first(tmp_p
     import huggingface_hub
     from huggingface_hub import errors
 
-    import hf_tgprune.hub as hub
+    import hf_tgprune.io.hub as hub
     from hf_tgprune import HubPushError, TeacherGuidedPruningTrainer
     from tests.test_hub import FakeHub
     from tests.utils import RandomImages, make_model, tiny_config
@@ -232,7 +232,7 @@ def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
     import sys
     from pathlib import Path
 
-    from hf_tgprune.serialization import verify_sparse_folder
+    from hf_tgprune.io.serialization import verify_sparse_folder
 
     root = str(Path(__file__).resolve().parents[1])
     folder = str(tmp_path / "out")
@@ -255,7 +255,7 @@ def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
 @pytest.mark.parametrize("save_format", ["dense", "bitmask"])
 def test_an_edited_config_json_is_refused(tmp_path, save_format):
     """Issue 17, item 10: editing model_args.act_layer of a verified timm folder loaded silently with other logits."""
-    from hf_tgprune.models import ModelLoadError, load_image_classifier
+    from hf_tgprune.io.models import ModelLoadError, load_image_classifier
 
     folder, model = _saved(tmp_path, save_format)
     record = json.loads((folder / SPARSITY_FILE_NAME).read_text())
@@ -294,7 +294,7 @@ def tmpfs(tmp_path):
 @pytest.mark.parametrize("save_format", ["dense", "bitmask"])
 def test_a_mount_inside_the_output_folder_is_never_emptied(tmp_path, tmpfs, save_format):
     """Issue 17, item 1: the swap copied the mounted files, then deleted the old folder, walking into the mount."""
-    from hf_tgprune.serialization import verify_sparse_folder
+    from hf_tgprune.io.serialization import verify_sparse_folder
 
     folder, model = _saved(tmp_path)
     data = tmpfs(folder / "data")
@@ -311,7 +311,7 @@ def test_a_mount_inside_the_output_folder_is_never_emptied(tmp_path, tmpfs, save
 
 def test_an_output_folder_that_is_a_mount_point_is_saved_file_by_file(tmp_path, tmpfs):
     """Issue 17, item 6: a Docker volume / PVC as output_dir failed with EBUSY from the folder swap."""
-    from hf_tgprune.serialization import verify_sparse_folder
+    from hf_tgprune.io.serialization import verify_sparse_folder
 
     folder = tmpfs(tmp_path / "volume")
     (folder / "notes.txt").write_text("mine")
@@ -330,7 +330,7 @@ def test_a_config_describing_a_huge_model_is_refused_before_anything_is_allocate
     with the 1.5 MB weights (here without a sparsity.json, so no checksum can catch the edit)."""
     import torch.nn as nn
 
-    from hf_tgprune.models import ModelLoadError, load_image_classifier
+    from hf_tgprune.io.models import ModelLoadError, load_image_classifier
     from tests.utils import make_model
 
     model = make_model(family)
@@ -373,8 +373,8 @@ def test_a_full_disk_while_checkpointing_says_so_and_names_the_intact_checkpoint
 
 def test_a_folder_whose_parent_is_not_writable_is_saved_file_by_file(tmp_path, monkeypatch):
     """Issue 17, item 6: a writable output folder in a read-only parent (PermissionError on the staging folder)."""
-    import hf_tgprune.serialization.publish as publish
-    from hf_tgprune.serialization import verify_sparse_folder
+    import hf_tgprune.io.serialization.publish as publish
+    from hf_tgprune.io.serialization import verify_sparse_folder
 
     folder, _ = _saved(tmp_path)
     readonly_parent = folder.parent

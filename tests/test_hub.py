@@ -1,6 +1,6 @@
 """Model card and Hub push, tested up to the `huggingface_hub.HfApi` boundary (the Hub is unreachable here).
 
-`FakeHub` replaces `HfApi` in `hf_tgprune.hub`: `upload_folder` applies huggingface_hub's own file filter to the
+`FakeHub` replaces `HfApi` in `hf_tgprune.io.hub`: `upload_folder` applies huggingface_hub's own file filter to the
 folder and copies what it would upload into a local Hub cache snapshot, from which plain timm
 (`hf-hub:<repo_id>`) and plain transformers (`from_pretrained(<repo_id>)`) then load the model offline.
 """
@@ -21,12 +21,12 @@ from huggingface_hub import errors
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-import hf_tgprune.hub as hub
+import hf_tgprune.io.hub as hub
 from hf_tgprune import TeacherGuidedPruningTrainer
-from hf_tgprune.hub import HubPushError, push_sparse_folder
-from hf_tgprune.masking import mask_hash
-from hf_tgprune.modelcard import SPEED_NOTE, create_model_card
-from hf_tgprune.serialization import (
+from hf_tgprune.core.masking import mask_hash
+from hf_tgprune.io.hub import HubPushError, push_sparse_folder
+from hf_tgprune.io.modelcard import SPEED_NOTE, create_model_card
+from hf_tgprune.io.serialization import (
     BITMASK_WEIGHTS_NAME,
     DENSE_WEIGHTS_NAME,
     SPARSITY_FILE_NAME,
@@ -34,7 +34,7 @@ from hf_tgprune.serialization import (
     load_sparse_masks,
     save_sparse_model,
 )
-from hf_tgprune.serialization.pruning_state import checkpoint_masks
+from hf_tgprune.io.serialization.pruning_state import checkpoint_masks
 from tests.test_serialization import (
     assert_bit_identical,
     expected_state,
@@ -408,7 +408,7 @@ def test_trainer_push_failures(tmp_path, monkeypatch):
 
 # --- inference speed in the card (issue 12) --------------------------------------------------------------------------
 def _speed():
-    from hf_tgprune.modelcard import InferenceLatency, InferenceSpeed
+    from hf_tgprune.io.modelcard import InferenceLatency, InferenceSpeed
 
     return InferenceSpeed(
         device="CPU: Test CPU 9000",
@@ -426,7 +426,7 @@ def _speed():
 
 
 def test_model_card_inference_speed_section_only_with_figures(tmp_path):
-    from hf_tgprune.modelcard import InferenceSpeed
+    from hf_tgprune.io.modelcard import InferenceSpeed
 
     model, masks = pruned_model("timm_resnet")
     record = save_sparse_model(model, tmp_path, masks, metadata={"method": "tgp"})
@@ -467,7 +467,7 @@ def test_trainer_records_inference_speed_in_sparsity_json_and_card(tmp_path):
     assert "| 1 | 178.9 | 64.7 | 2.77× | 47 of 50 |" in create_model_card(tmp_path / "with").content
 
     trainer.sparse_info.inference = "2.8x faster"
-    with pytest.raises(TypeError, match="SparseModelInfo.inference takes a hf_tgprune.modelcard.InferenceSpeed"):
+    with pytest.raises(TypeError, match="SparseModelInfo.inference takes a hf_tgprune.io.modelcard.InferenceSpeed"):
         trainer.save_model(str(tmp_path / "bad"))
 
 

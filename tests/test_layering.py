@@ -78,3 +78,27 @@ def test_import_graph_has_no_cycle():
         if node not in state and visit(node, []):
             break
     assert cycle == [], " -> ".join(cycle)
+
+
+# The folders are layers: a module imports only from its own layer or the layers before it.
+LAYERS = ["core", "data", "io", "methods", "pruning", "training", "scripts"]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return len(LAYERS) if len(parts) == 1 else LAYERS.index(parts[1])  # the package root is above everything
+
+
+def test_every_module_lives_in_a_layer_folder():
+    assert sorted({name.split(".")[1] for name in import_graph() if "." in name}) == sorted(LAYERS)
+
+
+def test_folders_import_only_from_the_layers_below():
+    graph = import_graph()
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        for target in targets
+        if target != "hf_tgprune" and _layer(target) > _layer(name)
+    )
+    assert upward == []

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tgprune.losses import cakld, normalize_logits, self_distillation_loss, teacher_guided_loss
+from hf_tgprune.core.losses import cakld, normalize_logits, self_distillation_loss, teacher_guided_loss
 
 
 @pytest.mark.parametrize("alpha,beta,T", [(0.7, 0.5, 3.0), (1.0, 0.0, 1.0), (0.3, 1.0, 5.0)])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_tgprune.masking import (
+from hf_tgprune.core.masking import (
     apply_masks,
     global_masks,
     load_masks,
@@ -124,7 +124,7 @@ def test_apply_report_hash_and_roundtrip(tmp_path):
 
 
 def test_lamp_normalize_matches_definition():
-    from hf_tgprune.masking import lamp_normalize
+    from hf_tgprune.core.masking import lamp_normalize
 
     score = torch.tensor([[3.0, 1.0], [2.0, 0.5]])
     got = lamp_normalize({"w": score})["w"]
@@ -137,7 +137,7 @@ def test_lamp_normalize_matches_definition():
 @pytest.mark.parametrize("allocation", ["global", "lamp", "magnitude", "lamp_magnitude"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
 def test_select_masks_exact_count_every_allocation(allocation, sparsity):
-    from hf_tgprune.masking import select_masks
+    from hf_tgprune.core.masking import select_masks
 
     g = torch.Generator().manual_seed(0)
     weights = {
@@ -153,7 +153,7 @@ def test_select_masks_exact_count_every_allocation(allocation, sparsity):
 
 
 def test_decoupled_allocation_counts_from_magnitude_choice_from_scores():
-    from hf_tgprune.masking import select_masks
+    from hf_tgprune.core.masking import select_masks
 
     g = torch.Generator().manual_seed(1)
     weights = {"a": torch.randn(64, generator=g) * 10, "b": torch.randn(64, generator=g)}
@@ -169,7 +169,7 @@ def test_decoupled_allocation_counts_from_magnitude_choice_from_scores():
 
 def test_already_zero_weights_are_pruned_first():
     """A student that is already sparse asked for less sparsity loses its zeros first: exactly the target."""
-    from hf_tgprune.masking import select_masks
+    from hf_tgprune.core.masking import select_masks
 
     g = torch.Generator().manual_seed(2)
     weights = {"a": torch.randn(1000, generator=g), "b": torch.randn(1000, generator=g)}
@@ -184,7 +184,7 @@ def test_already_zero_weights_are_pruned_first():
 
 # --- masks from outside the library -----------------------------------------------------------------------------------
 def test_float_and_int_01_masks_are_accepted_as_bool():
-    from hf_tgprune.masking import as_bool_masks
+    from hf_tgprune.core.masking import as_bool_masks
 
     float_mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # as torch.nn.utils.prune stores weight_mask
     masks = as_bool_masks({"a": float_mask, "b": torch.tensor([1, 0, 1]), "c": torch.tensor([True, False])})
@@ -199,7 +199,7 @@ def test_float_and_int_01_masks_are_accepted_as_bool():
 
 @pytest.mark.parametrize("bad", [torch.tensor([0.5, 1.0]), torch.tensor([2, 0]), torch.tensor([-1.0, 1.0])])
 def test_masks_with_values_other_than_0_and_1_are_refused(bad):
-    from hf_tgprune.masking import as_bool_masks
+    from hf_tgprune.core.masking import as_bool_masks
 
     with pytest.raises(ValueError, match=r"`masks\['w'\]`.*values other than 0 and 1"):
         as_bool_masks({"w": bad})

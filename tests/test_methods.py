@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from hf_tgprune import TeacherGuidedPruningTrainer, compute_importance_scores
-from hf_tgprune.callbacks import ScheduledMaskCallback
-from hf_tgprune.masking import prunable_parameters
+from hf_tgprune.core.callbacks import ScheduledMaskCallback
+from hf_tgprune.core.masking import prunable_parameters
+from hf_tgprune.core.scoring import ScoringOptions
 from hf_tgprune.methods import METHODS, PruningMethod, build_method, register_method
 from hf_tgprune.methods.imp import imp_sparsities
-from hf_tgprune.scoring import ScoringOptions
 from tests.utils import RandomImages, make_model, tiny_config
 
 
@@ -309,7 +309,7 @@ def test_imp_reaches_target_after_k_rounds(tmp_path):
 
 # --- layer-collapse guard relative to the target (chosen by the CIFAR-10 ablation, benchmarks/RESULTS.md) ------------
 def test_min_layer_density_for():
-    from hf_tgprune.masking import min_layer_density_for
+    from hf_tgprune.core.masking import min_layer_density_for
 
     assert min_layer_density_for(0.98, 0.0, 0.5) == pytest.approx(0.01)
     assert min_layer_density_for(0.98, 0.05, 0.5) == 0.05

@@ -1,4 +1,4 @@
-"""The metrics shipped in hf_tgprune/metrics load offline through `evaluate.load` and agree with hand counts."""
+"""The metrics shipped in hf_tgprune/training/metrics load offline through `evaluate.load` and agree with hand counts."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from hf_tgprune.evaluation import (
+from hf_tgprune.training.evaluation import (
     classification_metrics,
     load_metric,
     make_compute_metrics,

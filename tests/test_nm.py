@@ -1,12 +1,12 @@
-"""N:M (2:4) masks (hf_tgprune.nm): exact density, the pattern, tie-breaking, and preservation through training."""
+"""N:M (2:4) masks (hf_tgprune.core.nm): exact density, the pattern, tie-breaking, and preservation through training."""
 
 import pytest
 import torch
 from torch import nn
 
-from hf_tgprune.callbacks import GlobalMaskCallback
-from hf_tgprune.masking import apply_masks, prunable_parameters
-from hf_tgprune.nm import is_nm_sparse, nm_incompatible_layers, nm_mask, nm_masks
+from hf_tgprune.core.callbacks import GlobalMaskCallback
+from hf_tgprune.core.masking import apply_masks, prunable_parameters
+from hf_tgprune.core.nm import is_nm_sparse, nm_incompatible_layers, nm_mask, nm_masks
 
 # one torch thread inside these tests only: the setting is process-wide
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,9 +6,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_tgprune import GlobalMaskCallback, Pruner, PruningArguments, TeacherGuidedPruningTrainer, mask_hash
-from hf_tgprune.masking import MaskFileError
+from hf_tgprune.core.masking import MaskFileError
+from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state
 from hf_tgprune.methods import METHODS, PruningMethod, register_method
-from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state
 from tests.utils import RandomImages, make_model, tiny_config
 
 SETTINGS = dict(sparsity=0.8, num_calibration_samples=16, calibration_batch_size=8, seed=0)
@@ -99,7 +99,7 @@ def test_method_tensors_and_json_state_survive_the_file(tmp_path):
         pruning_method_args={"gradual_pruning_epochs": 2},
         method_state={"applied": [0, 1], "finished": False, "tensors": {"dense.a": torch.arange(4.0)}},
     )
-    from hf_tgprune.serialization.pruning_state import write_pruning_state
+    from hf_tgprune.io.serialization.pruning_state import write_pruning_state
 
     write_pruning_state(state, tmp_path / "s.safetensors")
     back = read_pruning_state(tmp_path / "s.safetensors")

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_tgprune.masking import apply_masks, global_masks, prunable_parameters
-from hf_tgprune.recalibration import batchnorm_layers, recalibrate_batchnorm
+from hf_tgprune.core.masking import apply_masks, global_masks, prunable_parameters
+from hf_tgprune.core.recalibration import batchnorm_layers, recalibrate_batchnorm
 from tests.utils import RandomImages, make_model
 
 

@@ -141,7 +141,7 @@ def test_recipe_yaml_config_transformers_student_and_trained_teacher(tiny_cifar,
     """One process, settings from a YAML file (+ an override), a transformers student, a saved teacher."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from hf_tgprune.serialization import save_sparse_model
+    from hf_tgprune.io.serialization import save_sparse_model
 
     student_dir = tmp_path / "hf_student"
     config = ResNetConfig(num_labels=NUM_CLASSES, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
@@ -196,7 +196,7 @@ def test_unknown_column(recipe, tiny_cifar, tmp_path):
 
 
 def test_missing_teacher_path(recipe, tiny_cifar, tmp_path):
-    from hf_tgprune.models import ModelLoadError
+    from hf_tgprune.io.models import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="no such file or folder"):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", "--teacher_name_or_path", str(tmp_path / "nope"))
@@ -205,8 +205,8 @@ def test_missing_teacher_path(recipe, tiny_cifar, tmp_path):
 def test_teacher_label_count_mismatch(recipe, tiny_cifar, tmp_path):
     import timm
 
-    from hf_tgprune.models import ModelLoadError
-    from hf_tgprune.serialization import save_sparse_model
+    from hf_tgprune.io.models import ModelLoadError
+    from hf_tgprune.io.serialization import save_sparse_model
 
     save_sparse_model(timm.create_model("test_resnet", num_classes=10), tmp_path / "teacher10")
     with pytest.raises(ModelLoadError, match="predicts 10 classes but the dataset has 4"):
@@ -313,7 +313,7 @@ def test_every_config_help_string_formats_with_argparse():
 @pytest.mark.slow
 def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch):
     """`--sparsities` scores once and masks nested sparsities from the same scores (in-process, tiny)."""
-    from hf_tgprune import trainer as trainer_module
+    from hf_tgprune.training import trainer as trainer_module
 
     calls = []
     original = trainer_module.TeacherGuidedPruningTrainer.compute_scores
@@ -340,7 +340,7 @@ def test_sweep_reuses_one_scoring_pass(recipe, tiny_cifar, tmp_path, monkeypatch
 def test_default_warmup_trains_an_untrained_student(recipe, tiny_cifar, tmp_path):
     import timm
 
-    from hf_tgprune.serialization import save_sparse_model
+    from hf_tgprune.io.serialization import save_sparse_model
 
     def warmup(*extra):
         model_args, data_args, recipe_args, args = parse_arguments(
@@ -450,7 +450,7 @@ def _recipe_logits(run_dir: str, data_config: dict, images) -> torch.Tensor:
     """Logits with the preprocessing the recipe evaluated with (its eval transform; `data_config` as results.json
     records it), for comparison."""
     from hf_tgprune import load_image_classifier
-    from hf_tgprune.adapters import get_adapter
+    from hf_tgprune.core.adapters import get_adapter
     from hf_tgprune.data import DataConfig, build_transforms
 
     config = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()})
@@ -467,7 +467,7 @@ def test_recipe_export_sparse_inference_and_plug_and_play_timm(recipe, tiny_cifa
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
-    from hf_tgprune.modelcard import InferenceSpeed, create_model_card
+    from hf_tgprune.io.modelcard import InferenceSpeed, create_model_card
 
     out = tmp_path / "out"
     # 48 px (the images are 32 px): the standard preprocessing must resize like the recipe's; 9 steps of AdamW give
@@ -536,7 +536,7 @@ def test_recipe_plug_and_play_transformers_without_inference_export(recipe, tiny
         ResNetForImageClassification,
     )
 
-    from hf_tgprune.modelcard import create_model_card
+    from hf_tgprune.io.modelcard import create_model_card
 
     student_dir = tmp_path / "hf_student"
     config = ResNetConfig(num_labels=NUM_CLASSES, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])

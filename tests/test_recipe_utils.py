@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hf_tgprune.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
+from hf_tgprune.io.models import ModelLoadError, has_trained_weights, load_image_classifier, model_source
 from hf_tgprune.scripts.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
 from hf_tgprune.scripts.utils import (
     RecipeError,
@@ -135,7 +135,7 @@ def test_plots(tmp_path):
 
 # --- model loading -------------------------------------------------------------------------------------------------
 def test_load_timm_name_and_saved_folder(tmp_path):
-    from hf_tgprune.serialization import save_sparse_model
+    from hf_tgprune.io.serialization import save_sparse_model
 
     model = load_image_classifier("test_resnet", 7)
     assert model.num_classes == 7 and model_source("test_resnet").name == "timm"

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tgprune.masking import prunable_parameters
-from hf_tgprune.scoring import ScoringOptions, compute_importance_scores
+from hf_tgprune.core.masking import prunable_parameters
+from hf_tgprune.core.scoring import ScoringOptions, compute_importance_scores
 from tests.utils import RandomImages, make_model
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_tgprune.masking import apply_masks, global_masks, mask_hash, prunable_parameters, sparsity_report
-from hf_tgprune.serialization import (
+from hf_tgprune.core.masking import apply_masks, global_masks, mask_hash, prunable_parameters, sparsity_report
+from hf_tgprune.io.serialization import (
     BITMASK_WEIGHTS_NAME,
     DENSE_WEIGHTS_NAME,
     SPARSITY_FILE_NAME,
@@ -293,7 +293,7 @@ def test_weights_outside_the_mask_are_saved_as_zero_with_a_warning(tmp_path, cap
     name = next(iter(masks))
     with torch.no_grad():
         dict(model.named_parameters())[name].add_(1.0)  # revive pruned weights in memory
-    with caplog.at_level("WARNING", logger="hf_tgprune.serialization"):
+    with caplog.at_level("WARNING", logger="hf_tgprune.io.serialization"):
         record = save_sparse_model(model, tmp_path, masks)
     assert "outside the mask were non-zero" in caplog.text
     assert record["sparsity"]["layers"][name]["zeros"] >= int((~masks[name]).sum())
@@ -591,7 +591,7 @@ def test_data_config_the_model_cannot_run_at_is_a_clear_error(tmp_path):
 
 # --- no local paths in what is published -------------------------------------------------------------------------------
 def test_sparsity_json_and_card_carry_no_local_paths(tmp_path, monkeypatch):
-    from hf_tgprune.modelcard import create_model_card
+    from hf_tgprune.io.modelcard import create_model_card
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "cifar10").mkdir(parents=True)

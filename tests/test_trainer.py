@@ -106,7 +106,7 @@ def _two_checkpoints(tmp_path, **overrides):
 
 def test_masks_are_written_with_the_checkpoint_before_it_counts_as_complete(tmp_path, monkeypatch):
     """Masks are saved with the model (inside `_save`), before the optimizer state and trainer_state.json."""
-    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
+    from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME
 
     order = []
     trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
@@ -134,8 +134,8 @@ def test_resume_refuses_modified_masks(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from hf_tgprune.masking import MaskFileError
-    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
+    from hf_tgprune.core.masking import MaskFileError
+    from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME
 
     _, _, newest = _two_checkpoints(tmp_path)
     path = newest / PRUNING_STATE_NAME
@@ -150,8 +150,8 @@ def test_resume_refuses_modified_masks(tmp_path):
 
 
 def test_resume_refuses_truncated_masks_naming_the_file(tmp_path):
-    from hf_tgprune.masking import MaskFileError
-    from hf_tgprune.serialization.pruning_state import PRUNING_STATE_NAME
+    from hf_tgprune.core.masking import MaskFileError
+    from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME
 
     _, _, newest = _two_checkpoints(tmp_path)
     path = newest / PRUNING_STATE_NAME
@@ -426,7 +426,7 @@ def test_scoring_epochs_score_over_whole_epochs_of_the_training_set(tmp_path):
 # --- N:M semi-structured pattern (issue 12) ---------------------------------------------------------------------------
 @pytest.mark.parametrize("student", ["timm_resnet", "hf_vit"])
 def test_two_four_pattern_exact_per_layer_and_kept_through_training(tmp_path, student):
-    from hf_tgprune.nm import is_nm_sparse, nm_incompatible_layers
+    from hf_tgprune.core.nm import is_nm_sparse, nm_incompatible_layers
 
     trainer = _trainer(
         tmp_path, student, "timm_resnet", sparsity_pattern="2:4", optim="sgd", optim_args="momentum=0.9"

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..registry import Registry
-from ..utils import is_local_path
+from ..core.registry import Registry
+from ..core.utils import is_local_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import data_config, forward_logits, unwrap_model
-from ..preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, DataConfig  # noqa: F401
-from ..registry import Registry
+from ..core.adapters import data_config, forward_logits, unwrap_model
+from ..core.preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, DataConfig  # noqa: F401
+from ..core.registry import Registry
 from .loading import IMAGE_COLUMN, LABEL_COLUMN, DataError
 
 logger = logging.getLogger(__name__)

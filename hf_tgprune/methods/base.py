@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..registry import Registry
-from ..scoring import get_scoring_method
+from ..core.registry import Registry
+from ..core.scoring import get_scoring_method
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ class PruningMethod:
 
     Class attributes:
         name: the `pruning_method` value.
-        criterion: the registered scoring criterion (`hf_tgprune.scoring`) that ranks weights; None prunes nothing.
+        criterion: the registered scoring criterion (`hf_tgprune.core.scoring`) that ranks weights; None prunes nothing.
         config_class: the method's settings dataclass.
         own_loss: True when the method trains with its own loss (it then needs no teacher for retraining).
         one_shot: True when the masks are fixed by `prune()` and do not depend on training, so one scoring pass can
@@ -177,7 +177,7 @@ class ScheduledPruningMethod(PruningMethod):
         self.callback = None
 
     def schedule_callback(self, pruner, events, mask_fn, simulated_until=None):
-        from ..callbacks import ScheduledMaskCallback
+        from ..core.callbacks import ScheduledMaskCallback
 
         self.callback = ScheduledMaskCallback(
             pruner, events, mask_fn, pruner.args.sparsity, simulated_until=simulated_until

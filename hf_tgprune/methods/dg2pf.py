@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..adapters import forward_logits, unwrap_model
-from ..losses import teacher_guided_loss
+from ..core.adapters import forward_logits, unwrap_model
+from ..core.losses import teacher_guided_loss
 from .base import MethodConfig, ScheduledPruningMethod, register_method
 from .imp import magnitude_masks
 

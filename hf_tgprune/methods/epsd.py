@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from ..adapters import forward_logits
-from ..losses import self_distillation_loss
-from ..scoring import ScoringMethod, ScoringOptions, register_scoring_method, weight_times_gradient
+from ..core.adapters import forward_logits
+from ..core.losses import self_distillation_loss
+from ..core.scoring import ScoringMethod, ScoringOptions, register_scoring_method, weight_times_gradient
 from .base import MethodConfig, PruningMethod, register_method
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masking import global_masks
+from ..core.masking import global_masks
 from .base import MethodConfig, ScheduledPruningMethod, register_method
 
 

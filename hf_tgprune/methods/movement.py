@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..masking import prunable_parameters
-from ..scoring import ScoringMethod, register_scoring_method
+from ..core.masking import prunable_parameters
+from ..core.scoring import ScoringMethod, register_scoring_method
 from .base import PruningMethod, register_method
 
 

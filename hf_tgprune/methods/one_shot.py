@@ -1,6 +1,6 @@
 """One-shot methods: one scoring pass with a registered criterion, one mask, fixed through retraining.
 
-Each criterion of `hf_tgprune.scoring` that users pick directly is a method here. `Pruner.compute_masks` runs the
+Each criterion of `hf_tgprune.core.scoring` that users pick directly is a method here. `Pruner.compute_masks` runs the
 scoring pass(es) (`pruning_rounds`), the layer allocation and the layer-collapse guard; retraining uses the
 trainer's loss (KD with the teacher, or CE). `dense` is the explicit way to train without pruning (a teacher, or a
 KD warm-up of the student) with the same loss and data handling.

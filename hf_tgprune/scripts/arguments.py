@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TeacherGuidedPruningConfig
 from ..data import available_augmentations
+from ..io.models import has_trained_weights
 from ..methods import build_method
-from ..models import has_trained_weights
+from ..pruning.config import TeacherGuidedPruningConfig
 from .utils import PruningParser, RecipeError, check_sparsities, expand_config_args
 
 

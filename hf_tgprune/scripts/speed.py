@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..export import export_sparse_inference, resize_batch
-from ..masking import apply_masks
-from ..modelcard import InferenceLatency, InferenceSpeed
+from ..core.masking import apply_masks
+from ..io.export import export_sparse_inference, resize_batch
+from ..io.modelcard import InferenceLatency, InferenceSpeed
 
 
 def cpu_name() -> str:
@@ -67,7 +67,7 @@ def measure_inference_speed(
         masks: the pruning masks, applied to the copy (the weights `save_model` writes); None: `model` as it is.
 
     Returns:
-        a `hf_tgprune.modelcard.InferenceSpeed` (device, threads, per batch size: dense ms, sparse ms, layers).
+        a `hf_tgprune.io.modelcard.InferenceSpeed` (device, threads, per batch size: dense ms, sparse ms, layers).
     """
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     if masks:

@@ -15,7 +15,8 @@ from typing import Any
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback
 
-from ..adapters import image_processor, unwrap_model
+from ..core.adapters import image_processor, unwrap_model
+from ..core.masking import prunable_parameters, sparsity_report
 from ..data import (
     DataConfig,
     DataError,
@@ -31,11 +32,10 @@ from ..data import (
     sample_calibration,
     set_transforms,
 )
-from ..evaluation import make_compute_metrics
-from ..masking import prunable_parameters, sparsity_report
+from ..io.models import has_trained_weights, load_image_classifier
 from ..methods import build_method
-from ..models import has_trained_weights, load_image_classifier
-from ..trainer import TeacherGuidedPruningTrainer
+from ..training.evaluation import make_compute_metrics
+from ..training.trainer import TeacherGuidedPruningTrainer
 from .speed import measure_inference_speed
 from .utils import (
     RESULTS_NAME,

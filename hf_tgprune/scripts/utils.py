@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from ..utils import write_json_atomic
+from ..core.utils import write_json_atomic
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RESULTS_NAME = "results.json"

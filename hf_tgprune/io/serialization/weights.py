@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
+from ...core.adapters import get_adapter, unwrap_model
 from .bitmask import decode_bitmask, read_bitmask_header
 from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
 from .record import describes, read_sparsity_record, verify_record_files, verify_record_tensors

@@ -4,7 +4,7 @@
 overrides the Trainer's saving and checkpoint-loading hooks only:
 
 * ``_save`` (every ``save_model()`` output and every checkpoint) writes the folder with
-  :func:`hf_tgprune.serialization.save_sparse_model`: ``model.safetensors`` that plain timm/transformers load,
+  :func:`hf_tgprune.io.serialization.save_sparse_model`: ``model.safetensors`` that plain timm/transformers load,
   ``config.json`` (+ the preprocessing in ``trainer.sparse_info.data_config``), ``sparsity.json``. A
   ``save_model()`` output is swapped in all-or-nothing (the folder's other files are kept); a checkpoint is written
   in place (the other ranks write their RNG states into it meanwhile) and counts once ``trainer_state.json`` is.
@@ -23,8 +23,8 @@ overrides the Trainer's saving and checkpoint-loading hooks only:
   (file size and SHA-256, per-layer counts, mask hash) and its pruning state (:func:`check_checkpoint_masks`)
   before training goes on.
 * ``create_model_card`` writes the hf_tgprune card from the folder's ``sparsity.json``; ``init_hf_repo`` and
-  ``push_to_hub`` upload through :mod:`hf_tgprune.hub`, which uploads exactly the files of the sparse folder and
-  turns every failure into one :class:`hf_tgprune.hub.HubPushError` naming the fix. Pushes during training log the
+  ``push_to_hub`` upload through :mod:`hf_tgprune.io.hub`, which uploads exactly the files of the sparse folder and
+  turns every failure into one :class:`hf_tgprune.io.hub.HubPushError` naming the fix. Pushes during training log the
   error and training goes on (the checkpoint is on disk); ``push_to_hub()`` raises it. Uploads are synchronous.
 
 What ``sparsity.json`` and the card record besides the measured sparsity (dataset, metrics, the preprocessing used)
@@ -41,11 +41,10 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
-from . import hub
-from .adapters import model_name, unwrap_model
-from .modelcard import InferenceSpeed, inference_record
-from .pruner import Pruner
-from .serialization import (
+from ..core.adapters import model_name, unwrap_model
+from ..io import hub
+from ..io.modelcard import InferenceSpeed, inference_record
+from ..io.serialization import (
     SPARSITY_FILE_NAME,
     SparseFormatError,
     load_sparse,
@@ -53,6 +52,7 @@ from .serialization import (
     read_sparsity_record,
     save_sparse_model,
 )
+from ..pruning.pruner import Pruner
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class SparseModelInfo:
             or a dict with ``image_size``, ``mean``, ``std``, ``interpolation``); written into the folder
             (timm ``pretrained_cfg``, transformers ``preprocessor_config.json``) so the model loads with it.
         inference: measured inference speed, dense vs ``export_sparse_inference``
-            (:class:`hf_tgprune.modelcard.InferenceSpeed`); written to ``sparsity.json`` as ``inference`` and shown
+            (:class:`hf_tgprune.io.modelcard.InferenceSpeed`); written to ``sparsity.json`` as ``inference`` and shown
             in the model card's "Inference speed" section.
         extra: more JSON-able fields for ``sparsity.json``.
     """
@@ -135,8 +135,8 @@ def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
         MaskFileError: the pruning state is unreadable, or its masks belong to other weights.
         SparseFormatError: a pruned weight is non-zero (naming the layers).
     """
-    from .masking import MaskFileError, mask_hash
-    from .serialization.pruning_state import PRUNING_STATE_NAME, checkpoint_masks
+    from ..core.masking import MaskFileError, mask_hash
+    from ..io.serialization.pruning_state import PRUNING_STATE_NAME, checkpoint_masks
 
     folder = Path(folder)
     masks = checkpoint_masks(folder)
@@ -326,7 +326,7 @@ class SparseCheckpointMixin:
                 dataset=dataset,
                 dataset_args=dataset_args,
             )
-        from .modelcard import create_model_card
+        from ..io.modelcard import create_model_card
 
         if isinstance(dataset, (list, tuple)):
             dataset = dataset[0] if dataset else None
@@ -376,7 +376,7 @@ class SparseCheckpointMixin:
                 ``tags``... for the model card.
 
         Raises:
-            hf_tgprune.hub.HubPushError: the push failed; ``output_dir`` is intact and can be pushed later with
+            hf_tgprune.io.hub.HubPushError: the push failed; ``output_dir`` is intact and can be pushed later with
                 ``hf_tgprune.push_sparse_folder``.
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)

@@ -3,7 +3,7 @@
 The trainer composes a `hf_tgprune.Pruner` (`trainer.pruner`: the settings, the method, the masks, the report and
 the checkpoint's pruning state) and overrides only the Trainer hooks it needs: `train` (prune first, or restore the
 pruning state when resuming), `compute_loss` (distillation) and `get_train_dataloader` (no single-image BatchNorm
-batch); saving, checkpoint loading and Hub pushes are `SparseCheckpointMixin`'s (`hf_tgprune.checkpointing`).
+batch); saving, checkpoint loading and Hub pushes are `SparseCheckpointMixin`'s (`hf_tgprune.training.checkpointing`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
-from .adapters import forward_logits
-from .adapters import teacher_logits as forward_teacher
+from ..core.adapters import forward_logits
+from ..core.adapters import teacher_logits as forward_teacher
+from ..core.losses import check_finite_logits, teacher_guided_loss
+from ..core.scoring import ScoringOptions
+from ..data.collate import batchnorm_needs_drop_last, collate_fn
+from ..io.serialization.pruning_state import PRUNING_STATE_NAME
+from ..pruning.config import TeacherGuidedPruningConfig
+from ..pruning.pruner import Pruner
 from .checkpointing import SparseCheckpointMixin
-from .config import TeacherGuidedPruningConfig
-from .data.collate import batchnorm_needs_drop_last, collate_fn
-from .losses import check_finite_logits, teacher_guided_loss
-from .pruner import Pruner
-from .scoring import ScoringOptions
-from .serialization.pruning_state import PRUNING_STATE_NAME
 
 logger = logging.getLogger(__name__)
 

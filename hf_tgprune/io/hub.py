@@ -204,7 +204,7 @@ def push_sparse_folder(
         private: visibility when the repo is created (ignored for existing repos).
         create_repo: call ``create_repo(exist_ok=True)`` first.
         write_model_card: when the folder has a ``sparsity.json`` but no ``README.md``, write the card
-            (:func:`hf_tgprune.modelcard.create_model_card`) into the folder before uploading.
+            (:func:`hf_tgprune.io.modelcard.create_model_card`) into the folder before uploading.
         require_sparse_checkpoint: refuse to upload a folder without a valid ``sparsity.json`` and weights file
             (set False for Trainer checkpoint folders that hold other state).
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import get_adapter, preprocessing_dict, unwrap_model
-from ..masking import mask_hash, measure_sparsity
-from ..utils import atomic_path, jsonable, write_json_atomic
+from ...core.adapters import get_adapter, preprocessing_dict, unwrap_model
+from ...core.masking import mask_hash, measure_sparsity
+from ...core.utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
 from .formats import (
     BITMASK_WEIGHTS_NAME,
@@ -165,7 +165,7 @@ def save_sparse_model(
             the complete earlier output or the complete new one (see :mod:`.publish`). Files of an existing
             `output_dir` that the save does not write (a model card, your own files, ``checkpoint-*`` folders) are
             kept; stale weights of the other format are removed; leftovers of an interrupted save are cleaned.
-        masks: ``{parameter name: bool tensor}``, True = kept (as from ``hf_tgprune.masking.global_masks``).
+        masks: ``{parameter name: bool tensor}``, True = kept (as from ``hf_tgprune.core.masking.global_masks``).
             Weights are saved as exact zero wherever the mask is False. Without masks, every weight of dim >= 2
             is reported (and, for ``"bitmask"``, encoded) by its non-zero pattern.
         save_format: ``"dense"`` (loads with plain timm/transformers) or ``"bitmask"`` (compact; load with

@@ -89,7 +89,7 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
             f"Importance scores of layer {bad[0]!r}{more} are not finite (NaN or inf). The usual cause is a NaN or "
             "inf weight in the student or the teacher, in any layer: it makes the loss and every gradient upstream "
             "of it non-finite, so the layers named here need not hold it. Find it with "
-            "hf_tgprune.losses.non_finite_parameters(model); it means a corrupted checkpoint or a diverged "
+            "hf_tgprune.core.losses.non_finite_parameters(model); it means a corrupted checkpoint or a diverged "
             "training. If every weight is finite, the loss overflowed: lower the temperature or enable "
             "normalize_logits."
         )

@@ -29,12 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .adapters import check_same_num_labels
-from .callbacks import GlobalMaskCallback
-from .config import PruningArguments, parse_nm_pattern
-from .data.collate import check_labelled, collate_fn
-from .data.splits import deterministic_sample
-from .masking import (
+from ..core.adapters import check_same_num_labels
+from ..core.callbacks import GlobalMaskCallback
+from ..core.masking import (
     MaskFileError,
     apply_masks,
     as_bool_masks,
@@ -45,12 +42,15 @@ from .masking import (
     select_masks,
     sparsity_report,
 )
-from .methods import PruningMethod, build_method, get_method
-from .methods.imp import imp_sparsities
-from .nm import nm_incompatible_layers, nm_masks
-from .recalibration import batchnorm_layers, recalibrate_batchnorm
-from .scoring import ScoringOptions, compute_importance_scores, get_scoring_method
-from .serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
+from ..core.nm import nm_incompatible_layers, nm_masks
+from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
+from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+from ..data.collate import check_labelled, collate_fn
+from ..data.splits import deterministic_sample
+from ..io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
+from ..methods import PruningMethod, build_method, get_method
+from ..methods.imp import imp_sparsities
+from .config import PruningArguments, parse_nm_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class Pruner:
 
     def recalibrate_batchnorm(self) -> int:
         """Re-estimate BatchNorm running statistics on `recalibration_samples` calibration images (see
-        `hf_tgprune.recalibration`); returns the number of images this process forwarded (0 without BatchNorm)."""
+        `hf_tgprune.core.recalibration`); returns the number of images this process forwarded (0 without BatchNorm)."""
         if not batchnorm_layers(self.model):
             return 0
         batches = self.calibration_batches(num_samples=self.args.recalibration_samples)

@@ -15,9 +15,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .adapters import ModelAdapter, get_adapter
+from ..core.adapters import ModelAdapter, get_adapter
+from ..core.utils import is_hub_id, public_name
 from .serialization import BITMASK_WEIGHTS_NAME, SPARSITY_FILE_NAME
-from .utils import is_hub_id, public_name
 
 CARD_TAGS = ("pruning", "sparse", "knowledge-distillation", "hf_tgprune")
 SPEED_NOTE = (
@@ -125,7 +125,7 @@ def inference_record(value: InferenceSpeed | Mapping[str, Any]) -> dict[str, Any
     if isinstance(value, Mapping):
         return InferenceSpeed.from_dict(value).as_dict()
     raise TypeError(
-        f"SparseModelInfo.inference takes a hf_tgprune.modelcard.InferenceSpeed (or its as_dict()), got "
+        f"SparseModelInfo.inference takes a hf_tgprune.io.modelcard.InferenceSpeed (or its as_dict()), got "
         f"{type(value).__name__}."
     )
 

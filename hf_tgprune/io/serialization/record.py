@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..masking import mask_hash
-from ..utils import public_name
+from ...core.masking import mask_hash
+from ...core.utils import public_name
 from .formats import (
     BITMASK_WEIGHTS_NAME,
     CHECKSUMMED_CONFIGS,

@@ -46,7 +46,7 @@ NEW_TAG = "tgp-new"
 OLD_TAG = "tgp-old"
 # written into a staging folder once it is complete (removed when it is published)
 COMPLETE_MARKER = ".tgp-complete"
-# the temporary files of hf_tgprune.utils.atomic_path: ".<name>.<random>.tmp"
+# the temporary files of hf_tgprune.core.utils.atomic_path: ".<name>.<random>.tmp"
 _ATOMIC_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 _AT_FDCWD = -100
@@ -100,7 +100,7 @@ def leftovers(target: Path) -> list[Path]:
 
 
 def is_atomic_write_leftover(name: str) -> bool:
-    """Whether `name` is a temporary file of an interrupted atomic write (``hf_tgprune.utils.atomic_path``)."""
+    """Whether `name` is a temporary file of an interrupted atomic write (``hf_tgprune.core.utils.atomic_path``)."""
     return bool(_ATOMIC_TMP.match(name))
 
 

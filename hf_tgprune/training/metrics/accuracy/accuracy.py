@@ -1,6 +1,6 @@
 """Accuracy: the fraction of predictions equal to the references (pure numpy, loadable offline).
 
-Loads with `evaluate.load("<path to this folder>")`; `hf_tgprune.evaluation.load_metric("accuracy")` does
+Loads with `evaluate.load("<path to this folder>")`; `hf_tgprune.training.evaluation.load_metric("accuracy")` does
 that for you. Same inputs and output as the Hub's `accuracy` metric, without the scikit-learn dependency.
 """
 
@@ -23,7 +23,7 @@ Returns:
     accuracy (`float` or `int`): Accuracy score in [0, 1] (or the count of correct predictions when
         `normalize=False`).
 Examples:
-    >>> accuracy_metric = evaluate.load("hf_tgprune/metrics/accuracy")
+    >>> accuracy_metric = evaluate.load("hf_tgprune/training/metrics/accuracy")
     >>> accuracy_metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0])
     {'accuracy': 0.5}
 """

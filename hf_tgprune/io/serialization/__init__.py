@@ -23,7 +23,7 @@ Two on-disk formats, both safetensors only (loading never unpickles or executes 
   holds the model's ``config.json`` (so the architecture can be rebuilt by the user's own library).
 
 Tensors carry the names the model's library writes on disk (transformers 5 renames some parameters in
-``save_pretrained``; the model adapter converts, see :mod:`hf_tgprune.adapters`), in both formats and in
+``save_pretrained``; the model adapter converts, see :mod:`hf_tgprune.core.adapters`), in both formats and in
 ``sparsity.json``. With ``data_config`` the folder also describes the preprocessing the model was trained and
 evaluated with (timm ``pretrained_cfg``, transformers ``preprocessor_config.json``).
 

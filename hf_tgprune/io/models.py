@@ -8,7 +8,7 @@
 - transformers model ids and folders (`AutoModelForImageClassification`: a `config.json` with `model_type`).
 
 Sources (`MODEL_SOURCES`) are tried in order; the first whose `matches` accepts the name loads it. Once
-loaded, everything that depends on the model's library goes through its adapter (`hf_tgprune.adapters`).
+loaded, everything that depends on the model's library goes through its adapter (`hf_tgprune.core.adapters`).
 Loading never guesses silently: a path that does not exist, an unknown name and a failed download
 (offline) are `ModelLoadError`s that say what to pass instead.
 """
@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .adapters import num_labels as model_num_labels
-from .utils import is_local_path
+from ..core.adapters import num_labels as model_num_labels
+from ..core.utils import is_local_path
 
 logger = logging.getLogger(__name__)
 

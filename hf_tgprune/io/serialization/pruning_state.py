@@ -3,7 +3,7 @@
 One writer (:func:`write_pruning_state`) and one reader (:func:`read_pruning_state`). The file holds the masks
 (``mask.<parameter>``, bool) and the method's tensors (``method.<key>``, e.g. DG2PF's dense weights under the mask);
 its safetensors header holds the method, its settings, the target sparsity, the method's JSON state and the
-SHA-256 of the masks (:func:`hf_tgprune.masking.mask_hash`). The reader recomputes the hash and refuses a file
+SHA-256 of the masks (:func:`hf_tgprune.core.masking.mask_hash`). The reader recomputes the hash and refuses a file
 whose masks do not match it, so a truncated, edited or swapped file is an error, never other masks. safetensors
 only: reading never unpickles or executes anything.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..masking import MaskFileError, mask_hash
-from ..utils import atomic_path
+from ...core.masking import MaskFileError, mask_hash
+from ...core.utils import atomic_path
 
 PRUNING_STATE_NAME = "pruning_state.safetensors"
 FORMAT_VERSION = "2"

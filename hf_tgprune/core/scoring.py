@@ -2,7 +2,7 @@
 
 For the paper's criterion `"tgp"` (the default of this functional pass), every prunable weight θ gets
 
-    L_score = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)      (hf_tgprune.losses)
+    L_score = alpha * T^2 * CAKLD(z_s / T, z_t / T) + (1 - alpha) * CE(z_s, y)      (hf_tgprune.core.losses)
     s(θ)    = | θ ⊙ ∂L_score/∂θ |
 
 per calibration batch, aggregated over batches with a bias-corrected EMA (momentum 0.9, divided by

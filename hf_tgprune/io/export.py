@@ -25,7 +25,7 @@ gave matching outputs in a one-off check (not tested here). `copy.deepcopy` work
 (loadable with `torch.load`, not with safetensors): call `to_dense` before saving with the library's savers.
 
 CUDA (2:4 semi-structured): `export_semi_structured` converts Linear weights that already hold a 2:4 pattern along the
-input dim (`hf_tgprune.nm.nm_masks`) with `torch.sparse.to_sparse_semi_structured`; it needs a GPU of compute
+input dim (`hf_tgprune.core.nm.nm_masks`) with `torch.sparse.to_sparse_semi_structured`; it needs a GPU of compute
 capability >= 8.0 and fp16/bf16 weights, and raises `SemiStructuredUnavailableError` saying so otherwise.
 """
 
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nm import is_nm_sparse
-from .utils import match_patterns
+from ..core.nm import is_nm_sparse
+from ..core.utils import match_patterns
 
 # outputs of an exported model match the dense pruned model within these tolerances (torch.testing.assert_close):
 # the sparse kernels sum the same products in another order, a float32 rounding difference
@@ -724,7 +724,7 @@ def export_semi_structured(
     """Convert Linear layers whose weights hold a 2:4 pattern along the input dim to 2:4 semi-structured CUDA kernels.
 
     A layer is converted when its weight has at most 2 nonzeros in every group of 4 consecutive input weights (as
-    `hf_tgprune.nm.nm_masks(scores, 2, 4)` + training with the mask produce) and PyTorch accepts its shape
+    `hf_tgprune.core.nm.nm_masks(scores, 2, 4)` + training with the mask produce) and PyTorch accepts its shape
     (cuSPARSELt / CUTLASS minimum sizes, e.g. both dims multiples of 16 / 64); other layers stay dense, with the
     reason in the report. Outputs then match the dense fp16/bf16 model up to half-precision rounding.
 

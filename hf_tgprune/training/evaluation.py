@@ -1,7 +1,7 @@
 """Metrics for image classification through `evaluate`, working offline.
 
 `load_metric("accuracy")` and `load_metric("top_k_accuracy")` load the metric scripts shipped in
-`hf_tgprune/metrics/` (pure numpy, no network, no scikit-learn); any other name goes to `evaluate.load`
+`hf_tgprune/training/metrics/` (pure numpy, no network, no scikit-learn); any other name goes to `evaluate.load`
 unchanged, so the same code uses Hub metrics when online. `make_compute_metrics()` builds the
 `compute_metrics` function for a `transformers.Trainer` that reports top-1 and top-5 accuracy.
 """

@@ -1,6 +1,6 @@
 """Top-k accuracy from per-class scores or logits (pure numpy, loadable offline).
 
-Loads with `evaluate.load("<path to this folder>")`; `hf_tgprune.evaluation.load_metric("top_k_accuracy")`
+Loads with `evaluate.load("<path to this folder>")`; `hf_tgprune.training.evaluation.load_metric("top_k_accuracy")`
 does that for you. A sample counts as correct when its reference class is among the `k` classes with the
 highest scores. Ties are broken deterministically by class index (lower index first), so `k=1` agrees with
 `argmax`. When `k` is at least the number of classes every sample is correct.
@@ -26,7 +26,7 @@ Returns:
     top_k_accuracy (`float`): for an int `k`.
     top_{k}_accuracy (`float`) for every k: for a list of `k`, e.g. `top_1_accuracy`, `top_5_accuracy`.
 Examples:
-    >>> metric = evaluate.load("hf_tgprune/metrics/top_k_accuracy")
+    >>> metric = evaluate.load("hf_tgprune/training/metrics/top_k_accuracy")
     >>> metric.compute(predictions=[[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]], references=[2, 1], k=2)
     {'top_k_accuracy': 1.0}
 """

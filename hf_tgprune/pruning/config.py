@@ -136,7 +136,7 @@ class PruningArguments:
         metadata={
             "help": "'unstructured' (any weight, exactly round(sparsity·N) pruned) or 'N:M' semi-structured, e.g. "
             "'2:4': in every prunable layer keep the N highest-scoring of every M consecutive input weights (exactly "
-            "N/M per layer, the layout NVIDIA sparse tensor cores run, see hf_tgprune.export.export_semi_structured). "
+            "N/M per layer, the layout NVIDIA sparse tensor cores run, see hf_tgprune.io.export.export_semi_structured). "
             "With N:M, `sparsity` becomes 1 - N/M and layers whose input size is not a multiple of M stay dense."
         },
     )
@@ -184,7 +184,7 @@ class PruningArguments:
     @property
     def effective_min_layer_density(self) -> float:
         """Per-layer minimum density at `sparsity`: max(min_layer_density, layer_density_floor·(1 - sparsity))."""
-        from .masking import min_layer_density_for
+        from ..core.masking import min_layer_density_for
 
         return min_layer_density_for(self.sparsity, self.min_layer_density, self.layer_density_floor)
 
@@ -193,7 +193,7 @@ class PruningArguments:
 
     def validate_pruning_arguments(self) -> None:
         """Check every pruning setting (a clear error naming the argument) and resolve `pruning_rounds`."""
-        from .methods import build_method, get_method
+        from ..methods import build_method, get_method
 
         for name in ("sparsity", "alpha", "beta", "temperature", "min_layer_density", "layer_density_floor"):
             value = getattr(self, name)
@@ -232,8 +232,8 @@ class PruningArguments:
                 f"pruning_rounds={self.pruning_rounds} applies to one-shot methods; pruning_method="
                 f"{self.pruning_method!r} prunes during training on a schedule of its own. Set pruning_rounds=1."
             )
-        from .masking import LAYER_ALLOCATIONS
-        from .scoring import get_scoring_method
+        from ..core.masking import LAYER_ALLOCATIONS
+        from ..core.scoring import get_scoring_method
 
         if self.layer_allocation is None:
             self.layer_allocation = method.default_allocation if self.sparsity_pattern == "unstructured" else "global"

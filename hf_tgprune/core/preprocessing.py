@@ -1,5 +1,5 @@
 """What preprocessing a model expects, as plain values: `DataConfig` (input size, mean, std, interpolation) and the
-PIL resampling codes. A leaf module: the model adapters (`hf_tgprune.adapters`) describe models with it and the data
+PIL resampling codes. A leaf module: the model adapters (`hf_tgprune.core.adapters`) describe models with it and the data
 pipeline (`hf_tgprune.data`) builds transforms from it, without either importing the other's package."""
 
 from __future__ import annotations

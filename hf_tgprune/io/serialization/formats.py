@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from ..adapters import CONFIG_NAME, PREPROCESSOR_CONFIG_NAME, WEIGHTS_NAME
+from ...core.adapters import CONFIG_NAME, PREPROCESSOR_CONFIG_NAME, WEIGHTS_NAME
 
 DENSE_WEIGHTS_NAME = WEIGHTS_NAME
 BITMASK_WEIGHTS_NAME = "model.bitmask.safetensors"
