@@ -1,9 +1,11 @@
-"""Architecture matrix: every common timm and transformers image classifier goes through the whole life cycle.
+"""Architecture matrix: common timm, transformers, torchvision and plain PyTorch image classifiers go through the
+whole life cycle.
 
 For each tiny model (built from a config, nothing downloaded): prune (magnitude, exact count) -> train 2 steps ->
 checkpoint -> resume in a fresh trainer (weights and masks restored, one more step) -> ``save_model`` (dense and
-bitmask) -> reload with plain timm / transformers (dense) and ``load_sparse`` (bitmask) with identical logits, every
-classifier head unpruned and the exact number of pruned weights.
+bitmask) -> reload with plain timm / transformers / torch (dense) and ``load_sparse`` (bitmask) with identical logits,
+every classifier head unpruned and the exact number of pruned weights -> ``export_sparse_inference`` forced on every
+replaceable layer, with the exported model's logits equal to the pruned model's.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
-from hf_tgprune import TeacherGuidedPruningTrainer, load_sparse, mask_hash
+from hf_tgprune import TeacherGuidedPruningTrainer, export_sparse_inference, load_sparse, mask_hash
 from hf_tgprune.core.adapters import classifier_parameter_names, get_adapter
 from hf_tgprune.io.serialization import SPARSITY_FILE_NAME, load_sparse_masks, read_sparsity_record
 from tests.utils import IMAGE_SIZE, NUM_LABELS, TINY_HF_VIT, RandomImages, tiny_config
@@ -27,6 +30,15 @@ HF_LEVIT = dict(
     num_attention_heads=[1, 2, 2],
     depths=[1, 1, 1],
     key_dim=[8, 8, 8],
+)
+
+HF_PVT = dict(
+    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
+    num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+)  # fmt: skip
+_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+HF_TWO_TOWERS = dict(
+    vision_config=dict(_TOWER, image_size=IMAGE_SIZE, patch_size=8), text_config=dict(_TOWER, vocab_size=64)
 )
 
 # name -> (library, architecture or transformers (config class, model class), constructor arguments)
@@ -50,6 +62,28 @@ TIMM_MODELS = {
     "timm/dinov2_registers": ("vit_small_patch14_reg4_dinov2", TINY_VIT),
     "timm/eva02": ("eva02_tiny_patch14_224", TINY_VIT),
     "timm/maxvit": ("test_maxvit", dict(img_size=IMAGE_SIZE)),
+    "timm/pit_distilled": (
+        "pit_ti_distilled_224",
+        dict(img_size=IMAGE_SIZE, patch_size=4, stride=2, base_dims=[8, 8, 8], heads=[1, 2, 4], depth=[1, 1, 1]),
+    ),
+    "timm/crossvit": (
+        "crossvit_tiny_240",
+        dict(
+            img_size=IMAGE_SIZE,
+            patch_size=[8, 16],
+            embed_dim=[16, 32],
+            depth=[[1, 1, 0]],
+            num_heads=[2, 2],
+            mlp_ratio=[2, 2, 1],
+        ),
+    ),  # fmt: skip
+    "timm/xcit": ("xcit_nano_12_p16_224", dict(img_size=IMAGE_SIZE, depth=1, embed_dim=32, num_heads=2)),
+    "timm/sequencer_lstm": (
+        "sequencer2d_s",
+        dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16,) * 4, hidden_sizes=(8,) * 4),
+    ),
+    "timm/repvgg": ("repvgg_a0", {}),
+    "timm/resnetv2_stdconv": ("resnetv2_50x1_bit", {}),
 }
 HF_MODELS = {
     "hf/resnet": (
@@ -98,12 +132,68 @@ HF_MODELS = {
         ("SwiftFormerConfig", "SwiftFormerForImageClassification"),
         dict(depths=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32]),
     ),
+    "hf/mobilenet_v1": (
+        ("MobileNetV1Config", "MobileNetV1ForImageClassification"),
+        dict(depth_multiplier=0.25, image_size=IMAGE_SIZE),
+    ),
+    "hf/mobilenet_v2": (
+        ("MobileNetV2Config", "MobileNetV2ForImageClassification"),
+        dict(depth_multiplier=0.25, image_size=IMAGE_SIZE),
+    ),
+    "hf/swinv2": (
+        ("Swinv2Config", "Swinv2ForImageClassification"),
+        dict(embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, image_size=IMAGE_SIZE, patch_size=4),
+    ),
+    "hf/pvt_v2": (("PvtV2Config", "PvtV2ForImageClassification"), dict(HF_PVT, image_size=IMAGE_SIZE)),
+    "hf/segformer": (("SegformerConfig", "SegformerForImageClassification"), dict(HF_PVT, decoder_hidden_size=16)),
+    "hf/hiera": (
+        ("HieraConfig", "HieraForImageClassification"),
+        dict(
+            image_size=[IMAGE_SIZE, IMAGE_SIZE],
+            patch_size=[3, 3],
+            patch_stride=[2, 2],
+            patch_padding=[1, 1],
+            embed_dim=8,
+            num_heads=[1, 1],
+            depths=[1, 1],
+            num_query_pool=1,
+            query_stride=[2, 2],
+            masked_unit_size=[4, 4],
+            masked_unit_attention=[True, False],
+        ),
+    ),  # fmt: skip
+    "hf/clip": (("CLIPConfig", "CLIPForImageClassification"), HF_TWO_TOWERS),
+    "hf/siglip": (("SiglipConfig", "SiglipForImageClassification"), HF_TWO_TOWERS),
+    "hf/timm_wrapper": (("TimmWrapperConfig", "TimmWrapperForImageClassification"), dict(architecture="test_resnet")),
 }
-MODELS = sorted([*TIMM_MODELS, *HF_MODELS])
+# plain PyTorch classifiers (torchvision's, and torch.nn modules): saved as model.safetensors, rebuilt by their code
+TORCH_MODELS = {
+    "torch/torchvision_resnet18": lambda: torchvision.models.resnet18(num_classes=NUM_LABELS),
+    "torch/torchvision_mobilenet_v3": lambda: torchvision.models.mobilenet_v3_small(num_classes=NUM_LABELS),
+    "torch/torchvision_squeezenet": lambda: torchvision.models.squeezenet1_1(num_classes=NUM_LABELS),
+    "torch/torchvision_googlenet": lambda: torchvision.models.googlenet(
+        num_classes=NUM_LABELS, aux_logits=True, init_weights=False
+    ),
+    "torch/torchvision_vit": lambda: torchvision.models.VisionTransformer(
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=NUM_LABELS,
+    ),  # fmt: skip
+    "torch/torchvision_swin": lambda: torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4], num_classes=NUM_LABELS
+    ),
+}
+MODELS = sorted([*TIMM_MODELS, *HF_MODELS, *TORCH_MODELS])
 
 
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
+    if name in TORCH_MODELS:
+        return TORCH_MODELS[name]()
     if name in TIMM_MODELS:
         import timm
 
@@ -119,6 +209,13 @@ def build(name: str, seed: int = 0):
 def load_plain(name: str, folder: Path, weights: bool):
     """The folder loaded the standard way of the model's library (no hf_tgprune); architecture only without
     weights."""
+    if name in TORCH_MODELS:  # plain PyTorch: the model's own code, then its state dict
+        from safetensors.torch import load_file
+
+        model = TORCH_MODELS[name]()
+        if weights:
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model
     if name in TIMM_MODELS:
         import timm
 
@@ -215,3 +312,9 @@ def test_architecture_life_cycle(name, tmp_path):
         assert sum(int((~m).sum()) for m in restored.values()) >= round(SPARSITY * prunable)
         if save_format == "bitmask":  # the exact masks
             assert mask_hash(restored) == mask_hash(masks)
+
+    # every layer the export can replace is replaced (min_speedup ~ 0): a parent reading its attributes still works
+    model = resumed.model.eval()
+    exported, report = export_sparse_inference(model, x, min_speedup=1e-9, max_density=1.0, repeats=1)
+    assert [layer.name for layer in report.layers if layer.reason.startswith("sparse not")] == []
+    torch.testing.assert_close(logits(exported, x), expected, rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -98,6 +99,92 @@ def _has_weights(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+# model -> (the identity of its modules when traced, traced heads); a model whose modules change is traced again
+_TRACED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACE_SIZES = (DEFAULT_IMAGE_SIZE, 32, 64)
+_HEAD_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _out_channels(output: Any) -> int | None:
+    """Channels of a module output: dim 1 of a (B, C, ...) tensor or the last dim of a (B, C) one."""
+    if isinstance(output, torch.Tensor) and output.dim() >= 2:
+        return int(output.shape[1])
+    return None
+
+
+def _trace_heads(model: nn.Module) -> tuple[list[str], int] | None:
+    """The modules that produce the logits of a plain torch classifier, found by running it once.
+
+    A forward pass on one blank image (eval mode, no gradients, the model's training flags restored) records every
+    Linear and convolution, in execution order. The head is the last of them whose output has the logits'
+    number of channels (a Linear or a 1x1 convolution such as SqueezeNet's, wherever it is registered); Linear and
+    Conv modules that never run in eval mode but output that many channels (auxiliary classifiers such as GoogLeNet's
+    `aux1.fc2`) are heads too. Returns (head names, number of labels), or None when no input size runs the model.
+    """
+    parameter = next(iter(model.parameters()), None)
+    if parameter is None or parameter.is_meta:
+        return None
+    ran: list[tuple[str, int | None]] = []
+    owners = {name: module for name, module in model.named_modules() if isinstance(module, _HEAD_TYPES)}
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: ran.append((name, _out_channels(out))))
+        for name, module in owners.items()
+    ]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        for size in _TRACE_SIZES:
+            ran.clear()
+            try:
+                with torch.no_grad():
+                    output = ModelAdapter.logits(
+                        ModelAdapter(),
+                        model,
+                        torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype),
+                    )
+            except Exception:  # another input size, or a model that does not take images this way
+                continue
+            if output.dim() != 2:
+                continue
+            labels = int(output.shape[-1])
+            heads = [name for name, channels in ran if channels == labels][-1:]
+            if not heads:
+                return None
+            executed = {name for name, _ in ran}
+            heads += [
+                name
+                for name, module in owners.items()
+                if name not in executed
+                and getattr(module, "out_features", getattr(module, "out_channels", None)) == labels
+            ]
+            return heads, labels
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+
+
+def traced_heads(model: nn.Module) -> tuple[list[str], int] | None:
+    """`_trace_heads` once per model (traced again when its modules change); logs the heads it finds."""
+    identity = tuple(id(module) for module in model.modules())
+    cached = _TRACED_HEADS.get(model)
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    found = _trace_heads(model)
+    if found is None:
+        logger.warning(
+            "Could not find the classifier head of %s by running it on a blank image; taking its last nn.Linear. "
+            "Pass prune_exclude with the head's name if that is wrong.",
+            type(model).__name__,
+        )
+    else:
+        logger.info("Classifier head(s) of %s (never pruned by default): %s", type(model).__name__, found[0])
+    _TRACED_HEADS[model] = (identity, found)
+    return found
+
+
 class ModelAdapter:
     """How to drive one family of image classifiers; the base class is the plain-``nn.Module`` family.
 
@@ -127,13 +214,20 @@ class ModelAdapter:
         raise TypeError(f"Cannot find logits in the output of {type(model).__name__}: {type(out).__name__}")
 
     def num_labels(self, model: nn.Module) -> int | None:
-        """Number of classes the model predicts (None when unknown)."""
+        """Number of classes the model predicts (None when unknown): the width of its logits on a blank image."""
+        traced = traced_heads(model)
+        if traced is not None:
+            return traced[1]
         name = _last_linear(model)
         return None if name is None else model.get_submodule(name).out_features
 
     def classifier_module_names(self, model: nn.Module) -> list[str]:
         """Names of every classification head of the model (several for distilled models); never pruned by
-        default."""
+        default. For a plain torch model: the layers that produce its logits (see `traced_heads`), else its last
+        `nn.Linear`."""
+        traced = traced_heads(model)
+        if traced is not None:
+            return traced[0]
         name = _last_linear(model)
         return [] if name is None else [name]
 

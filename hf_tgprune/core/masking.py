@@ -26,6 +26,64 @@ from .utils import match_patterns
 
 PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NUM_BINS = 1 << 16
+# class names of convolutions that standardise their stored weight in `forward` (timm's StdConv2d / ScaledStdConv2d
+# and their "Same" variants, transformers' BiT): a zero stored weight is not a zero in the kernel they compute with
+STANDARDIZED_CONV_CLASSES = frozenset({
+    "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame", "WeightStandardizedConv2d",
+    "BitWeightStandardizedConv2d",
+})  # fmt: skip
+# share of all parameters above which a matrix that is not pruned is named in the report
+LARGE_MATRIX_SHARE = 0.01
+
+
+def default_prunable_names(model: nn.Module) -> set[str]:
+    """The weights pruned by default: conv and linear weights, `nn.MultiheadAttention`'s input projections and the
+    weight matrices of `nn.LSTM` / `nn.GRU` / `nn.RNN` (the masks are enforced on any parameter; the sparse inference
+    export leaves the latter two dense)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, PRUNABLE_MODULE_TYPES) and getattr(module, "weight", None) is not None:
+            names.add(f"{prefix}weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            names |= {
+                prefix + name
+                for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if getattr(module, name, None) is not None
+            }
+        elif isinstance(module, nn.RNNBase):
+            names |= {
+                prefix + name for name, _ in module.named_parameters(recurse=False) if name.startswith("weight_")
+            }
+    return names
+
+
+def standardized_weight_layers(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The parameters among `names` that a weight-standardised convolution holds: stored sparse, computed dense
+    (the kernel it convolves with is `(w - mean) / std`, non-zero where `w` is pruned)."""
+    model = unwrap_model(model)
+    owners = {
+        f"{module_name}.weight" if module_name else "weight": type(module).__name__
+        for module_name, module in model.named_modules()
+    }
+    return [name for name in names if owners.get(name) in STANDARDIZED_CONV_CLASSES]
+
+
+def empty_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
+    """Layers whose mask keeps no weight (the layer outputs only its bias from then on)."""
+    return [name for name, mask in masks.items() if not bool(mask.any())]
+
+
+def large_unprunable_matrices(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Weight matrices (dim >= 2) that are not pruned and hold at least `LARGE_MATRIX_SHARE` of all parameters
+    (e.g. embeddings, heads, weights outside the default prunable set): name -> number of values."""
+    params = dict(unwrap_model(model).named_parameters())
+    total = sum(p.numel() for p in params.values())
+    return {
+        name: p.numel()
+        for name, p in params.items()
+        if p.dim() >= 2 and name not in masks and p.numel() >= LARGE_MATRIX_SHARE * total
+    }
 
 
 def _matching(names: Iterable[str], patterns: list[str] | None, argument: str) -> set[str]:
@@ -37,22 +95,17 @@ def prunable_parameters(
 ) -> dict[str, nn.Parameter]:
     """Parameters to prune, in `named_parameters()` order.
 
-    By default: the weights of convolutions and linear layers, except the classifier head. `include` patterns
-    select among all weight tensors of dimension >= 2 (so the head can be opted in); `exclude` patterns remove
-    parameters. Biases and normalisation parameters are never pruned.
+    By default (`default_prunable_names`): the weights of convolutions and linear layers, the input projections of
+    `nn.MultiheadAttention` and the weight matrices of recurrent layers, except the classifier head. `include`
+    patterns select among all weight tensors of dimension >= 2 (so the head can be opted in); `exclude` patterns
+    remove parameters. Biases and normalisation parameters are never pruned.
     """
     model = unwrap_model(model)
     candidates = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
     if include:
         selected = _matching(candidates, include, "prune_include")
     else:
-        head = classifier_parameter_names(model)
-        selected = {
-            f"{module_name}.weight" if module_name else "weight"
-            for module_name, module in model.named_modules()
-            if isinstance(module, PRUNABLE_MODULE_TYPES) and getattr(module, "weight", None) is not None
-        }
-        selected = (selected & candidates.keys()) - head
+        selected = (default_prunable_names(model) & candidates.keys()) - classifier_parameter_names(model)
     ordered = [name for name in candidates if name in selected]
     selected -= _matching(ordered, exclude, "prune_exclude")
     params = {name: p for name, p in candidates.items() if name in selected}

@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -170,18 +171,31 @@ class SparseConv1x1(_CsrModule):
     Computes `W_csr @ X` with the pixels of all images as the columns of `X` `(in, B·H·W)`; batch 1 needs no copy of
     the input. A stride is applied by subsampling the input first (exact for a 1×1 kernel without padding).
 
+    It keeps the attributes of the `nn.Conv2d` it replaces (`in_channels`, `out_channels`, `kernel_size`, `stride`,
+    `padding`, `dilation`, `groups`, `padding_mode`), so that a parent module reading them (e.g. the TensorFlow-style
+    padding of transformers' MobileNets) works unchanged.
+
     Args:
         weight: the dense weight `(out, in, 1, 1)`; stored as CSR `(out, in)`.
         bias: the bias `(out,)` or None.
         stride: the convolution's stride `(sh, sw)`.
+        dilation: the replaced convolution's dilation (no effect on a 1×1 kernel; kept for parents that read it).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: tuple[int, int] = (1, 1)):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: tuple[int, int] = (1, 1),
+        dilation: tuple[int, int] = (1, 1),
+    ):
         super().__init__()
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
             raise ValueError(f"SparseConv1x1 needs a (out, in, 1, 1) weight, got shape {tuple(weight.shape)}")
         self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1])
         self.stride = (int(stride[0]), int(stride[1]))
+        self.kernel_size, self.padding, self.groups, self.padding_mode = (1, 1), (0, 0), 1, "zeros"
+        self.dilation = (int(dilation[0]), int(dilation[1]))
         self.register_buffer("weight", _csr(weight.reshape(self.out_channels, self.in_channels)))
         self.register_buffer("bias", _bias_buffer(bias))
 
@@ -190,11 +204,14 @@ class SparseConv1x1(_CsrModule):
         reason = conv1x1_ineligibility(conv)
         if reason:
             raise ValueError(f"SparseConv1x1.from_dense: {reason}")
-        return cls(conv.weight, conv.bias, stride=conv.stride)
+        return cls(conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation)
 
     def to_dense_module(self) -> nn.Conv2d:
         """The equivalent `nn.Conv2d` (same device; weight and bias values equal)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=self.bias is not None)
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, 1, stride=self.stride, dilation=self.dilation,
+            bias=self.bias is not None,
+        )  # fmt: skip
         weight = self.weight.to_dense().reshape(self.out_channels, self.in_channels, 1, 1)
         return _filled_module(conv, weight, self.bias)
 
@@ -344,6 +361,50 @@ def sparsify_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
             raise ValueError(f"sparsify_layers: layer {name!r} cannot be exported: {reason}")
         _replace(model, name, to_sparse_module(module))
     return model
+
+
+def is_reparameterizable(model: nn.Module) -> bool:
+    """Whether `model` has branches that timm's `reparameterize_model` fuses (RepVGG, MobileOne, FastViT, RepViT...):
+    modules with `fuse`, `reparameterize` or `switch_to_deploy`."""
+    return any(
+        hasattr(module, name) for module in model.modules() for name in ("fuse", "reparameterize", "switch_to_deploy")
+    )
+
+
+def fused_sparsity(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
+    """The sparsity left after fusing the branches of a reparameterisable model, measured on a fused copy.
+
+    Fusing adds parallel branches (3x3 + 1x1 + identity, BatchNorms) into one kernel, so zeros pruned in one branch
+    survive only where every branch is zero; the fused model also has other parameter names. Prune, retrain and save
+    the unfused model, and fuse after loading it; this says how sparse the fused one will be.
+
+    Args:
+        model: the pruned, unfused model (left untouched).
+        masks: masks to apply to the copy first (None: the weights as they are).
+
+    Returns:
+        None if nothing in `model` fuses; else the zeros and values of every conv/linear weight of the fused copy and
+        their ratio (`sparsity`).
+    """
+    if not is_reparameterizable(model):
+        return None
+    from timm.utils.model import reparameterize_model
+
+    fused = copy.deepcopy(model).eval()
+    if masks:
+        with torch.no_grad():
+            parameters = dict(fused.named_parameters())
+            for name, mask in masks.items():
+                parameters[name].mul_(mask.to(parameters[name].device, parameters[name].dtype))
+    fused = reparameterize_model(fused, inplace=True)
+    weights = [
+        module.weight
+        for module in fused.modules()
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.weight is not None
+    ]
+    numel = sum(int(w.numel()) for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {"zeros": zeros, "numel": numel, "sparsity": zeros / max(1, numel)}
 
 
 def to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:

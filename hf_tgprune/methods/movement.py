@@ -29,7 +29,7 @@ class MovementScores(TrainerCallback):
 
     Args:
         model: the network being fine-tuned (the same object the optimizer updates).
-        prune_include: which weights, as in `PruningArguments` (default: conv and linear weights except the
+        prune_include: which weights, as in `PruningArguments` (default: `default_prunable_names` except the
             classifier head).
         prune_exclude: weights left out, as in `PruningArguments`.
     """

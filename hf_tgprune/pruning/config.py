@@ -156,7 +156,8 @@ class PruningArguments:
         default=None,
         metadata={
             "help": "Regular expressions (re.search) selecting the weights to prune among all weight tensors of "
-            "dimension >= 2. Default: conv and linear weights except the classifier head."
+            "dimension >= 2. Default: conv and linear weights, nn.MultiheadAttention input projections and LSTM/GRU/RNN "
+            "weight matrices, except the classifier head."
         },
     )
     prune_exclude: list[str] | None = field(

@@ -35,18 +35,22 @@ from ..core.masking import (
     MaskFileError,
     apply_masks,
     as_bool_masks,
+    empty_layers,
+    large_unprunable_matrices,
     mask_hash,
     min_layer_density_for,
     prunable_parameters,
     prune_zeros_first,
     select_masks,
     sparsity_report,
+    standardized_weight_layers,
 )
 from ..core.nm import nm_incompatible_layers, nm_masks
 from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
 from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 from ..data.collate import check_labelled, collate_fn
 from ..data.splits import deterministic_sample
+from ..io.export import fused_sparsity, is_reparameterizable
 from ..io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
 from ..methods import PruningMethod, build_method, get_method
 from ..methods.imp import imp_sparsities
@@ -222,22 +226,60 @@ class Pruner:
             )
             if self.mask_callback.finished is not None:
                 report["schedule_finished"] = self.mask_callback.finished
+            report["empty_layers"] = empty_layers(self.masks)
+            report["computed_dense_layers"] = standardized_weight_layers(self.model, self.masks)
+            report["unprunable_matrices"] = large_unprunable_matrices(self.model, self.masks)
+            if is_reparameterizable(self.model):
+                report["fused"] = fused_sparsity(self.model, self.masks)
             self._report = report
         return self._report
 
     def log_report(self) -> None:
+        """Log the sparsity, how much of the model is prunable, and warn about what will not behave as sparse."""
         report = self.report
+        prunable, total = report["prunable"]["numel"], report["total"]["numel"]
         logger.info(
-            "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s)",
+            "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s); the prunable "
+            "weights are %.1f%% of all parameters",
             report["method"],
             report["prunable"]["sparsity"],
             report["total"]["sparsity"],
             report["mask_sha256"][:12],
+            100 * prunable / max(1, total),
         )
+        if report["unprunable_matrices"]:
+            listed = ", ".join(
+                f"{name} ({100 * numel / max(1, total):.1f}%)" for name, numel in report["unprunable_matrices"].items()
+            )
+            logger.info("Weight matrices not pruned (prune_include opts them in): %s", listed)
+        if report["empty_layers"]:
+            logger.warning(
+                "Pruning emptied %d layer(s): %s. They output only their bias from now on; lower the sparsity, set "
+                "min_layer_density or layer_density_floor, or exclude them with prune_exclude.",
+                len(report["empty_layers"]),
+                report["empty_layers"],
+            )
+        if "fused" in report:
+            logger.warning(
+                "%s has branches that fuse for inference (timm reparameterize_model): fused, it is %.4f sparse (zeros "
+                "pruned in one branch survive only where every branch is zero). Save the unfused model and fuse after "
+                "loading it.",
+                type(self.model).__name__,
+                report["fused"]["sparsity"],
+            )
+        if report["computed_dense_layers"]:
+            logger.warning(
+                "%d pruned layer(s) are weight-standardised convolutions (e.g. %s): their stored weights are sparse, "
+                "but they standardise them in forward, so the kernel they compute with is dense (non-zero where "
+                "pruned). The saved file is smaller; the model is not sparse in compute. Exclude them with "
+                "prune_exclude to keep them dense.",
+                len(report["computed_dense_layers"]),
+                report["computed_dense_layers"][0],
+            )
 
     # --- building blocks ----------------------------------------------------------------------------------------
     def prunable_parameters(self) -> dict[str, nn.Parameter]:
-        """The weights this run prunes (`prune_include` / `prune_exclude`, default: conv/linear except the head)."""
+        """The weights this run prunes (`prune_include` / `prune_exclude`; default: `default_prunable_names` but the head)."""
         return prunable_parameters(self.model, self.args.prune_include, self.args.prune_exclude)
 
     def min_layer_density(self, sparsity: float) -> float:

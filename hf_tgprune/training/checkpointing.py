@@ -227,6 +227,8 @@ class SparseCheckpointMixin:
         report = self.pruner.report or {}
         if "scoring_seconds" in report:
             metadata["scoring_seconds"] = report["scoring_seconds"]
+        if report.get("computed_dense_layers"):  # stored sparse, computed dense: say so next to the sparsity
+            metadata["computed_dense_layers"] = report["computed_dense_layers"]
         if info.inference is not None:
             metadata["inference"] = inference_record(info.inference)
         metadata.update(info.extra)

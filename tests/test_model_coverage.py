@@ -1,0 +1,192 @@
+"""Models as users bring them: heads found by what produces the logits, replacement modules that keep their
+attributes, weights outside Linear/Conv, and what does not behave as sparse said out loud."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from hf_tgprune import Pruner, PruningArguments, export_sparse_inference, prunable_parameters
+from hf_tgprune.core.adapters import classifier_parameter_names, num_labels
+from hf_tgprune.io.export import SparseConv1x1, fused_sparsity
+
+
+def _pruned(model, sparsity=0.8, **kwargs):
+    pruner = Pruner(
+        model, PruningArguments(sparsity=sparsity, pruning_method="magnitude", recalibrate_bn=False, **kwargs)
+    )
+    return pruner, pruner.prune()
+
+
+# --- 1. replacement modules keep the attributes of the module they replace --------------------------------------------
+def test_sparse_conv1x1_keeps_the_attributes_of_the_conv_it_replaces():
+    conv = nn.Conv2d(8, 6, 1, stride=2, dilation=3)
+    sparse = SparseConv1x1.from_dense(conv)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert tuple(torch.nn.modules.utils._pair(getattr(sparse, name))) == tuple(
+            torch.nn.modules.utils._pair(getattr(conv, name))
+        ), name
+    assert sparse.padding_mode == conv.padding_mode
+    back = sparse.to_dense_module()
+    assert (back.stride, back.dilation) == (conv.stride, conv.dilation)
+
+
+def test_exported_transformers_mobilenet_runs_without_verification():
+    """transformers' TF-style padding reads `kernel_size`, `stride` and `dilation` of its convolution."""
+    import transformers
+
+    config = transformers.MobileNetV1Config(num_labels=4, depth_multiplier=0.25, image_size=32)
+    model = transformers.MobileNetV1ForImageClassification(config).eval()
+    _pruned(model, 0.9)
+    x = torch.randn(2, 3, 32, 32)
+    exported, report = export_sparse_inference(model, x, min_speedup=1e-9, max_density=1.0, repeats=1, verify=False)
+    assert report.sparse_layers
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+# --- 2. heads of plain PyTorch models: the layers that produce the logits -------------------------------------------
+def test_squeezenet_head_is_its_final_convolution_and_stays_dense(caplog):
+    model = torchvision.models.squeezenet1_1(num_classes=7)
+    with caplog.at_level(logging.INFO, logger="hf_tgprune.core.adapters"):
+        assert classifier_parameter_names(model) == {"classifier.1.weight", "classifier.1.bias"}
+    assert num_labels(model) == 7
+    assert "classifier.1" in caplog.text
+    pruner, _ = _pruned(model)
+    assert "classifier.1.weight" not in pruner.masks and bool(model.classifier[1].weight.all())
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(4, 3, 64, 64))
+    assert logits.std(dim=0).max() > 0  # not constant: the head still computes
+
+
+class HeadRegisteredFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 5)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.hidden = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(self.features(x))))
+
+
+def test_a_head_registered_before_a_hidden_linear_is_the_head():
+    model = HeadRegisteredFirst()
+    assert classifier_parameter_names(model) == {"head.weight", "head.bias"}
+    assert "hidden.weight" in prunable_parameters(model) and "head.weight" not in prunable_parameters(model)
+
+
+def test_googlenet_auxiliary_classifiers_are_heads_too():
+    model = torchvision.models.googlenet(num_classes=7, aux_logits=True, init_weights=False)
+    heads = {name.rsplit(".", 1)[0] for name in classifier_parameter_names(model)}
+    assert heads == {"fc", "aux1.fc2", "aux2.fc2"}
+    assert model.training  # the traced forward pass restored the training flags
+
+
+# --- 3. weight-standardised convolutions: stored sparse, computed dense --------------------------------------------
+def test_weight_standardized_convolutions_are_reported_as_computed_dense(caplog, tmp_path):
+    import timm
+    from timm.layers import StdConv2d
+
+    model = timm.create_model("resnetv2_18", num_classes=4, conv_layer=StdConv2d, channels=(8, 16, 32, 64), stem_chs=8)
+    with caplog.at_level(logging.WARNING, logger="hf_tgprune.pruning.pruner"):
+        pruner, report = _pruned(model)
+    std_layers = [n for n, m in model.named_modules() if isinstance(m, StdConv2d)]
+    assert report["computed_dense_layers"] and {f"{n}.weight" for n in std_layers} >= set(
+        report["computed_dense_layers"]
+    )
+    assert "computed dense" in caplog.text or "kernel they compute with is dense" in caplog.text
+    # the claim itself: the kernel the layer convolves with has no zeros where the stored weight is pruned
+    name = report["computed_dense_layers"][0]
+    conv = model.get_submodule(name.rsplit(".", 1)[0])
+    stored = conv.weight.detach()
+    computed = F.batch_norm(
+        stored.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.0, eps=conv.eps
+    ).reshape_as(stored)
+    assert (stored == 0).any() and not (computed[stored == 0] == 0).any()
+
+
+# --- 4. weights outside Linear/Conv ----------------------------------------------------------------------------------
+class AttentionAndLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, stride=8)
+        self.pos = nn.Parameter(torch.randn(1, 16, 16))  # a large matrix outside the prunable set
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.rnn = nn.LSTM(16, 16, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(self.rnn(tokens)[0].mean(1))
+
+
+def test_attention_and_recurrent_weights_are_pruned_by_default_and_stay_pruned(tmp_path):
+    from hf_tgprune import TeacherGuidedPruningTrainer
+    from tests.utils import RandomImages, tiny_config
+
+    model = AttentionAndLSTM()
+    names = set(prunable_parameters(model))
+    assert {"attn.in_proj_weight", "attn.out_proj.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0_reverse"} <= names
+    assert "head.weight" not in names and "pos" not in names
+    args = tiny_config(tmp_path, pruning_method="magnitude", retrain_with_kd=False, sparsity=0.8, max_steps=3,
+                       learning_rate=0.05, per_device_train_batch_size=4, recalibrate_bn=False)  # fmt: skip
+    trainer = TeacherGuidedPruningTrainer(model=model, args=args, train_dataset=RandomImages(12))
+    trainer.train()
+    params = dict(model.named_parameters())
+    for name in ("attn.in_proj_weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0_reverse"):
+        mask = trainer.masks[name]
+        assert (~mask).any() and not params[name].detach()[~mask].any(), name
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported, _ = export_sparse_inference(model, x, min_speedup=1e-9, max_density=1.0, repeats=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_report_gives_the_prunable_share_and_names_large_unprunable_matrices(caplog):
+    model = AttentionAndLSTM()
+    with caplog.at_level(logging.INFO, logger="hf_tgprune.pruning.pruner"):
+        _, report = _pruned(model, prune_exclude=[r"^rnn\."])
+    assert "rnn.weight_ih_l0" in report["unprunable_matrices"] and "pos" in report["unprunable_matrices"]
+    assert "of all parameters" in caplog.text and "rnn.weight_ih_l0" in caplog.text
+
+
+# --- 5. emptied layers -----------------------------------------------------------------------------------------------
+def test_a_layer_pruned_to_nothing_is_named_in_a_warning(caplog):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+    )
+    with torch.no_grad():
+        model[1].weight.mul_(1e-6)  # the smallest magnitudes: a global threshold empties this layer
+    with caplog.at_level(logging.WARNING, logger="hf_tgprune.pruning.pruner"):
+        _, report = _pruned(model, 0.5)
+    assert report["empty_layers"] == ["1.weight"]
+    assert "emptied 1 layer" in caplog.text and "1.weight" in caplog.text
+
+
+def test_no_empty_layer_no_warning(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with caplog.at_level(logging.WARNING, logger="hf_tgprune.pruning.pruner"):
+        _, report = _pruned(model, 0.5)
+    assert report["empty_layers"] == [] and "emptied" not in caplog.text
+
+
+# --- 6. reparameterisable models -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", ["repvgg_a0", "mobileone_s0"])
+def test_reparameterizable_models_report_the_sparsity_left_after_fusing(architecture, caplog):
+    import timm
+
+    model = timm.create_model(architecture, num_classes=4)
+    with caplog.at_level(logging.WARNING, logger="hf_tgprune.pruning.pruner"):
+        pruner, report = _pruned(model)
+    fused = report["fused"]
+    assert fused == fused_sparsity(model, pruner.masks)
+    assert fused["sparsity"] < report["prunable"]["sparsity"]  # summed branches keep fewer zeros
+    assert "fuse" in caplog.text
+    assert fused_sparsity(nn.Sequential(nn.Linear(2, 2))) is None  # nothing to fuse
