@@ -1,9 +1,9 @@
 """Push a saved sparse folder to the Hugging Face Hub (``create_repo`` + ``upload_folder``).
 
-The real network path is deliberately thin: everything up to the `huggingface_hub.HfApi` calls (which files are
-uploaded, the checks that the folder is a complete sparse checkpoint, the model card) is local and tested. Every
-failure of the push (no token, offline mode, 401, 403, 404, network) becomes one :class:`HubPushError` that says
-what to do; nothing in the local folder is modified by a failed push.
+The network path is deliberately thin: everything up to the `huggingface_hub.HfApi` calls (which files are uploaded,
+the checks that the folder is a complete sparse checkpoint, the model card) is local. Every failure of the push (no
+token, offline mode, 401, 403, 404, 413, 5xx, network, a connection dropped mid-upload) becomes one
+:class:`HubPushError` that says what to do; nothing in the local folder is modified by a failed push.
 """
 
 from __future__ import annotations
@@ -44,9 +44,24 @@ def _status_code(err: BaseException) -> int | None:
     return int(status) if isinstance(status, int) else None
 
 
+def _hub_error(err: BaseException) -> BaseException:
+    """The HTTP or transport error behind `err`: huggingface_hub re-raises a failed LFS upload as
+    ``RuntimeError("Error while uploading ...")`` chained to it."""
+    from huggingface_hub import errors
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, errors.HfHubHTTPError) or _status_code(cause) is not None or _is_network_error(cause):
+            return cause
+        cause = cause.__cause__
+    return err
+
+
 def _explain(err: BaseException) -> tuple[str, str, str]:
     """(reason, what happened, what to do) for an exception raised by huggingface_hub."""
     from huggingface_hub import errors
+
+    err = _hub_error(err)
 
     if isinstance(err, errors.LocalTokenNotFoundError):
         return "no_token", "no Hugging Face token was found", _TOKEN_FIX
@@ -82,6 +97,14 @@ def _explain(err: BaseException) -> tuple[str, str, str]:
                 "Check the repo id (hub_model_id, 'user-or-org/name'): the user or organisation must exist and your "
                 "token must be able to see it; create the repo first if create_repo=False.",
             )
+        if status == 413:
+            return (
+                "too_large",
+                "the Hub refused the upload as too large (413 Payload Too Large)",
+                "A file or the commit is over a size limit of the Hub or of a proxy in between (check the proxy's "
+                "request-size limit); weights must be safetensors files, which go through LFS/Xet, and very large "
+                "checkpoints must be saved in shards. Then retry.",
+            )
         return (
             "http_error",
             f"the Hub answered HTTP {status}: {server}",
@@ -90,7 +113,7 @@ def _explain(err: BaseException) -> tuple[str, str, str]:
     if _is_network_error(err):
         return (
             "network",
-            f"the Hub could not be reached ({type(err).__name__}: {err})",
+            f"the Hub could not be reached or the connection dropped ({type(err).__name__}: {err})",
             "Check the network connection, proxy settings and HF_ENDPOINT, then retry.",
         )
     return "unknown", f"{type(err).__name__}: {err}", "See the chained exception above."
@@ -213,7 +236,8 @@ def push_sparse_folder(
 
     Raises:
         HubPushError: for every failure (missing or corrupted local checkpoint, no token, offline mode, 401, 403,
-            404, network errors), naming the fix. The local folder is never modified by a failed push.
+            404, 413, 5xx, network errors, a connection dropped during an upload), naming the fix. The local folder
+            is never modified by a failed push.
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..core.adapters import ModelAdapter, get_adapter
 from ..core.utils import is_hub_id, public_name
@@ -191,6 +191,38 @@ def _metrics_table(dense: Mapping[str, Any] | None, pruned: Mapping[str, Any] | 
     return "\n".join(rows) + "\n"
 
 
+# metric names of top-1 / top-5 accuracy as `compute_metrics` and the Trainer's prefixes write them
+_TOP1_NAMES = ("eval_accuracy", "accuracy", "test_accuracy", "eval_top1_accuracy", "top1_accuracy")
+_TOP5_NAMES = ("eval_top5_accuracy", "top5_accuracy", "test_top5_accuracy")
+
+
+def _eval_results(
+    dataset: str | None, dense: Mapping[str, Any] | None, pruned: Mapping[str, Any] | None
+) -> list[EvalResult] | None:
+    """The card's ``model-index`` (the Hub's evaluation results widget): top-1 (and top-5) accuracy of the pruned
+    model and of the dense model before pruning, on `dataset`; None without a dataset or without those metrics."""
+    if not dataset:
+        return None
+    results = []
+    for label, metrics in (("pruned", pruned), ("dense, before pruning", dense)):
+        for k, names in ((1, _TOP1_NAMES), (5, _TOP5_NAMES)):
+            value = next((metrics[n] for n in names if isinstance((metrics or {}).get(n), (int, float))), None)
+            if value is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Image Classification",
+                    dataset_type=dataset,
+                    dataset_name=dataset,
+                    metric_type="accuracy" if k == 1 else "top-5-accuracy",
+                    metric_name=f"Top-{k} accuracy ({label})",
+                    metric_value=float(value),
+                )
+            )
+    return results or None
+
+
 def _layer_table(layers: Mapping[str, Mapping[str, Any]], max_layers: int) -> str:
     if not layers:
         return "_No per-layer record._\n"
@@ -353,6 +385,7 @@ def create_model_card(
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model, namespaced=True) else None,
         datasets=[dataset] if is_hub_id(dataset) else None,
+        eval_results=_eval_results(dataset, dense_metrics, pruned_metrics),
         library_name=adapter.library_name,
         license=license,
         model_name=name,
