@@ -320,9 +320,13 @@ def _handler_for(hub: LocalHub):
             payload = self._json()
             repo_id = f"{payload.get('organization') or hub.user}/{payload['name']}"
             with hub.lock:
-                if repo_id in hub.repos:
-                    raise HubError(409, "You already created this model repo")
-                hub.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
+                exists = repo_id in hub.repos
+                hub.repos.setdefault(repo_id, Repo(repo_id, private=payload.get("visibility") == "private"))
+            if exists:  # the client reads the url from the 409 answer too
+                message = "You already created this model repo"
+                return self._send_json(
+                    {"error": message, "url": f"{hub.url}/{repo_id}"}, 409, {"X-Error-Message": message}
+                )
             self._send_json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
         def _validate_yaml(self):
