@@ -41,11 +41,13 @@ from hf_tgprune.io.serialization import (
     save_sparse_model,
 )
 from hf_tgprune.io.serialization.pruning_state import checkpoint_masks
+from tests import test_recipe
 from tests.hub_server import TOKEN, LocalHub
 from tests.test_serialization import assert_bit_identical, expected_state, logits_of, pruned_model
 from tests.utils import IMAGE_SIZE, NUM_LABELS, RandomImages, make_model, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+tiny_cifar = test_recipe.tiny_cifar  # the recipe tests' CIFAR-layout dataset fixture
 DATA_CONFIG = {"image_size": IMAGE_SIZE, "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bilinear"}
 
 
@@ -453,3 +455,43 @@ def test_a_rejected_token_is_named_before_anything_is_written(local_hub, tmp_pat
     assert info.value.reason == "unauthorized"
     assert local_hub.commits("user/wrong-token") == [] and local_hub.calls("commit") == 0
     assert HfApi(token=TOKEN).whoami()["name"] == "user"
+
+
+# --- the recipe -----------------------------------------------------------------------------------------------------
+def test_recipe_push_to_hub_round_trip(local_hub, tiny_cifar, tmp_path, monkeypatch):
+    """`recipes/prune_cifar.py --push_to_hub` (in this process, tiny data): the pruned run lands on the Hub as one
+    commit with the recipe's measured accuracies in the card's model-index, and loads with plain timm."""
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: TOKEN)
+    out = tmp_path / "run"
+    args = test_recipe._common_args(tiny_cifar, out) + [
+        "--model_name_or_path",
+        "test_resnet",
+        "--max_train_samples",
+        "64",
+    ]
+    args += ["--teacher_epochs", "0", "--pruning_method", "magnitude", "--retrain_with_kd", "False"]
+    args += ["--push_to_hub", "True", "--hub_model_id", "user/recipe", "--hub_token", TOKEN, "--sparsity", "0.8"]
+    test_recipe._recipe_module().main(args)
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["hub_repo"] == "user/recipe"
+    assert len(local_hub.commits("user/recipe")) == 1
+    assert_repo_is_the_folder(local_hub, "user/recipe", Path(run["model_dir"]))
+    card = ModelCard.load(local_hub.folder("user/recipe") / "README.md").data
+    top1 = {r.metric_name: r.metric_value for r in card.eval_results if r.metric_type == "accuracy"}
+    assert top1 == {
+        "Top-1 accuracy (pruned)": run["after_retraining"]["accuracy"],
+        "Top-1 accuracy (dense, before pruning)": results["dense_student"]["test"]["accuracy"],
+    }
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    (loaded,) = load_in_fresh_process(
+        local_hub,
+        [{"kind": "timm", "repo": "user/recipe", "out": str(tmp_path / "load" / "timm")}],
+        x,
+        tmp_path / "load",
+    )
+    import timm
+
+    local = timm.create_model(f"local-dir:{run['model_dir']}", pretrained=True).eval()
+    assert torch.equal(loaded["logits"], logits_of(local, x))
+    assert unhandled(local_hub) == []
