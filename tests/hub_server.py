@@ -431,8 +431,8 @@ def _handler_for(hub: LocalHub):
                 model = hub.repo(repo)
                 branch = unquote(rev)
                 parent = model.commit(branch)
-                if model.commits and parent is None:
-                    raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                if re.fullmatch(r"[0-9a-f]{7,40}", branch) or (model.commits and parent is None):
+                    raise HubError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
                 files = dict(parent.files) if parent else {}
                 new_objects = []
                 for item in lines:
@@ -459,7 +459,7 @@ def _handler_for(hub: LocalHub):
                     shutil.copyfile(hub.object_path(sha), target / path)
                 target.mkdir(parents=True, exist_ok=True)
                 model.commits.append(commit)
-                model.refs[branch if not re.fullmatch(r"[0-9a-f]{40}", branch) else "main"] = commit.oid
+                model.refs[branch] = commit.oid
             self._send_json({"commitUrl": f"{hub.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid})
 
         def _tree(self, repo: str, rev: str, path: str = ""):

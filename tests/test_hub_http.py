@@ -385,6 +385,30 @@ def test_checkpoint_pushes_resume_from_the_hub(local_hub, tmp_path):
     assert unhandled(local_hub) == []
 
 
+def test_listing_and_ranged_download_endpoints(local_hub, tmp_path):
+    """The endpoints the round trips above do not reach on their own, through the same client: tree listing of a
+    folder, paths-info, file_exists, and a resumed (``Range``) download."""
+    folder = tmp_path / "out"
+    model, masks = pruned_model("timm_resnet")
+    save_sparse_model(model, folder, masks)
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("hello\n")
+    push_sparse_folder(folder, "user/listing", token=TOKEN)
+    api = HfApi(token=TOKEN)
+    top = {entry.path: type(entry).__name__ for entry in api.list_repo_tree("user/listing")}
+    assert top["extra"] == "RepoFolder" and top[DENSE_WEIGHTS_NAME] == "RepoFile" and "extra/notes.txt" not in top
+    weights, notes = api.get_paths_info("user/listing", [DENSE_WEIGHTS_NAME, "extra/notes.txt", "missing.txt"])
+    data = (folder / DENSE_WEIGHTS_NAME).read_bytes()
+    assert weights.lfs.sha256 == hashlib.sha256(data).hexdigest() and weights.size == len(data)
+    assert notes.lfs is None and notes.size == 6
+    assert api.file_exists("user/listing", "extra/notes.txt") and not api.file_exists("user/listing", "nope.txt")
+    url = huggingface_hub.hf_hub_url("user/listing", DENSE_WEIGHTS_NAME)
+    response = _http.get_session().get(url, headers={"Range": "bytes=100-"})
+    assert response.status_code == 206 and response.content == data[100:]
+    assert response.headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+    assert unhandled(local_hub) == []
+
+
 # --- faults ---------------------------------------------------------------------------------------------------------
 FAULTS = {
     "401_on_commit": ("commit", 401, "unauthorized", "hf auth login"),
