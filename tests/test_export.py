@@ -15,6 +15,7 @@ from hf_tgprune.io.export import (
     EXPORT_RTOL,
     SemiStructuredUnavailableError,
     SparseConv1x1,
+    SparseConv2d,
     SparseLinear,
     choose_sparse,
     export_semi_structured,
@@ -31,12 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sparse_wins(modules, inputs, repeats):
-    """Fake timer: the sparse module (second) always takes half the dense time."""
-    return [1.0, 0.5]
+    """Fake timer: every sparse formulation (after the dense module) takes half the dense time."""
+    return [1.0] + [0.5] * (len(modules) - 1)
 
 
 def sparse_loses(modules, inputs, repeats):
-    return [1.0, 2.0]
+    return [1.0] + [2.0] * (len(modules) - 1)
 
 
 def tiny_vit(seed=0):
@@ -98,7 +99,7 @@ def assert_matches(exported, dense, x):
 
 
 def sparse_module_names(model):
-    return [name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv1x1))]
+    return [name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv1x1, SparseConv2d))]
 
 
 @pytest.mark.parametrize("example_batch", [1, 3])
@@ -106,7 +107,9 @@ def test_vit_export_matches_dense_token_major(example_batch):
     model = pruned(tiny_vit(), include_head=True)
     exported, report = export_sparse_inference(model, images(example_batch), timer=sparse_wins)
     linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    assert sorted(report.sparse_layers) == sorted(linears) == sorted(sparse_module_names(exported))
+    # every Linear layer and the patch embedding (a k×k convolution with stride k)
+    expected = sorted([*linears, "patch_embed.proj"])
+    assert sorted(report.sparse_layers) == expected == sorted(sparse_module_names(exported))
     assert isinstance(exported.blocks[0].mlp.fc1, SparseLinear)  # (B, N, C) token-major input
     assert type(model.blocks[0].mlp.fc1) is nn.Linear  # the original is left dense
     for batch in (1, 5):
@@ -119,7 +122,7 @@ def test_transformers_vit_export_matches_dense():
 
     model = pruned(make_hf_vit(), include_head=True)  # attention reshapes with .view(), output is a ModelOutput
     exported, report = export_sparse_inference(model, images(2), timer=sparse_wins)
-    assert len(report.sparse_layers) == 13 and report.max_abs_error is not None
+    assert len(report.sparse_layers) == 14 and report.max_abs_error is not None  # 13 Linear + the patch projection
     with torch.inference_mode():
         x = images(3)
         torch.testing.assert_close(exported(x).logits, model(x).logits, rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
@@ -130,18 +133,22 @@ def test_convnext_export_matches_dense(seed):
     model = pruned(tiny_convnext(seed))
     exported, report = export_sparse_inference(model, images(2), timer=sparse_wins)
     kinds = {layer.kind for layer in report.layers if layer.chosen == "sparse"}
-    assert kinds == ({"conv1x1"} if seed == 1 else {"linear"})  # (B, H, W, C) Linears or 1x1 convs
-    assert all(layer.chosen == "dense" for layer in report.layers if "conv_dw" in layer.name)  # 7x7 depthwise
+    # (B, H, W, C) Linears or 1x1 convs, and the k×k stem and downsampling convolutions
+    assert kinds == ({"conv1x1", "conv"} if seed == 1 else {"linear", "conv"})
+    depthwise = [layer for layer in report.layers if "conv_dw" in layer.name]  # 7x7 depthwise stay dense
+    assert depthwise and all(layer.chosen == "dense" and "groups" in layer.reason for layer in depthwise)
     for batch in (1, 4):
         assert_matches(exported, model, images(batch, seed=batch))
 
 
-def test_conv1x1_export_matches_dense_and_skips_other_convs():
+def test_conv_export_matches_dense_for_1x1_and_kxk_convolutions():
     model = pruned(OneByOneNet(), include_head=True)
     exported, report = export_sparse_inference(model, images(1), timer=sparse_wins)
-    assert sorted(report.sparse_layers) == ["down", "expand", "head", "reduce"]
-    reasons = {layer.name: layer.reason for layer in report.layers}
-    assert "not 1x1" in reasons["stem"] and "not 1x1" in reasons["conv3x3"]
+    assert sorted(report.sparse_layers) == ["conv3x3", "down", "expand", "head", "reduce", "stem"]
+    kinds = {layer.name: layer.kind for layer in report.layers}
+    assert kinds["stem"] == kinds["conv3x3"] == "conv" and kinds["down"] == "conv1x1"
+    assert isinstance(exported.conv3x3, SparseConv2d) and exported.conv3x3.padding == (1, 1)
+    assert report.formulations["conv3x3"] in ("unfold", "shift") and report.formulations["head"] == "csr"
     assert exported.down.stride == (2, 2)
     for batch in (1, 3):
         assert_matches(exported, model, images(batch, seed=batch))
@@ -161,8 +168,9 @@ def test_choice_per_layer_from_the_timer():
     model = pruned(tiny_vit())
 
     def fc1_wins(modules, inputs, repeats):  # sparse only faster for the MLP expansion (out = 4 in)
-        dense, sparse = modules
-        return [1.0, 0.5 if dense.out_features == 4 * dense.in_features else 1.0]
+        dense, *sparse = modules
+        wins = getattr(dense, "out_features", 0) == 4 * getattr(dense, "in_features", -1)
+        return [1.0] + [0.5 if wins else 1.0] * len(sparse)
 
     exported, report = export_sparse_inference(model, images(1), timer=fc1_wins)
     assert report.sparse_layers == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
@@ -177,7 +185,7 @@ def test_min_speedup_and_every_batch_size_must_win():
     model = pruned(tiny_vit())
 
     def wins_for_small_batches(modules, inputs, repeats):  # a (B, N, C) input: sparse wins for B <= 2 only
-        return [1.0, 0.5 if inputs[0].shape[0] <= 2 else 2.0]
+        return [1.0] + [0.5 if inputs[0].shape[0] <= 2 else 2.0] * (len(modules) - 1)
 
     _, small = export_sparse_inference(model, images(1), batch_sizes=[1, 2], timer=wins_for_small_batches)
     _, mixed = export_sparse_inference(model, images(1), batch_sizes=[1, 8], timer=wins_for_small_batches)
@@ -192,12 +200,12 @@ def test_dense_layers_skip_timing_and_report():
 
     def counting(modules, inputs, repeats):
         calls.append(modules[0])
-        return [1.0, 0.5]
+        return [1.0] + [0.5] * (len(modules) - 1)
 
     exported, report = export_sparse_inference(model, images(1), timer=counting, repeats=3)
     head = next(layer for layer in report.layers if layer.name == "head")
     assert head.chosen == "dense" and "max_density" in head.reason and model.head not in calls
-    assert len(calls) == len(report.sparse_layers) == 8
+    assert len(calls) == len(report.sparse_layers) == 9  # 8 Linear + the patch embedding
     table = report.format_table()
     assert "blocks.0.mlp.fc1" in table and "sparse" in table
     row = report.as_dict()["layers"][1]
@@ -207,7 +215,7 @@ def test_dense_layers_skip_timing_and_report():
 def test_to_dense_round_trip_is_exact():
     for model in (pruned(tiny_vit(), include_head=True), pruned(OneByOneNet(), include_head=True)):
         original = {k: v.clone() for k, v in model.state_dict().items()}
-        exported, report = export_sparse_inference(model, images(2), timer=sparse_wins)
+        exported, report = export_sparse_inference(model, images(2), timer=sparse_wins, fold_bn=False)
         assert report.sparse_layers
         back = to_dense(exported)
         assert not sparse_module_names(back) and sparse_module_names(exported)  # not in place by default
@@ -231,8 +239,8 @@ def test_exported_model_deepcopies_and_sparsify_layers_repeats_a_decision():
     assert clone.blocks[0].mlp.fc1.weight is not exported.blocks[0].mlp.fc1.weight
     again = sparsify_layers(to_dense(exported), report.sparse_layers)
     assert sparse_module_names(again) == report.sparse_layers
-    with pytest.raises(ValueError, match="patch_embed.proj"):
-        sparsify_layers(to_dense(exported), ["patch_embed.proj"])
+    with pytest.raises(ValueError, match="blocks.0.norm1"):
+        sparsify_layers(to_dense(exported), ["blocks.0.norm1"])
 
 
 def test_sparse_modules_edge_cases():
@@ -309,3 +317,135 @@ def test_semi_structured_requirements():
     assert "model.half()" in semi_structured_requirement_error(True, cuda, (8, 0), torch.float32)
     assert semi_structured_requirement_error(True, cuda, (8, 0), torch.bfloat16) is None
     assert semi_structured_requirement_error(True, cuda, (9, 0), torch.float16) is None
+
+
+# --- k×k convolutions and BatchNorm folding ---------------------------------------------------------------------------
+CONV_CASES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=(3, 5), padding=(1, 2), stride=(2, 1)),
+    dict(kernel_size=4, padding="same"),  # asymmetric padding
+    dict(kernel_size=3, padding="valid", bias=False),
+    dict(kernel_size=1, padding=1),  # a 1x1 convolution with padding is not a SparseConv1x1
+    dict(kernel_size=7, stride=4),
+]
+
+
+@pytest.mark.parametrize("formulation", ["unfold", "shift"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sparse_conv2d_matches_the_convolution(case, formulation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, **case)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.85).float())
+    sparse = SparseConv2d(conv, formulation)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(sparse, name) == getattr(conv, name), name
+    for batch in (1, 3):
+        x = torch.randn(batch, 6, 15, 12)
+        with torch.inference_mode():
+            torch.testing.assert_close(sparse(x), conv(x), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+            channels_last = x.to(memory_format=torch.channels_last)
+            torch.testing.assert_close(sparse(channels_last), conv(channels_last), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+    back = sparse.to_dense_module()
+    assert torch.equal(back.weight.detach().abs(), conv.weight.detach().abs())
+    assert copy.deepcopy(sparse).density == sparse.density > 0
+
+
+def test_shift_formulation_skips_empty_offsets_and_a_fully_pruned_conv_gives_its_bias():
+    conv = nn.Conv2d(4, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = torch.randn(5, 4)  # only the centre tap holds weights
+    assert [(tap.i, tap.j) for tap in SparseConv2d(conv, "shift").taps] == [(1, 1)]
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        conv.weight.zero_()
+    empty = SparseConv2d(conv, "shift")
+    with torch.inference_mode():
+        torch.testing.assert_close(empty(x), conv(x))
+
+
+def test_depthwise_and_grouped_convolutions_stay_dense_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=2))
+    model = pruned(model, include_head=True)
+    exported, report = export_sparse_inference(model, images(1), timer=sparse_wins)
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert report.sparse_layers == ["0"]
+    assert "groups=8" in reasons["1"] and "groups=2" in reasons["2"] and "stay dense" in reasons["1"]
+
+
+def test_formulation_is_chosen_per_layer_and_repeated_by_sparsify_layers():
+    model = pruned(OneByOneNet(), include_head=True)
+
+    def shift_wins_for_the_stem(modules, inputs, repeats):  # dense, unfold, shift for k×k; dense, csr otherwise
+        if len(modules) == 2:
+            return [1.0, 0.5]
+        stem = modules[0].in_channels == 3
+        return [1.0, 0.8, 0.4] if stem else [1.0, 0.4, 0.8]
+
+    exported, report = export_sparse_inference(model, images(1), timer=shift_wins_for_the_stem, fold_bn=False)
+    assert report.formulations["stem"] == "shift" and report.formulations["conv3x3"] == "unfold"
+    assert exported.stem.formulation == "shift" and exported.conv3x3.formulation == "unfold"
+    stem = next(layer for layer in report.layers if layer.name == "stem")
+    assert stem.formulation_us == {"unfold": {1: 0.8e6}, "shift": {1: 0.4e6}} and stem.speedup == 2.5
+    assert "sparse (shift)" in report.format_table()
+    again = sparsify_layers(to_dense(exported), report.sparse_layers, report.formulations)
+    assert again.stem.formulation == "shift"
+    assert_matches(again, model, images(2))
+    scripted = torch.jit.script(exported)  # both formulations script
+    assert_matches(scripted, model, images(2))
+
+
+def test_batchnorm_is_folded_into_the_preceding_convolution():
+    model = pruned(OneByOneNet(), include_head=True)
+    with torch.no_grad():  # statistics that are not the identity
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+    pruned_positions = model.stem.weight.detach() == 0
+    exported, report = export_sparse_inference(model, images(2), timer=sparse_loses)  # folding alone
+    assert report.folded_batchnorms == [("stem", "bn")] and isinstance(exported.bn, nn.Identity)
+    assert isinstance(model.bn, nn.BatchNorm2d)  # the model itself is left as it was
+    assert (exported.stem.weight.detach()[pruned_positions] == 0).all()  # pruned weights stay zero
+    for batch in (1, 3):
+        assert_matches(exported, model, images(batch, seed=batch))
+    _, unfolded = export_sparse_inference(model, images(2), timer=sparse_loses, fold_bn=False)
+    assert unfolded.folded_batchnorms == []
+
+
+def test_batchnorm_act_of_timm_keeps_its_activation_when_folded():
+    import timm
+
+    model = pruned(timm.create_model("test_resnet", num_classes=4))
+    exported, report = export_sparse_inference(model, images(2), timer=sparse_wins)
+    assert report.folded_batchnorms and report.max_abs_error is not None
+    for batch in (1, 3):
+        assert_matches(exported, model, images(batch, seed=batch))
+
+
+class SharedConvOutput(nn.Module):
+    """The convolution's output feeds the BatchNorm and a residual: folding it would change the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.other = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.other(self.bn(y) + y))
+
+
+def test_a_convolution_output_used_elsewhere_is_not_folded():
+    model = SharedConvOutput().eval()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    exported, report = export_sparse_inference(model, images(2), timer=sparse_loses)
+    assert report.folded_batchnorms == [("other", "bn2")]
+    assert_matches(exported, model, images(3))

@@ -8,21 +8,24 @@ CPU (any PyTorch, no new dependency):
     logits = exported(images)            # eager inference; equal to model(images) within EXPORT_RTOL / EXPORT_ATOL
     dense_again = to_dense(exported)     # plain nn.Linear / nn.Conv2d again: save it with save_sparse_model
 
-Every `nn.Linear` and every 1×1 `nn.Conv2d` (groups 1, padding 0) that the example forward pass calls is timed on its
-own input shape, dense against a `torch.sparse_csr` version (`y = W_csr @ x^T + b`, tokens, pixels and images folded
-into the columns), and replaced by `SparseLinear` / `SparseConv1x1` only when the sparse version is at least
-`min_speedup` times faster at every requested batch size. The choice depends on the machine, the thread count
-(`torch.get_num_threads()`) and the batch size: export with the settings you will serve with. Measured on a 2-core
-CPU with one thread: ViT-S layers at batch 1 and ~3-5% density run 4-7x faster sparse; the gain shrinks with more
-tokens per call (ViT-S at batch 32: 1-4.5x per layer, 1.2x end to end) and is gone at about 25% density. 3×3, depthwise and patch-embedding
-convolutions are never converted (no sparse CPU kernel).
+Every `nn.Linear` and every `nn.Conv2d` with groups 1 that the example forward pass calls is timed on its own input
+shape, dense against `torch.sparse_csr` versions, and replaced only when a sparse version is at least `min_speedup`
+times faster at every requested batch size: `SparseLinear` / `SparseConv1x1` (`y = W_csr @ x^T + b`, tokens, pixels
+and images folded into the columns), and for k×k convolutions `SparseConv2d` in the faster of two formulations
+(`"unfold"`: one matmul over the patch matrix; `"shift"`: one matmul per kernel offset, accumulated). Depthwise and
+grouped convolutions stay dense (no sparse formulation). Before timing, every eval-mode BatchNorm that directly
+follows a convolution is folded into it (`fold_batchnorm`), so that a sparse convolution does not pay for a separate
+BatchNorm pass. The choice depends on the machine, the thread count (`torch.get_num_threads()`) and the batch size:
+export with the settings you will serve with. Measured figures: `benchmarks/INFERENCE.md`.
 
-The exported model is an inference-only module: sparse weights and biases are buffers (no gradients). Eager mode
+The exported model is an inference-only module: sparse weights are buffers and biases frozen parameters. Eager mode
 is the supported path. Checked with PyTorch 2.15 on CPU: `torch.jit.script` and `torch.jit.trace` (both deprecated
 upstream) run it with the same outputs (tested); `torch.compile` runs it correctly but Dynamo cannot trace sparse
 tensors, so it breaks the graph at every sparse layer and runs those eagerly (its speed was not measured); `torch.export`
 gave matching outputs in a one-off check (not tested here). `copy.deepcopy` works; `state_dict()` holds CSR tensors
-(loadable with `torch.load`, not with safetensors): call `to_dense` before saving with the library's savers.
+(loadable with `torch.load`, not with safetensors). Save the pruned model itself and export again where you serve:
+`to_dense` gives plain layers back, but with the BatchNorms folded into the convolutions (unless `fold_bn=False`),
+which is not the architecture the model's library rebuilds.
 
 CUDA (2:4 semi-structured): `export_semi_structured` converts Linear weights that already hold a 2:4 pattern along the
 input dim (`hf_tgprune.core.nm.nm_masks`) with `torch.sparse.to_sparse_semi_structured`; it needs a GPU of compute
@@ -83,8 +86,10 @@ def _csr(weight: torch.Tensor) -> torch.Tensor:
         )
 
 
-def _bias_buffer(bias: torch.Tensor | None) -> torch.Tensor | None:
-    return None if bias is None else bias.detach().clone()
+def _bias_parameter(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A frozen copy of the bias. A parameter, not a buffer: a model whose every layer was exported still has
+    parameters, which transformers' `model.device` / `model.dtype` read."""
+    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
 def _csr_matmul(weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,7 @@ class SparseLinear(_CsrModule):
             raise ValueError(f"SparseLinear needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.register_buffer("weight", _csr(weight))
-        self.register_buffer("bias", _bias_buffer(bias))
+        self.bias = _bias_parameter(bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseLinear:
@@ -197,7 +202,7 @@ class SparseConv1x1(_CsrModule):
         self.kernel_size, self.padding, self.groups, self.padding_mode = (1, 1), (0, 0), 1, "zeros"
         self.dilation = (int(dilation[0]), int(dilation[1]))
         self.register_buffer("weight", _csr(weight.reshape(self.out_channels, self.in_channels)))
-        self.register_buffer("bias", _bias_buffer(bias))
+        self.bias = _bias_parameter(bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> SparseConv1x1:
@@ -237,6 +242,122 @@ class SparseConv1x1(_CsrModule):
         )
 
 
+CONV_FORMULATIONS = ("unfold", "shift")
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """`F.pad` amounts (left, right, top, bottom) equal to `conv`'s padding (numbers, "valid" or "same")."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        (top, left) = (total[0] // 2, total[1] // 2)
+        return (left, total[1] - left, top, total[0] - top)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+class _KernelTap(_CsrModule):
+    """One kernel offset `(i, j)` of a `SparseConv2d` in the shift formulation: the CSR matrix `W[:, :, i, j]`."""
+
+    def __init__(self, i: int, j: int, weight: torch.Tensor):
+        super().__init__()
+        self.i, self.j = i, j
+        self.register_buffer("weight", _csr(weight))
+
+
+class SparseConv2d(_CsrModule):
+    """A k×k `nn.Conv2d` (groups 1, zero padding, any kernel, stride, padding and dilation) for inference with
+    `torch.sparse_csr` float32 weights, in one of two formulations:
+
+    * `"unfold"`: one CSR matmul `W (out, in·kh·kw) @ unfold(x)`, the patches of every image side by side;
+    * `"shift"`: one CSR matmul per kernel offset `(i, j)` that holds any weight, `W[:, :, i, j] (out, in)` times the
+      input shifted by that offset, accumulated (no `in·kh·kw`-row patch matrix; offsets pruned to nothing are
+      skipped).
+
+    `export_sparse_inference` times both against the dense convolution and keeps the fastest. The module keeps the
+    attributes of the `nn.Conv2d` it replaces (`in_channels`, `out_channels`, `kernel_size`, `stride`, `padding`,
+    `dilation`, `groups`, `padding_mode`).
+
+    Args:
+        conv: the (pruned) convolution to replace.
+        formulation: `"unfold"` or `"shift"`.
+    """
+
+    __jit_unused_properties__ = ["density"]
+
+    def __init__(self, conv: nn.Conv2d, formulation: str = "unfold"):
+        super().__init__()
+        reason = conv_ineligibility(conv)
+        if reason:
+            raise ValueError(f"SparseConv2d: {reason}")
+        if formulation not in CONV_FORMULATIONS:
+            raise ValueError(f"formulation must be one of {CONV_FORMULATIONS}, got {formulation!r}")
+        self.formulation = formulation
+        self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)
+        self.kernel_size = (int(conv.kernel_size[0]), int(conv.kernel_size[1]))
+        self.stride = (int(conv.stride[0]), int(conv.stride[1]))
+        self.dilation = (int(conv.dilation[0]), int(conv.dilation[1]))
+        self.padding, self.groups, self.padding_mode = conv.padding, 1, "zeros"
+        self.pad = list(_explicit_padding(conv))
+        weight = conv.weight.detach()
+        self.bias = _bias_parameter(conv.bias)
+        kh, kw = self.kernel_size
+        # the whole kernel as one CSR matrix (the unfold formulation's operand; also what a parent reading
+        # `.weight.dtype` / `.device` sees), and for the shift formulation one CSR matrix per offset holding a weight
+        self.register_buffer("weight", _csr(weight.reshape(self.out_channels, -1)))
+        taps = []
+        if formulation == "shift":
+            taps = [
+                _KernelTap(i, j, weight[:, :, i, j]) for i in range(kh) for j in range(kw) if weight[:, :, i, j].any()
+            ]
+        self.taps = nn.ModuleList(taps)
+
+    def to_dense_module(self) -> nn.Conv2d:
+        """The equivalent `nn.Conv2d` (same device; weight and bias values equal)."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None,
+        )  # fmt: skip
+        weight = self.weight.to_dense().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return _filled_module(conv, weight, self.bias)
+
+    @property
+    def density(self) -> float:
+        return self.weight.values().numel() / max(1, self.weight.shape[0] * self.weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad != [0, 0, 0, 0]:
+            x = F.pad(x, self.pad)
+        batch, channels, height, width = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        out_h = (height - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        if self.formulation == "unfold":
+            patches = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (B, C·kh·kw, L)
+            columns = patches[0] if batch == 1 else patches.transpose(0, 1).reshape(patches.shape[1], -1)
+            out = _csr_matmul(self.weight, self.bias, columns)
+        else:  # shift: accumulate one product per kernel offset
+            out = torch.zeros(self.out_channels, batch * out_h * out_w, device=x.device, dtype=x.dtype)
+            bias = self.bias
+            if bias is not None:
+                out = out + bias.unsqueeze(1)
+            for tap in self.taps:
+                top, left = tap.i * dh, tap.j * dw
+                window = x[:, :, top : top + sh * (out_h - 1) + 1 : sh, left : left + sw * (out_w - 1) + 1 : sw]
+                out = torch.addmm(out, tap.weight, window.transpose(0, 1).reshape(channels, -1))
+        if batch == 1:
+            return out.reshape(1, self.out_channels, out_h, out_w)
+        return out.reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+            f"formulation={self.formulation}, density={self.density:.4f}"
+        )
+
+
 class SemiStructuredLinear(nn.Module):
     """`nn.Linear` with a 2:4 semi-structured CUDA weight (`torch.sparse.to_sparse_semi_structured`), fp16/bf16.
 
@@ -251,7 +372,7 @@ class SemiStructuredLinear(nn.Module):
 
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach().contiguous()), requires_grad=False)
-        self.register_buffer("bias", _bias_buffer(bias))
+        self.bias = _bias_parameter(bias)
 
     def to_dense_module(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -262,7 +383,7 @@ class SemiStructuredLinear(nn.Module):
         return F.linear(rows, self.weight, self.bias).reshape(list(x.shape[:-1]) + [self.out_features])
 
 
-SPARSE_MODULE_TYPES = (SparseLinear, SparseConv1x1, SemiStructuredLinear)
+SPARSE_MODULE_TYPES = (SparseLinear, SparseConv1x1, SparseConv2d, SemiStructuredLinear)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,18 +402,27 @@ def conv1x1_ineligibility(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def conv_ineligibility(conv: nn.Conv2d) -> str | None:
+    """Why a `nn.Conv2d` cannot become a `SparseConv2d` (None if it can)."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (depthwise and grouped convolutions stay dense: no sparse formulation)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zero padding)"
+    return None
+
+
 def _kind(module: nn.Module) -> str | None:
     # exact types: a subclass may override forward (or be read by its parent, as nn.MultiheadAttention does)
     if type(module) is nn.Linear:
         return "linear"
     if type(module) is nn.Conv2d:
-        return "conv1x1"
+        return "conv1x1" if conv1x1_ineligibility(module) is None else "conv"
     return None
 
 
 def _ineligibility(module: nn.Module) -> str | None:
-    if type(module) is nn.Conv2d:
-        reason = conv1x1_ineligibility(module)
+    if _kind(module) == "conv":
+        reason = conv_ineligibility(module)
         if reason:
             return reason
     if module.weight.dtype != torch.float32:
@@ -325,14 +455,24 @@ def weight_density(module: nn.Module) -> float:
     return int(torch.count_nonzero(weight)) / max(1, weight.numel())
 
 
-def to_sparse_module(module: nn.Module) -> nn.Module:
-    """The CSR inference module for an `nn.Linear` or eligible 1×1 `nn.Conv2d`."""
+def to_sparse_module(module: nn.Module, formulation: str | None = None) -> nn.Module:
+    """The CSR inference module for an `nn.Linear` or an eligible `nn.Conv2d` (`formulation` for k×k convolutions:
+    `"unfold"` by default, or `"shift"`)."""
     kind = _kind(module)
     if kind == "linear":
         return SparseLinear.from_dense(module)
     if kind == "conv1x1":
         return SparseConv1x1.from_dense(module)
-    raise TypeError(f"to_sparse_module takes nn.Linear or a 1x1 nn.Conv2d, got {type(module).__name__}")
+    if kind == "conv":
+        return SparseConv2d(module, formulation or CONV_FORMULATIONS[0])
+    raise TypeError(f"to_sparse_module takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
+
+
+def sparse_candidates(module: nn.Module) -> dict[str, nn.Module]:
+    """Every sparse formulation of `module` worth timing, by formulation name (one for Linear and 1×1 layers)."""
+    if _kind(module) == "conv":
+        return {name: SparseConv2d(module, name) for name in CONV_FORMULATIONS}
+    return {"csr": to_sparse_module(module)}
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -340,15 +480,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def sparsify_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
+def sparsify_layers(
+    model: nn.Module, names: Sequence[str], formulations: Mapping[str, str] | None = None
+) -> nn.Module:
     """Replace exactly the named layers of `model` (in place) by their CSR inference modules; no timing.
 
-    Use it to repeat an export's decision (`report.sparse_layers`) without measuring again.
+    Use it to repeat an export's decision (`report.sparse_layers`, `report.formulations`) without measuring again.
 
     Args:
         model: the model, changed in place and returned.
-        names: module names of `nn.Linear` / eligible 1×1 `nn.Conv2d` layers.
+        names: module names of `nn.Linear` / eligible `nn.Conv2d` layers.
+        formulations: the formulation of each k×k convolution (`"unfold"` or `"shift"`; default `"unfold"`).
     """
+    formulations = dict(formulations or {})
     if not names:
         return model
     modules = dict(model.named_modules())
@@ -359,7 +503,8 @@ def sparsify_layers(model: nn.Module, names: Sequence[str]) -> nn.Module:
         reason = _ineligibility(module) if _kind(module) else f"{type(module).__name__} is not nn.Linear/nn.Conv2d"
         if reason:
             raise ValueError(f"sparsify_layers: layer {name!r} cannot be exported: {reason}")
-        _replace(model, name, to_sparse_module(module))
+        formulation = formulations.get(name)
+        _replace(model, name, to_sparse_module(module, None if formulation == "csr" else formulation))
     return model
 
 
@@ -537,7 +682,9 @@ class LayerExport:
     reason: str
     input_shapes: dict[int, list[tuple]] = field(default_factory=dict)  # batch size -> shapes of the calls
     dense_us: dict[int, float] = field(default_factory=dict)  # batch size -> µs
-    sparse_us: dict[int, float] = field(default_factory=dict)
+    sparse_us: dict[int, float] = field(default_factory=dict)  # of the chosen (or best) formulation
+    formulation: str | None = None  # "csr" for Linear / 1x1 layers, "unfold" or "shift" for k×k convolutions
+    formulation_us: dict[str, dict[int, float]] = field(default_factory=dict)  # every formulation timed
 
     @property
     def speedup(self) -> float | None:
@@ -558,10 +705,16 @@ class ExportReport:
     rtol: float = EXPORT_RTOL
     atol: float = EXPORT_ATOL
     max_abs_error: float | None = None  # of the verification run
+    folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (convolution, BatchNorm) pairs folded
 
     @property
     def sparse_layers(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.chosen == "sparse"]
+
+    @property
+    def formulations(self) -> dict[str, str]:
+        """The formulation of every layer made sparse (`sparsify_layers(model, names, formulations)` repeats it)."""
+        return {layer.name: layer.formulation for layer in self.layers if layer.chosen == "sparse"}
 
     def layer_time_us(self, batch_size: int) -> dict[str, float]:
         """Sum of the measured layers' times at `batch_size`: all dense vs as exported (the layer-level gain)."""
@@ -579,6 +732,7 @@ class ExportReport:
             row["speedup"] = layer.speedup
             for key in ("input_shapes", "dense_us", "sparse_us"):
                 row[key] = {str(b): v for b, v in row[key].items()}
+            row["formulation_us"] = {f: {str(b): v for b, v in t.items()} for f, t in row["formulation_us"].items()}
         out["sparse_layers"] = self.sparse_layers
         return out
 
@@ -594,9 +748,113 @@ class ExportReport:
             shape = "x".join(str(s) for s in layer.weight_shape)
             lines.append(
                 f"{layer.name:<40} {shape:>18} {layer.density:>8.4f} {dense:>10} {sparse:>10} {speedup:>6}  "
-                f"{layer.chosen} ({layer.reason})"
+                f"{layer.chosen}{f' ({layer.formulation})' if layer.chosen == 'sparse' else ''} ({layer.reason})"
             )
         return "\n".join(lines)
+
+
+def _batchnorm_replacement(bn: nn.Module) -> nn.Module | None:
+    """What stays of a BatchNorm once folded: nothing (`nn.BatchNorm2d`), or the dropout and activation of timm's
+    `BatchNormAct2d`; None for other normalisations (not folded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, "act", None), nn.Module):
+        return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
+    return None
+
+
+def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], None]:
+    """Fold one BatchNorm into its convolution (in place); returns the function that undoes it."""
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    old_weight, old_bias = conv.weight, conv.bias
+    scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = old_bias if old_bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        weight = old_weight * scale.reshape(-1, 1, 1, 1).to(old_weight.dtype)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + shift).to(weight.dtype), requires_grad=False)
+    _replace(model, bn_name, _batchnorm_replacement(bn))
+
+    def undo() -> None:
+        conv.weight, conv.bias = old_weight, old_bias
+        _replace(model, bn_name, bn)
+
+    return undo
+
+
+def fold_batchnorm(model: nn.Module, example_inputs) -> list[tuple[str, str]]:
+    """Fold every eval-mode BatchNorm whose input is exactly a convolution's output into that convolution (in place).
+
+    One forward pass of `example_inputs` pairs a `nn.Conv2d` (groups any) with the `nn.BatchNorm2d` (or timm's
+    `BatchNormAct2d`) that receives its output tensor unchanged, each called once. The convolution's weight becomes
+    `w · γ/√(σ²+ε)` per output channel (a pruned zero stays zero) and its bias `(b − μ)·γ/√(σ²+ε) + β`; the BatchNorm
+    is replaced by an identity (by its dropout and activation for `BatchNormAct2d`). The folded model must give the
+    outputs of the unfolded one on `example_inputs` (a convolution output also used elsewhere would not): otherwise
+    the pairs are tried one by one and only those that keep the outputs are folded.
+
+    Returns:
+        the (convolution, BatchNorm) module names folded.
+    """
+    modules = dict(model.named_modules())
+    producers: dict[tuple, tuple[str, int]] = {}
+    calls: dict[str, int] = {}
+    pairs: dict[str, str] = {}
+
+    def after_conv(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            producers[(output.data_ptr(), tuple(output.shape))] = (name, output._version)
+
+        return hook
+
+    def before_bn(name):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            if args and isinstance(args[0], torch.Tensor):
+                conv, version = producers.get((args[0].data_ptr(), tuple(args[0].shape)), (None, None))
+                if conv is not None and args[0]._version == version:  # not changed in place on the way
+                    pairs[name] = conv
+
+        return hook
+
+    handles = []
+    example = _as_tuple(example_inputs)
+    try:
+        for name, module in modules.items():
+            if type(module) is nn.Conv2d:
+                handles.append(module.register_forward_hook(after_conv(name)))
+            elif isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats:
+                handles.append(module.register_forward_pre_hook(before_bn(name)))
+        with torch.no_grad():
+            reference = _output_tensors(model(*example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [
+        (conv, bn)
+        for bn, conv in pairs.items()
+        if _batchnorm_replacement(modules[bn]) is not None and calls.get(bn) == 1 and calls.get(conv) == 1
+    ]
+
+    def unchanged() -> bool:
+        with torch.no_grad():
+            outputs = _output_tensors(model(*example))
+        return all(torch.allclose(o, r, rtol=EXPORT_RTOL, atol=EXPORT_ATOL) for o, r in zip(outputs, reference))
+
+    undos = [_fold_pair(model, conv, bn) for conv, bn in candidates]
+    if not candidates or unchanged():
+        return candidates
+    for undo in reversed(undos):
+        undo()
+    folded = []
+    for conv, bn in candidates:  # one at a time: keep the folds that keep the outputs
+        undo = _fold_pair(model, conv, bn)
+        if unchanged():
+            folded.append((conv, bn))
+        else:
+            undo()
+    return folded
 
 
 def _output_tensors(output) -> list[torch.Tensor]:
@@ -649,11 +907,21 @@ def _decide_layer(
     elif density > max_density:
         row.reason = f"density {density:.3f} > max_density {max_density}"
     else:
-        sparse = to_sparse_module(module)
+        candidates = sparse_candidates(module)
+        row.formulation_us = {name: {} for name in candidates}
         for batch_size, layer_shapes in shapes.items():
             inputs = _inputs_for(layer_shapes, module.weight)
-            dense_s, sparse_s = timer([module, sparse], inputs, repeats)
-            row.dense_us[batch_size], row.sparse_us[batch_size] = dense_s * 1e6, sparse_s * 1e6
+            dense_s, *sparse_s = timer([module, *candidates.values()], inputs, repeats)
+            row.dense_us[batch_size] = dense_s * 1e6
+            for name, seconds in zip(candidates, sparse_s, strict=True):
+                row.formulation_us[name][batch_size] = seconds * 1e6
+
+        def worst_speedup(name: str) -> float:
+            times = row.formulation_us[name]
+            return min(row.dense_us[b] / times[b] if times[b] > 0 else float("inf") for b in times)
+
+        row.formulation = max(candidates, key=worst_speedup)  # the fastest at its slowest batch size
+        row.sparse_us = dict(row.formulation_us[row.formulation])
         if choose_sparse(list(row.dense_us.values()), list(row.sparse_us.values()), min_speedup):
             row.chosen, row.reason = "sparse", f"sparse >= {min_speedup}x faster"
         else:
@@ -673,6 +941,7 @@ def export_sparse_inference(
     timer: Timer | None = None,
     inplace: bool = False,
     verify: bool = True,
+    fold_bn: bool = True,
 ) -> tuple[nn.Module, ExportReport]:
     """Convert a pruned model's Linear / 1×1-conv layers to CSR sparse kernels where that is measurably faster.
 
@@ -696,6 +965,9 @@ def export_sparse_inference(
         inplace: convert `model` itself; by default a deep copy is converted and `model` stays dense.
         verify: run the exported model on `example_inputs` and check its outputs against the dense model's with
             `torch.testing.assert_close(rtol=EXPORT_RTOL, atol=EXPORT_ATOL)`.
+        fold_bn: fold every eval-mode BatchNorm that directly follows a convolution into it first
+            (`fold_batchnorm`), so that a sparse convolution does not pay for a separate BatchNorm pass; the folded
+            pairs are in `report.folded_batchnorms`.
 
     Returns:
         `(exported_model, report)`; `report.format_table()` prints the per-layer decisions.
@@ -714,13 +986,15 @@ def export_sparse_inference(
     batch_sizes = list(batch_sizes) if batch_sizes else [int(example[0].shape[0])]
     timer = timer or interleaved_min_seconds
 
-    candidates = candidate_layers(model, layers)
-    names = list(candidates)
-    shapes = {b: capture_input_shapes(model, resize_batch(example, b), names) for b in batch_sizes}
     reference = None
     if verify:
         with torch.inference_mode():
             reference = model(*example)
+    work = model if inplace else copy.deepcopy(model)
+    folded = fold_batchnorm(work, example) if fold_bn else []
+    candidates = candidate_layers(work, layers)
+    names = list(candidates)
+    shapes = {b: capture_input_shapes(work, resize_batch(example, b), names) for b in batch_sizes}
     rows = [
         _decide_layer(
             name,
@@ -733,8 +1007,10 @@ def export_sparse_inference(
         )
         for name, module in candidates.items()
     ]
-    report = ExportReport(rows, batch_sizes, min_speedup, max_density, torch.get_num_threads())
-    exported = sparsify_layers(model if inplace else copy.deepcopy(model), report.sparse_layers)
+    report = ExportReport(
+        rows, batch_sizes, min_speedup, max_density, torch.get_num_threads(), folded_batchnorms=folded
+    )
+    exported = sparsify_layers(work, report.sparse_layers, report.formulations)
     if verify:
         report.max_abs_error = max_output_error(exported, reference, example)
     return exported, report

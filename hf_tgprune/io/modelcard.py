@@ -39,7 +39,7 @@ class InferenceLatency:
         dense_ms: median milliseconds per forward pass of the pruned model as saved (dense kernels).
         sparse_ms: the same for the exported model (`export_sparse_inference`, decided at this batch size).
         layers_converted: layers the export ran with a sparse kernel.
-        layers_candidate: Linear / Conv2d layers the export considered (3×3 and depthwise convolutions included;
+        layers_candidate: Linear / Conv2d layers the export considered (depthwise and grouped convolutions included;
             they always stay dense).
         max_abs_error: largest absolute difference between the exported and dense outputs (export verification).
     """
@@ -276,9 +276,10 @@ def _inference_section(speed: InferenceSpeed | None) -> str:
     return f"""## Inference speed
 
 Measured end to end on **{_fmt(speed.device)}** ({details}): the pruned model as saved (dense kernels) against its
-export with `{_fmt(speed.export)}`, which runs a Linear or 1×1-convolution layer with a sparse (`torch.sparse_csr`)
-kernel where that was measured faster on this machine at that batch size; every other layer (3×3 and depthwise
-convolutions included) stays dense. Times per forward pass, {timing}.
+export with `{_fmt(speed.export)}`, which folds BatchNorm into the preceding convolutions and runs a Linear or
+convolution layer with a sparse (`torch.sparse_csr`) kernel where that was measured faster on this machine at that
+batch size; every other layer (depthwise and grouped convolutions included) stays dense. Times per forward pass,
+{timing}.
 
 {table}
 

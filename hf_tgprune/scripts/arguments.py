@@ -114,7 +114,7 @@ class RecipeArguments:
         default=False,
         metadata={
             "help": "Before saving each sparsity's model, export it with hf_tgprune.export_sparse_inference (sparse "
-            "CPU kernels for the Linear / 1x1-conv layers where they are measured faster) and measure dense vs "
+            "CPU kernels for the Linear and convolution layers where they are measured faster) and measure dense vs "
             "exported latency end to end on this machine's CPU, on eval images; the figures go into the run's entry "
             "of results.json and into the saved model's sparsity.json and model card."
         },
