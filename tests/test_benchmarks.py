@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +248,15 @@ def test_heldout_table_pairs_seeds_on_the_test_data_set(tmp_path):
     assert cells[5] == "**62.50 ± 2.12** (n=2)" and cells[6] == "+1.50 (+1.0, +2.0)"
     assert cells[7] == "— / — / 55.00 ± 0.00"
     assert converged.heldout_table([{**r, "extra_test_top1": None} for r in records][:0], ["tgp"], 2) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path on a machine without CUDA")
+def test_gpu_check_stops_at_once_without_cuda():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and result.stdout == ""
