@@ -742,3 +742,11 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_training_further
     assert record["global_step"] == 4
     saved = load_file(str(out / "sparsity-0.5" / "model.safetensors"))
     assert all(torch.equal(saved[name], tensor) for name, tensor in last.items())
+
+
+def test_recipe_does_not_clip_gradients_unless_asked(tiny_cifar, tmp_path):
+    """The recipe's SGD follows the authors (no clipping); TrainingArguments' 1.0 stays one argument away."""
+    *_, args = parse_arguments(_common_args(tiny_cifar, tmp_path / "o"))
+    assert args.max_grad_norm == 0.0
+    *_, clipped = parse_arguments(_common_args(tiny_cifar, tmp_path / "o") + ["--max_grad_norm", "1.0"])
+    assert clipped.max_grad_norm == 1.0
