@@ -379,9 +379,9 @@ def test_depthwise_and_grouped_convolutions_stay_dense_with_the_reason():
 def test_formulation_is_chosen_per_layer_and_repeated_by_sparsify_layers():
     model = pruned(OneByOneNet(), include_head=True)
 
-    def shift_wins_for_the_stem(modules, inputs, repeats):  # dense, unfold, shift for k×k; dense, csr otherwise
-        if len(modules) == 2:
-            return [1.0, 0.5]
+    def shift_wins_for_the_stem(modules, inputs, repeats):  # dense, unfold, shift for k×k convolutions
+        if not isinstance(modules[1], SparseConv2d):
+            return [1.0] + [0.5] * (len(modules) - 1)
         stem = modules[0].in_channels == 3
         return [1.0, 0.8, 0.4] if stem else [1.0, 0.4, 0.8]
 
@@ -449,3 +449,35 @@ def test_a_convolution_output_used_elsewhere_is_not_folded():
     exported, report = export_sparse_inference(model, images(2), timer=sparse_loses)
     assert report.folded_batchnorms == [("other", "bn2")]
     assert_matches(exported, model, images(3))
+
+
+@pytest.mark.parametrize("row_block", [1, 5, 64])
+def test_sparse_linear_in_row_blocks_matches_dense(row_block):
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 7)
+    with torch.no_grad():
+        linear.weight.mul_((torch.rand_like(linear.weight) > 0.8).float())
+    blocked = SparseLinear(linear.weight, linear.bias, row_block=row_block)
+    x = torch.randn(3, 11, 12)  # 33 rows: blocks of 1, 5 (a short last block) and one block of 64
+    with torch.inference_mode():
+        torch.testing.assert_close(blocked(x), linear(x), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+    assert blocked(x).is_contiguous() or row_block >= 33
+    with pytest.raises(ValueError, match="row_block"):
+        SparseLinear(linear.weight, row_block=-1)
+
+
+def test_linear_row_blocks_are_a_formulation_chosen_by_the_timer():
+    model = pruned(tiny_vit())
+
+    def blocks_of_64_win(modules, inputs, repeats):  # dense, csr, csr/64, csr/512 for Linear layers
+        if isinstance(modules[1], SparseLinear):
+            return [1.0, 0.9, 0.4, 0.8]
+        return [1.0] + [2.0] * (len(modules) - 1)
+
+    exported, report = export_sparse_inference(model, images(2), timer=blocks_of_64_win)
+    assert report.sparse_layers and set(report.formulations.values()) == {"csr/64"}
+    assert exported.blocks[0].mlp.fc1.row_block == 64
+    again = sparsify_layers(to_dense(exported), report.sparse_layers, report.formulations)
+    assert again.blocks[0].mlp.fc1.row_block == 64
+    assert_matches(exported, model, images(3))
+    assert_matches(torch.jit.script(exported), model, images(3))
