@@ -773,14 +773,19 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _batchnorm_replacement(bn: nn.Module) -> nn.Module | None:
-    """What stays of a BatchNorm once folded: nothing (`nn.BatchNorm2d`), or the dropout and activation of timm's
-    `BatchNormAct2d`; None for other normalisations (not folded)."""
+def _is_foldable(bn: nn.Module) -> bool:
+    """A plain `nn.BatchNorm2d`, or timm's `BatchNormAct2d` (a BatchNorm2d with an activation); other
+    normalisations are not folded."""
+    return type(bn) is nn.BatchNorm2d or (
+        isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, "act", None), nn.Module)
+    )
+
+
+def _batchnorm_replacement(bn: nn.Module) -> nn.Module:
+    """What stays of a foldable BatchNorm once folded: nothing, or the dropout and activation of `BatchNormAct2d`."""
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
-    if isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, "act", None), nn.Module):
-        return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
-    return None
+    return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
 
 
 def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], None]:
@@ -854,7 +859,7 @@ def fold_batchnorm(model: nn.Module, example_inputs) -> list[tuple[str, str]]:
     candidates = [
         (conv, bn)
         for bn, conv in pairs.items()
-        if _batchnorm_replacement(modules[bn]) is not None and calls.get(bn) == 1 and calls.get(conv) == 1
+        if _is_foldable(modules[bn]) and calls.get(bn) == 1 and calls.get(conv) == 1
     ]
 
     def unchanged() -> bool:

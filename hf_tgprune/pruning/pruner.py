@@ -50,7 +50,7 @@ from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
 from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
 from ..data.collate import check_labelled, collate_fn
 from ..data.splits import deterministic_sample
-from ..io.export import fused_sparsity, is_reparameterizable
+from ..io.export import fused_sparsity
 from ..io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
 from ..methods import PruningMethod, build_method, get_method
 from ..methods.imp import imp_sparsities
@@ -229,8 +229,9 @@ class Pruner:
             report["empty_layers"] = empty_layers(self.masks)
             report["computed_dense_layers"] = standardized_weight_layers(self.model, self.masks)
             report["unprunable_matrices"] = large_unprunable_matrices(self.model, self.masks)
-            if is_reparameterizable(self.model):
-                report["fused"] = fused_sparsity(self.model, self.masks)
+            fused = fused_sparsity(self.model, self.masks)  # None unless something in the model fuses
+            if fused is not None:
+                report["fused"] = fused
             self._report = report
         return self._report
 
