@@ -469,6 +469,11 @@ VARIANTS = {
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
     "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
     "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
+    # what a user without a teacher gets: the Fisher of the cross-entropy (alpha=0) and CE retraining
+    "tgp_fisher rounds=5 no teacher": (
+        "tgp_fisher",
+        {"pruning_rounds": 5, "alpha": 0.0, "retrain_with_kd": False},
+    ),
     # signed criteria, compared inside each layer (magnitude allocation, their default)
     "tgp_taylor": ("tgp_taylor", {}),
     "movement": ("movement", {}),

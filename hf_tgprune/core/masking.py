@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .adapters import classifier_parameter_names, unwrap_model
+from .dtensor import is_sharded, local, mesh_of, sum_over_mesh
 from .utils import match_patterns
 
 PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -71,7 +72,16 @@ def standardized_weight_layers(model: nn.Module, names: Iterable[str]) -> list[s
 
 def empty_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
     """Layers whose mask keeps no weight (the layer outputs only its bias from then on)."""
-    return [name for name, mask in masks.items() if not bool(mask.any())]
+    kept = _summed_counts(masks.values(), lambda mask: mask.sum())
+    return [name for name, count in zip(masks, kept.tolist()) if count == 0]
+
+
+def _summed_counts(tensors: Iterable[torch.Tensor], count) -> torch.Tensor:
+    """`count(local shard)` of every tensor as one int64 tensor, summed over the processes that shard them (one
+    all-reduce for all of them; a `DTensor` reduced to a number directly would give its local part only)."""
+    tensors = list(tensors)
+    counts = torch.tensor([int(count(local(t))) for t in tensors], dtype=torch.int64)
+    return sum_over_mesh(counts, mesh_of(tensors))
 
 
 def large_unprunable_matrices(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -245,7 +255,7 @@ def lamp_normalize(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def prune_zeros_first(
-    scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+    scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], lowest: float | None = None
 ) -> dict[str, torch.Tensor]:
     """Scores with every weight that is already exactly zero moved below all others (to -1, or below the lowest score
     of every layer when a signed criterion gives scores under -1).
@@ -253,7 +263,8 @@ def prune_zeros_first(
     A student that is already sparse (or a mask being tightened) then loses its zeros first, and the weights that
     still carry a value are ranked among themselves; the pruned count stays exact.
     """
-    lowest = min((float(score.min()) for score in scores.values() if score.numel()), default=0.0)
+    if lowest is None:  # the lowest score of all layers (given when the scores are shards of larger tensors)
+        lowest = min((float(score.min()) for score in scores.values() if score.numel()), default=0.0)
     fill = min(-1.0, lowest - 1.0)
     out = {}
     for name, score in scores.items():
@@ -342,6 +353,8 @@ def as_bool_masks(masks: Mapping[str, torch.Tensor], argument: str = "masks") ->
     for name, mask in masks.items():
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"`{argument}[{name!r}]` must be a tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and is_sharded(mask):
+            raise TypeError(f"`{argument}[{name!r}]` is a sharded {mask.dtype} mask: sharded masks must be bool.")
         if mask.dtype != torch.bool:
             if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
                 odd = mask[(mask != 0) & (mask != 1)].reshape(-1)[:3].tolist()
@@ -373,25 +386,25 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str
     return masks
 
 
-def _counts(tensors: Iterable[torch.Tensor]) -> dict[str, float]:
-    numel = zeros = 0
-    for tensor in tensors:
-        numel += tensor.numel()
-        zeros += int((tensor == 0).sum())
-    return {"numel": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0}
+def _counts(numels: Iterable[int], zeros: Iterable[int]) -> dict[str, float]:
+    numel, zero = sum(numels), sum(zeros)
+    return {"numel": numel, "zeros": zero, "sparsity": zero / numel if numel else 0.0}
 
 
 @torch.no_grad()
 def measure_sparsity(
     tensors: Mapping[str, torch.Tensor], layer_names: Iterable[str], parameter_names: Iterable[str]
 ) -> dict:
-    """Per-layer, prunable-set and all-parameter sparsity of named tensors (zeros counted in the tensors)."""
+    """Per-layer, prunable-set and all-parameter sparsity of named tensors (zeros counted in the tensors; sharded
+    tensors counted over every shard)."""
     layer_names = list(layer_names)
     parameter_names = [name for name in parameter_names if name in tensors]
+    names = list(dict.fromkeys(parameter_names + layer_names))
+    zeros = dict(zip(names, _summed_counts([tensors[n] for n in names], lambda t: (t == 0).sum()).tolist()))
     return {
-        "layers": {name: _counts([tensors[name]]) for name in layer_names},
-        "prunable": _counts(tensors[name] for name in layer_names),
-        "total": _counts(tensors[name] for name in parameter_names),
+        "layers": {name: _counts([tensors[name].numel()], [zeros[name]]) for name in layer_names},
+        "prunable": _counts((tensors[n].numel() for n in layer_names), (zeros[n] for n in layer_names)),
+        "total": _counts((tensors[n].numel() for n in parameter_names), (zeros[n] for n in parameter_names)),
     }
 
 
@@ -400,15 +413,17 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict
     params = dict(unwrap_model(model).named_parameters())
     return {
         **measure_sparsity(params, masks, params),
-        "pruned_by_mask": int(sum(int((~m).sum()) for m in masks.values())),
+        "pruned_by_mask": int(_summed_counts(masks.values(), lambda mask: (~mask).sum()).sum()),
     }
 
 
 def mask_hash(masks: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the masks (sorted names, shapes and packed bits): equal masks, equal hash."""
+    """SHA-256 over the masks (sorted names, shapes and packed bits): equal masks, equal hash. Sharded masks are
+    hashed as the full masks they form (gathered one layer at a time; every process gets the hash)."""
     digest = hashlib.sha256()
     for name in sorted(masks):
-        mask = masks[name].detach().to("cpu", torch.bool)
+        mask = masks[name]
+        mask = (mask.full_tensor() if is_sharded(mask) else mask).detach().to("cpu", torch.bool)
         digest.update(f"{name}:{tuple(mask.shape)};".encode())
         digest.update(np.packbits(mask.reshape(-1).numpy()).tobytes())
     return digest.hexdigest()

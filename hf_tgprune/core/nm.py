@@ -14,6 +14,7 @@ Linear weight. Layers whose flattened input dim is not divisible by `m` have no 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -30,7 +31,7 @@ def _grouped(tensor: torch.Tensor, m: int, name: str = "tensor") -> torch.Tensor
         raise ValueError(
             f"N:M sparsity needs a weight of dimension >= 2 (out, in, ...); {name!r} has shape {tuple(tensor.shape)}."
         )
-    flat = tensor.reshape(tensor.shape[0], -1)
+    flat = tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))  # also for zero rows (a shard)
     if flat.shape[1] % m:
         raise ValueError(
             f"Layer {name!r} has input dim {flat.shape[1]} (shape {tuple(tensor.shape)}), not divisible by m={m}, so "
@@ -40,13 +41,13 @@ def _grouped(tensor: torch.Tensor, m: int, name: str = "tensor") -> torch.Tensor
 
 
 def nm_incompatible_layers(tensors: Mapping[str, torch.Tensor], m: int = 4) -> list[str]:
-    """Names of the tensors whose flattened input dim (`reshape(out, -1).shape[1]`) is not divisible by `m`.
+    """Names of the tensors whose flattened input dim (the product of `shape[1:]`) is not divisible by `m`.
 
     Args:
         tensors: weights or scores keyed by parameter name.
         m: the group size.
     """
-    return [name for name, t in tensors.items() if t.dim() < 2 or t.reshape(t.shape[0], -1).shape[1] % m]
+    return [name for name, t in tensors.items() if t.dim() < 2 or math.prod(t.shape[1:]) % m]
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, name: str = "tensor") -> torch.Tensor:
@@ -115,7 +116,7 @@ def is_nm_sparse(tensor: torch.Tensor, n: int = 2, m: int = 4, exact: bool = Fal
         False also when the flattened input dim is not divisible by `m` (no N:M pattern exists).
     """
     _check_nm(n, m)
-    if tensor.dim() < 2 or tensor.reshape(tensor.shape[0], -1).shape[1] % m:
+    if tensor.dim() < 2 or math.prod(tensor.shape[1:]) % m:
         return False
     counts = (_grouped(tensor.detach(), m) != 0).sum(dim=-1)
     return bool((counts == n).all()) if exact else bool((counts <= n).all())

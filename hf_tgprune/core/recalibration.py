@@ -10,6 +10,7 @@ evaluation and before retraining. No parameter changes; only BatchNorm buffers d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from .adapters import forward_logits, unwrap_model
+from .dtensor import mesh_of, reshard, sum_over_mesh
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -48,6 +50,11 @@ def recalibrate_batchnorm(
         progress: show a progress bar.
         total: number of batches, for the progress bar.
 
+    A model sharded by FSDP2 is recalibrated with the statistics of each *global* batch instead: every BatchNorm layer
+    normalises with, and accumulates, the mean and variance of all processes' parts of the batch (summed over the
+    mesh, two small all-reduces per layer and batch), as one process seeing the whole batch would; so the statistics
+    do not depend on the number of processes. Every rank then needs every batch (zero-length for an empty shard).
+
     Returns:
         The number of images this process forwarded (0 when the model has no BatchNorm layer).
     """
@@ -55,9 +62,11 @@ def recalibrate_batchnorm(
     if not layers:
         return 0
     network = unwrap_model(model)
+    reshard(network)
     modes = {module: module.training for module in network.modules()}
     momenta = {layer: layer.momentum for layer in layers.values()}
     device = next(network.parameters()).device
+    mesh = mesh_of(network.parameters())
     seen = 0
     try:
         network.eval()
@@ -65,13 +74,23 @@ def recalibrate_batchnorm(
             layer.reset_running_stats()
             layer.momentum = None  # cumulative average over the recalibration batches
             layer.train()
+            if mesh is not None:
+                layer.forward = partial(_global_batch_norm, layer, lambda t: sum_over_mesh(t, mesh))
         for batch in tqdm(batches, total=total, desc="Recalibrating BatchNorm", disable=not progress):
-            if batch is None or batch["pixel_values"].shape[0] < 2:  # BatchNorm has no statistics of one image
+            if mesh is not None and batch is None:
+                raise ValueError(
+                    "Under FSDP2 every process must run every recalibration batch; pass zero-length batches for "
+                    "empty shards (hf_tgprune.Pruner does)."
+                )
+            if mesh is None and (batch is None or batch["pixel_values"].shape[0] < 2):  # no statistics of one image
                 continue
             pixel_values = batch["pixel_values"].to(device)
             forward_logits(network, pixel_values)
             seen += pixel_values.shape[0]
-        if all_reduce is not None:
+        if mesh is not None:
+            if all(int(layer.num_batches_tracked) == 0 for layer in layers.values()):
+                raise ValueError("BatchNorm recalibration got no batch of >= 2 images; pass more calibration images.")
+        elif all_reduce is not None:
             _average_over_processes(layers, seen, all_reduce)
         elif seen == 0:
             raise ValueError("BatchNorm recalibration got no images; pass a non-empty calibration set.")
@@ -80,7 +99,35 @@ def recalibrate_batchnorm(
             module.train(training)
         for layer, momentum in momenta.items():
             layer.momentum = momentum
+            layer.__dict__.pop("forward", None)
+        reshard(network)  # FSDP2 keeps a root's weights gathered after a forward without backward
     return seen
+
+
+def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
+    """Train-mode BatchNorm over the global batch whose part `x` this process holds: normalise with the mean and
+    (biased) variance of every process's part, and accumulate them (variance unbiased) as `momentum=None` does."""
+    channels = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    values = x.float()
+    first = all_reduce(torch.cat([values.sum(dims), torch.tensor([x.numel() / channels], device=x.device)]))
+    count = float(first[-1])
+    if count < 2:  # no statistics of one value per channel: normalise with the running ones, as eval mode does
+        return nn.functional.batch_norm(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+        )
+    mean = first[:channels] / count
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    centred = values - mean.view(shape)
+    var = all_reduce(centred.square().sum(dims)) / count
+    layer.num_batches_tracked += 1
+    step = 1.0 / float(layer.num_batches_tracked)
+    layer.running_mean.add_((mean - layer.running_mean) * step)
+    layer.running_var.add_((var * (count / (count - 1)) - layer.running_var) * step)
+    out = centred * torch.rsqrt(var + layer.eps).view(shape)
+    if layer.affine:
+        out = out * layer.weight.view(shape) + layer.bias.view(shape)
+    return out.to(x.dtype)
 
 
 def _average_over_processes(layers: Mapping[str, _BatchNorm], seen: int, all_reduce) -> None:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .adapters import check_same_num_labels, forward_logits, unwrap_model
 from .adapters import teacher_logits as forward_teacher
+from .dtensor import fsdp_mesh, like, local, reshard, sum_over_mesh
 from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
 from .registry import Registry
@@ -102,6 +103,7 @@ def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) ->
     if options.alpha != 0:
         with torch.no_grad():
             teacher_logits = forward_teacher(teacher, batch["pixel_values"])
+        reshard(teacher)  # FSDP2 keeps a root's weights gathered after a forward without backward
         check_finite_logits(teacher_logits, "teacher", teacher)
     return teacher_guided_loss(
         logits,
@@ -232,10 +234,19 @@ def compute_importance_scores(
         raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     if params is None:
         params = prunable_parameters(model)
-    names, weights = list(params), list(params.values())
+    names, sharded_weights = list(params), list(params.values())
+    mesh = fsdp_mesh(sharded_weights)  # None unless FSDP2 shards the weights: then every score is a local shard
+    weights = [local(w) for w in sharded_weights]
     generator = torch.Generator().manual_seed(seed)
     if spec.data_free:
-        return {name: spec.saliency(w, None, generator) for name, w in zip(names, weights)}
+        return {
+            name: like(spec.saliency(w, None, generator), s) for name, w, s in zip(names, weights, sharded_weights)
+        }
+    if mesh is not None and bn_mode == "train":
+        raise ValueError(
+            "scoring_bn_mode='train' normalises each process's shard of a calibration batch on its own, so the masks "
+            "of a sharded (FSDP2) model would depend on the number of processes. Use scoring_bn_mode='eval'."
+        )
     if spec.needs_teacher and teacher is None and options.alpha != 0:
         raise ValueError(f"pruning_method={method!r} needs a teacher model; pass `teacher`.")
     check_same_num_labels(model, teacher)
@@ -252,8 +263,12 @@ def compute_importance_scores(
     steps = 0
     try:
         for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
-            grads, count = _shard_gradients(student, teacher, batch, spec, options, weights, device)
-            if all_reduce is not None:
+            if mesh is not None:  # FSDP2 has already summed the gradients into this rank's shards
+                grads, count = _sharded_gradients(student, teacher, batch, spec, options, sharded_weights, mesh)
+                count = sum_over_mesh(count.reshape(1), mesh)[0]
+            else:
+                grads, count = _shard_gradients(student, teacher, batch, spec, options, weights, device)
+            if mesh is None and all_reduce is not None:
                 flat = all_reduce(torch.cat([g.reshape(-1) for g in grads] + [count.reshape(1)]))
                 count = flat[-1]
                 grads = list(torch.split(flat[:-1], [w.numel() for w in weights]))
@@ -275,7 +290,7 @@ def compute_importance_scores(
     if aggregation == "ema":
         for score in scores.values():
             score.div_(1.0 - ema_momentum**steps)
-    return scores
+    return {name: like(score, s) for (name, score), s in zip(scores.items(), sharded_weights)}
 
 
 def _shard_gradients(student, teacher, batch, spec, options, weights, device):
@@ -298,3 +313,31 @@ def _shard_gradients(student, teacher, batch, spec, options, weights, device):
     grads = torch.autograd.grad(losses.sum(), weights, allow_unused=True)
     grads = [torch.zeros_like(w, dtype=torch.float32) if g is None else g.float() for w, g in zip(weights, grads)]
     return grads, torch.tensor(float(losses.numel()), device=device)
+
+
+def _sharded_gradients(student, teacher, batch, spec, options, weights, mesh):
+    """Under FSDP2: this rank's shard of the gradient of the per-sample loss summed over the *global* batch, and the
+    number of samples of this rank's part of it.
+
+    FSDP2 computes gradients only through `backward` (its all-gathered weights are not the parameters autograd sees),
+    and reduce-scatters them averaged over the processes: the sum is the average times the number of processes. Every
+    rank runs the forward and backward (the collectives need all of them), with a zero-length batch when its part of
+    the global batch is empty. `.grad` is cleared afterwards.
+    """
+    if batch is None:
+        raise ValueError(
+            "Under FSDP2 every process must run every calibration batch; pass zero-length batches for empty shards "
+            "(hf_tgprune.Pruner does)."
+        )
+    batch = _to_device(batch, local(weights[0]).device)
+    if "labels" not in batch:
+        raise ValueError("Calibration batches need `labels`; add a labels column to the calibration dataset.")
+    losses = spec.batch_loss(student, teacher, batch, options)
+    student.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    grads = [
+        torch.zeros_like(local(w), dtype=torch.float32) if w.grad is None else local(w.grad).float().mul_(mesh.size())
+        for w in weights
+    ]
+    student.zero_grad(set_to_none=True)
+    return grads, torch.tensor(float(losses.numel()), device=grads[0].device)

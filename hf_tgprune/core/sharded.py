@@ -11,11 +11,13 @@ memory per process: one layer's keys, two histograms and that table; the score v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys
+from .dtensor import fsdp_mesh, like, local, sum_over_mesh
+from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys, prune_zeros_first
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -100,6 +102,58 @@ def sharded_global_masks(
         keep[at_threshold[prune_here:]] = True
         masks[name] = keep.reshape(local_scores[name].shape)
     return masks
+
+
+def select_sharded_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    min_density: float = 0.0,
+    allocation: str = "global",
+) -> dict[str, torch.Tensor]:
+    """`select_masks` for scores that are DTensors sharded as FSDP2 shards their weights: the same masks, bit for
+    bit, as DTensors laid out like the scores, computed from local shards and all-reduced histograms only.
+
+    Args:
+        scores: DTensor scores (`Shard(0)` on one 1-D device mesh), one per prunable weight, in the same order on
+            every process.
+        sparsity: the target, in [0, 1).
+        weights: the (sharded) weights; when given, weights that are already zero are pruned first.
+        min_density: must be 0: a per-layer guard would need each layer's top-k across shards.
+        allocation: must be `"global"`.
+    """
+    if allocation != "global":
+        raise ValueError(
+            f"layer_allocation={allocation!r} is not available for sharded (FSDP2) weights, only 'global' (one "
+            "threshold over all layers). Set layer_allocation='global', or prune the unsharded model."
+        )
+    if min_density > 0:
+        raise ValueError(
+            f"A per-layer minimum density ({min_density:.4g}, from min_layer_density / layer_density_floor) is not "
+            "available for sharded (FSDP2) weights. Set min_layer_density=0 and layer_density_floor=0, or prune the "
+            "unsharded model."
+        )
+    mesh = fsdp_mesh(scores.values())
+    if mesh is None:
+        raise ValueError("select_sharded_masks needs DTensor scores; use select_masks for plain tensors.")
+    local_scores = {name: local(score) for name, score in scores.items()}
+    if weights is not None:
+        lowest = min((float(s.min()) for s in local_scores.values() if s.numel()), default=math.inf)
+        lowest = torch.tensor([-lowest], dtype=torch.float64)  # the lowest score over all shards: max of negatives
+        import torch.distributed as dist
+
+        dist.all_reduce(lowest, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        local_weights = {name: local(weights[name]) for name in scores}
+        local_scores = prune_zeros_first(local_scores, local_weights, lowest=-float(lowest))
+    masks = sharded_global_masks(
+        local_scores,
+        sparsity,
+        all_reduce=lambda tensor: sum_over_mesh(tensor, mesh),
+        rank=mesh.get_local_rank(),
+        world_size=mesh.size(),
+    )
+    return {name: like(mask, scores[name]) for name, mask in masks.items()}
 
 
 def process_group_all_reduce(group=None) -> AllReduce:

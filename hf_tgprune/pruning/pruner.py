@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core.adapters import check_same_num_labels
 from ..core.callbacks import GlobalMaskCallback
+from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like, sum_over_mesh
 from ..core.masking import (
     MaskFileError,
     apply_masks,
@@ -48,10 +49,16 @@ from ..core.masking import (
 from ..core.nm import nm_incompatible_layers, nm_masks
 from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
 from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+from ..core.sharded import select_sharded_masks
 from ..data.collate import check_labelled, collate_fn
 from ..data.splits import deterministic_sample
 from ..io.export import fused_sparsity
 from ..io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state, write_pruning_state
+from ..io.serialization.sharded_state import (
+    SHARDED_STATE_NAME,
+    read_sharded_pruning_state,
+    write_sharded_pruning_state,
+)
 from ..methods import PruningMethod, build_method, get_method
 from ..methods.imp import imp_sparsities
 from .config import PruningArguments, parse_nm_pattern
@@ -65,18 +72,32 @@ def shard_bounds(batch_size: int, rank: int, world_size: int) -> tuple[int, int]
 
 
 class ShardedBatches:
-    """Global calibration batches in a fixed order; this rank loads its slice of each (None when it is empty)."""
+    """Global calibration batches in a fixed order; this rank loads its slice of each (None when it is empty, or a
+    zero-length batch with `zero_length_empty`: a model sharded by FSDP2 needs every rank in every forward)."""
 
-    def __init__(self, dataset, global_batch_size, rank, world_size, collate_fn, num_workers=0, pin_memory=False):
+    def __init__(
+        self,
+        dataset,
+        global_batch_size,
+        rank,
+        world_size,
+        collate_fn,
+        num_workers=0,
+        pin_memory=False,
+        zero_length_empty=False,
+    ):
         n = len(dataset)
         self.global_batches = [list(range(i, min(i + global_batch_size, n))) for i in range(0, n, global_batch_size)]
         self.shards = []
         for indices in self.global_batches:
             start, stop = shard_bounds(len(indices), rank, world_size)
             self.shards.append(indices[start:stop])
+        self.zero_length_empty = zero_length_empty
+        # an empty shard loads one image of its global batch, cut to zero length (its shapes and dtypes)
+        loaded = [shard or indices[:1] for shard, indices in zip(self.shards, self.global_batches)]
         self.loader = DataLoader(
             dataset,
-            batch_sampler=[shard for shard in self.shards if shard],
+            batch_sampler=loaded if zero_length_empty else [shard for shard in self.shards if shard],
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -88,7 +109,12 @@ class ShardedBatches:
     def __iter__(self):
         loaded = iter(self.loader)
         for shard in self.shards:
-            yield next(loaded) if shard else None
+            if shard:
+                yield next(loaded)
+            elif self.zero_length_empty:
+                yield {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in next(loaded).items()}
+            else:
+                yield None
 
 
 def validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset, prunes=True) -> None:
@@ -161,6 +187,31 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
     check_labelled(source, argument)  # partly labelled data, where cheap to see (else collate_fn, per batch)
 
 
+def check_shardable(args: PruningArguments, method: PruningMethod) -> None:
+    """Refuse, before any work, settings that pruning weights sharded by FSDP2 cannot honour exactly."""
+    if not method.one_shot:
+        raise ValueError(
+            f"pruning_method={args.pruning_method!r} changes its masks during training, which is not available for "
+            "weights sharded by FSDP2. Use a one-shot method ('magnitude', 'tgp', 'tgp_fisher', 'snip', ...)."
+        )
+    if args.sparsity_pattern == "unstructured" and args.layer_allocation != "global":
+        raise ValueError(
+            f"layer_allocation={args.layer_allocation!r} is not available for weights sharded by FSDP2, only "
+            "'global'. Set layer_allocation='global' (a signed criterion such as 'tgp_taylor' needs the unsharded "
+            "model)."
+        )
+    if args.min_layer_density > 0 or args.layer_density_floor > 0:
+        raise ValueError(
+            "min_layer_density / layer_density_floor (a per-layer minimum density) are not available for weights "
+            "sharded by FSDP2. Set both to 0."
+        )
+    if args.scoring_bn_mode != "eval":
+        raise ValueError(
+            "scoring_bn_mode='train' normalises each process's part of a batch on its own, so sharded masks would "
+            "depend on the number of processes. Use scoring_bn_mode='eval' under FSDP2."
+        )
+
+
 class Pruner:
     """Prunes one model and owns its pruning state.
 
@@ -202,6 +253,13 @@ class Pruner:
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn
         self.rank, self.world_size, self.all_reduce = 0, 1, None
+        # FSDP2: scores and masks are local shards, laid out like the weights (hf_tgprune.core.dtensor)
+        self.mesh = fsdp_mesh(self.prunable_parameters().values())
+        if self.mesh is not None:
+            check_shardable(self.args, self.method)
+            mesh = self.mesh
+            self.rank, self.world_size = mesh.get_local_rank(), mesh.size()
+            self.all_reduce = lambda tensor: sum_over_mesh(tensor, mesh)
         self.num_workers, self.pin_memory, self.progress = 0, False, True
         self.masks: dict[str, torch.Tensor] | None = None
         self._report: dict | None = None
@@ -209,7 +267,10 @@ class Pruner:
         # the one callback that enforces the masks (or the method's schedule) during training
         self.mask_callback: GlobalMaskCallback = self.method.mask_callback(self) or GlobalMaskCallback(self)
         if masks is not None:
-            self.install(as_bool_masks(masks))
+            params = self.prunable_parameters()
+            self.install(
+                {name: shard_like(mask, params.get(name, mask)) for name, mask in as_bool_masks(masks).items()}
+            )
             self.pruned = True
 
     # --- the report -------------------------------------------------------------------------------------------------
@@ -229,7 +290,8 @@ class Pruner:
             report["empty_layers"] = empty_layers(self.masks)
             report["computed_dense_layers"] = standardized_weight_layers(self.model, self.masks)
             report["unprunable_matrices"] = large_unprunable_matrices(self.model, self.masks)
-            fused = fused_sparsity(self.model, self.masks)  # None unless something in the model fuses
+            # None unless something in the model fuses (a sharded model is not copied to fuse it)
+            fused = None if self.mesh is not None else fused_sparsity(self.model, self.masks)
             if fused is not None:
                 report["fused"] = fused
             self._report = report
@@ -281,6 +343,7 @@ class Pruner:
     # --- building blocks ----------------------------------------------------------------------------------------
     def prunable_parameters(self) -> dict[str, nn.Parameter]:
         """The weights this run prunes (`prune_include` / `prune_exclude`; default: `default_prunable_names` but the head)."""
+        reshard(self.model)  # FSDP2: the sharded parameters, even after a forward (e.g. finding the head)
         return prunable_parameters(self.model, self.args.prune_include, self.args.prune_exclude)
 
     def min_layer_density(self, sparsity: float) -> float:
@@ -312,6 +375,7 @@ class Pruner:
             self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            zero_length_empty=self.mesh is not None,
         )
 
     def compute_scores(self, method: str | None = None, options: ScoringOptions | None = None) -> dict:
@@ -360,6 +424,14 @@ class Pruner:
         sparsity = self.args.sparsity if sparsity is None else sparsity
         if self.args.sparsity_pattern != "unstructured":
             return self._nm_masks(scores)
+        if self.mesh is not None:
+            return select_sharded_masks(
+                scores,
+                sparsity,
+                weights=self.prunable_parameters(),
+                min_density=self.min_layer_density(sparsity),
+                allocation=self.args.layer_allocation,
+            )
         return select_masks(
             scores,
             sparsity,
@@ -370,8 +442,11 @@ class Pruner:
 
     def _nm_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n, m = parse_nm_pattern(self.args.sparsity_pattern)
-        weights = self.prunable_parameters()
-        dense = set(nm_incompatible_layers(weights, m))
+        sharded = self.prunable_parameters()
+        # every group of M lies in one row, and FSDP2 shards whole rows: N:M works shard by shard
+        weights = {name: local(weight) for name, weight in sharded.items()}
+        scores = {name: local(score) for name, score in scores.items()}
+        dense = set(nm_incompatible_layers(sharded, m))  # by the full shapes
         if dense:
             logger.warning(
                 "sparsity_pattern=%r: %d layer(s) whose input size is not a multiple of %d stay dense: %s",
@@ -380,7 +455,7 @@ class Pruner:
         ranked = prune_zeros_first({k: v for k, v in scores.items() if k not in dense}, weights)
         masks = nm_masks(ranked, n, m)
         masks.update({name: torch.ones_like(scores[name], dtype=torch.bool) for name in dense})
-        return {name: masks[name] for name in scores}
+        return {name: like(masks[name], sharded[name]) for name in scores}
 
     def compute_masks(self) -> dict[str, torch.Tensor]:
         """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
@@ -496,9 +571,16 @@ class Pruner:
         )
 
     def save_state(self, folder: str | os.PathLike) -> None:
-        """Write `pruning_state.safetensors` into `folder` (created if needed; the file is written atomically)."""
+        """Write `pruning_state.safetensors` into `folder` (created if needed; the file is written atomically).
+
+        A model sharded by FSDP2 writes `pruning_state_sharded/` instead, each process its own rows of the masks
+        (`hf_tgprune.io.serialization.sharded_state`); every process must call it then.
+        """
         os.makedirs(folder, exist_ok=True)
-        write_pruning_state(self.state(), os.path.join(folder, PRUNING_STATE_NAME))
+        if self.mesh is not None and self.masks is not None:
+            write_sharded_pruning_state(self.state(), folder)
+        else:
+            write_pruning_state(self.state(), os.path.join(folder, PRUNING_STATE_NAME))
 
     def load_state(self, folder: str | os.PathLike) -> None:
         """Restore and verify what `save_state` wrote, and let the method continue from it.
@@ -507,12 +589,18 @@ class Pruner:
         content does not match their recorded hash, and truncated files.
         """
         path = os.path.join(folder, PRUNING_STATE_NAME)
-        if not os.path.isfile(path):
+        if os.path.isdir(os.path.join(folder, SHARDED_STATE_NAME)):  # written sharded: read shard by shard
+            state = read_sharded_pruning_state(folder, self.prunable_parameters())
+        elif os.path.isfile(path):
+            state = read_pruning_state(path)
+            if self.mesh is not None and state.masks is not None:  # an unsharded checkpoint resumed under FSDP2
+                params = self.prunable_parameters()
+                state.masks = {name: shard_like(mask, params[name]) for name, mask in state.masks.items()}
+        else:
             raise MaskFileError(
                 f"{str(folder)!r} has no {PRUNING_STATE_NAME}: it was not written by hf_tgprune, so its masks cannot "
                 "be restored. Resume from one of its own checkpoints."
             )
-        state = read_pruning_state(path)
         if state.pruning_method != self.args.pruning_method and not (
             self.method.one_shot and get_method(state.pruning_method).one_shot
         ):  # one-shot masks are fixed, whichever criterion made them; a schedule's state belongs to its method

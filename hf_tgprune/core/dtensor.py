@@ -1,0 +1,108 @@
+"""Parameters sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`): the few helpers the rest of `core` needs.
+
+Under FSDP2 every parameter is a `DTensor` whose local shard is a contiguous block of rows (`Shard(0)` on a 1-D
+device mesh, rank 0 first; shards may be uneven or empty). hf_tgprune keeps scores and masks of such a parameter as
+DTensors with the same layout: each process holds the rows of its own shard only, and elementwise work (masking a
+weight, its gradient or its optimizer state) runs on local shards without communication. What needs every shard
+(counts, the global threshold, a hash) reduces small tensors over the mesh's process group instead of gathering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+try:  # torch.distributed is optional in some builds; without it nothing is ever sharded
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None
+
+
+def is_sharded(tensor) -> bool:
+    """Whether `tensor` is a DTensor (a parameter, score or mask sharded across processes)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (sharing its storage); any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def like(local_tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`local_tensor` (this process's shard) as a DTensor laid out like `reference`; unchanged if `reference` is not
+    sharded."""
+    if not is_sharded(reference):
+        return local_tensor
+    return DTensor.from_local(
+        local_tensor, reference.device_mesh, reference.placements, shape=reference.shape, stride=reference.stride()
+    )
+
+
+def fsdp_mesh(tensors: Iterable[torch.Tensor]):
+    """The device mesh that shards `tensors` as FSDP2 does (`Shard(0)` on one 1-D mesh), or None if none is sharded.
+
+    Raises:
+        ValueError: some tensors are sharded and others not, or a layout other than FSDP2's (HSDP's 2-D mesh, tensor
+            parallelism's `Shard(1)` / `Replicate`), or two different meshes.
+    """
+    tensors = list(tensors)
+    sharded = [t for t in tensors if is_sharded(t)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise ValueError(
+            f"{len(tensors) - len(sharded)} of {len(tensors)} prunable weights are not sharded while the others are "
+            "DTensors: apply fully_shard to the root module too (every parameter sharded), or prune the unsharded "
+            "model."
+        )
+    mesh = sharded[0].device_mesh
+    for tensor in sharded:
+        if tensor.device_mesh != mesh or mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+            raise ValueError(
+                f"A prunable weight is laid out as {tuple(tensor.placements)} on {tensor.device_mesh}: hf_tgprune "
+                "prunes parameters sharded as FSDP2's fully_shard shards them (Shard(0) on one 1-D mesh). Use "
+                "fully_shard without a 2-D (HSDP) mesh or tensor parallelism while pruning."
+            )
+    return mesh
+
+
+def sum_over_mesh(tensor: torch.Tensor, mesh) -> torch.Tensor:
+    """Sum `tensor` over the processes of `mesh` in place and return it (unchanged when `mesh` is None)."""
+    if mesh is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return tensor
+
+
+def mesh_of(tensors: Iterable[torch.Tensor]):
+    """The device mesh of the first sharded tensor among `tensors` (None if none is sharded); no checks."""
+    return next((t.device_mesh for t in tensors if is_sharded(t)), None)
+
+
+def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """This process's rows of the full tensor `full`, as a DTensor laid out like `reference` (sliced locally, no
+    communication); `full` itself when `reference` is not sharded."""
+    if not is_sharded(reference) or is_sharded(full):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        full.to(local(reference).device), reference.device_mesh, reference.placements, src_data_rank=None
+    )
+
+
+def reshard(module: torch.nn.Module | None) -> None:
+    """Put every FSDP2 module of `module` back in its sharded state. FSDP2 keeps the root's parameters gathered after
+    a forward that no backward followed (it expects one); a forward run only to inspect, score with a teacher or
+    recalibrate BatchNorm would otherwise leave whole weights on every process."""
+    if module is None:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.reshard()

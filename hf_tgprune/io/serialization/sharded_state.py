@@ -1,0 +1,128 @@
+"""``pruning_state_sharded/``: the pruning state of a model sharded by FSDP2, written and read shard by shard.
+
+Every process writes the rows of the masks it holds through `torch.distributed.checkpoint` with its safetensors
+storage (`HuggingFaceStorageWriter(save_distributed=True)`: one ``shard-*.safetensors`` file per process, each
+header giving the offsets of its rows), and rank 0 writes ``header.json`` (method, settings, target sparsity and
+the SHA-256 of the full masks, :func:`hf_tgprune.core.masking.mask_hash`). Reading loads into masks laid out like the
+current parameters, so a checkpoint resumes on another number of processes, or unsharded in one. No mask is ever
+gathered whole on one process, and no file is unpickled: safetensors and JSON only.
+
+The folder is written as ``pruning_state_sharded.partial`` and renamed when complete (``header.json`` is written
+last); a reader refuses a folder without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+
+import torch
+
+from ...core.dtensor import is_sharded, like, local
+from ...core.masking import MaskFileError, mask_hash
+from ...core.utils import atomic_path
+from .pruning_state import FORMAT_VERSION, PruningState
+
+SHARDED_STATE_NAME = "pruning_state_sharded"
+HEADER_NAME = "header.json"
+_MASK = "mask."
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) -> None:
+    """Write `state` (masks that are DTensors) into ``folder/pruning_state_sharded``; every process must call it."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    if state.masks is None or not all(is_sharded(mask) for mask in state.masks.values()):
+        raise ValueError("write_sharded_pruning_state writes sharded (DTensor) masks; use write_pruning_state.")
+    if state.method_state.get("tensors"):
+        raise ValueError(f"pruning_method={state.pruning_method!r} keeps tensors of its own: it cannot be sharded.")
+    target = os.path.join(folder, SHARDED_STATE_NAME)
+    partial = f"{target}.partial"
+    if _is_rank_zero():
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    digest = mask_hash(state.masks)  # collective: every process gathers each layer's mask in turn
+    tensors = {f"{_MASK}{name}": mask for name, mask in state.masks.items()}
+    save(tensors, storage_writer=HuggingFaceStorageWriter(partial, save_distributed=True))
+    _barrier()
+    if _is_rank_zero():
+        header = {
+            "format_version": FORMAT_VERSION,
+            "pruning_method": str(state.pruning_method),
+            "pruning_method_args": state.pruning_method_args,
+            "target_sparsity": float(state.target_sparsity),
+            "method_state": state.method_state,
+            "masks": {name: list(mask.shape) for name, mask in state.masks.items()},
+            "mask_sha256": digest,
+        }
+        with atomic_path(os.path.join(partial, HEADER_NAME)) as tmp, open(tmp, "w") as handle:
+            json.dump(header, handle, indent=1, sort_keys=True)
+        old = f"{target}.old"
+        if os.path.isdir(target):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(partial, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, torch.Tensor]) -> PruningState:
+    """Read ``folder/pruning_state_sharded`` into masks laid out like `params` (DTensors or plain tensors); every
+    process must call it.
+
+    Raises:
+        MaskFileError: the folder is incomplete or corrupted, names other weights, or its masks do not match the
+            hash in its header.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    path = os.path.join(folder, SHARDED_STATE_NAME)
+    fix = "Resume from an earlier checkpoint or prune again."
+    try:
+        with open(os.path.join(path, HEADER_NAME)) as handle:
+            header = json.load(handle)
+        shapes = {name: tuple(shape) for name, shape in header["masks"].items()}
+        state = PruningState(
+            pruning_method=str(header["pruning_method"]),
+            target_sparsity=float(header["target_sparsity"]),
+            pruning_method_args=dict(header["pruning_method_args"]),
+            method_state=dict(header["method_state"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MaskFileError(
+            f"Cannot read the sharded pruning state {path!r} ({err}); it is incomplete. {fix}"
+        ) from err
+    wrong = {n for n in set(shapes) | set(params) if n not in params or shapes.get(n) != tuple(params[n].shape)}
+    if wrong:
+        raise MaskFileError(
+            f"The sharded pruning state {path!r} holds masks for other weights than this model's (e.g. "
+            f"{sorted(wrong)[:3]}). Resume with the model it was written for."
+        )
+    masks = {name: like(torch.zeros(local(params[name]).shape, dtype=torch.bool), params[name]) for name in shapes}
+    try:
+        load({f"{_MASK}{name}": mask for name, mask in masks.items()}, storage_reader=HuggingFaceStorageReader(path))
+    except Exception as err:  # DCP's and safetensors' own error types
+        raise MaskFileError(f"Cannot read the sharded pruning state {path!r} ({err}). {fix}") from err
+    if mask_hash(masks) != header["mask_sha256"]:
+        raise MaskFileError(
+            f"The masks in {path!r} do not match the hash recorded when they were written "
+            f"({str(header['mask_sha256'])[:12]}...): a file was modified or corrupted. {fix}"
+        )
+    state.masks = masks
+    return state

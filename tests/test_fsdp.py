@@ -1,0 +1,213 @@
+"""Pruning a model sharded by FSDP2 (`fully_shard`, gloo on CPU): the masks, BatchNorm statistics and checkpoints
+equal those of one process over the same data, for 2 and 4 processes, without gathering scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hf_tgprune import Pruner, PruningArguments
+from hf_tgprune.core.masking import mask_hash
+from hf_tgprune.core.recalibration import batchnorm_layers
+
+CASES = {  # name -> pruning settings; sparsity 0.8 throughout
+    "magnitude": {"pruning_method": "magnitude"},
+    "tgp": {"pruning_method": "tgp", "pruning_rounds": 1},
+    "tgp_fisher": {"pruning_method": "tgp_fisher"},  # 5 rounds, BatchNorm recalibrated between them
+    "tgp_fisher 2:4": {"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"},
+}
+
+
+class Net(nn.Module):
+    """Channel counts that 4 processes shard unevenly (6 rows: 2/2/2/0; 3 rows: 1/1/1/0)."""
+
+    def __init__(self, width: int = 6, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.conv3 = nn.Conv2d(12, 3, 1)
+        self.fc = nn.Linear(3 * 4 * 4, 8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.adaptive_avg_pool2d(self.conv3(x), 4).flatten(1)
+        return self.head(torch.relu(self.fc(x)))
+
+
+def models():
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(width=8)
+    for module in (student, teacher):  # BatchNorm statistics that differ from the defaults
+        for layer in batchnorm_layers(module).values():
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+    return student, teacher
+
+
+def dataset(n: int = 22):
+    generator = torch.Generator().manual_seed(1)
+    return [
+        {"pixel_values": torch.randn(3, 8, 8, generator=generator), "labels": int(i % 5)}
+        for i in range(n)
+    ]
+
+
+def arguments(case: str) -> PruningArguments:
+    # scoring on 18 images in batches of 8: the last global batch has 2, so 4 processes get 0/1/0/1 of it (zero-length
+    # batches on two ranks); recalibration on 16 images: 8 + 8
+    return PruningArguments(
+        sparsity=0.8, num_calibration_samples=18, calibration_batch_size=8, recalibration_samples=16, **CASES[case]
+    )
+
+
+def prune(student, teacher, case: str) -> tuple[str, dict, dict]:
+    pruner = Pruner(student, arguments(case), teacher=teacher, calibration_dataset=dataset())
+    pruner.progress = False
+    report = pruner.prune()
+    stats = {
+        f"{name}.{key}": getattr(layer, key).detach().clone()
+        for name, layer in batchnorm_layers(student).items()
+        for key in ("running_mean", "running_var")
+    }
+    return report["mask_sha256"], {k: report[k]["sparsity"] for k in ("prunable", "total")}, stats
+
+
+def _sharded_worker(rank, world_size, init_file, results, checkpoint):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        out = {}
+        for case in CASES:
+            student, teacher = models()
+            fully_shard(student)
+            fully_shard(teacher)
+            out[case] = prune(student, teacher, case)
+        # train with the masks: pruned weights, gradients and Adam states stay exactly zero on every shard
+        student, teacher = models()
+        fully_shard(student)
+        pruner = Pruner(student, arguments("magnitude"), teacher=teacher, calibration_dataset=dataset())
+        pruner.progress = False
+        pruner.prune()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=0.1, weight_decay=0.1)
+        pruner.mask_callback.start(student, optimizer)
+        batch = torch.stack([example["pixel_values"] for example in dataset()])
+        for _ in range(3):
+            student(batch).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pruner.mask_callback.enforce(optimizer)
+        params = dict(student.named_parameters())
+        revived = 0
+        for name, mask in pruner.masks.items():
+            tensors = [params[name], *(v for v in optimizer.state[params[name]].values() if v.shape == mask.shape)]
+            revived += sum(int((t.to_local()[~mask.to_local()] != 0).sum()) for t in tensors)
+        out["revived"] = revived
+        out["trained_hash"] = pruner.report["mask_sha256"]
+        if checkpoint is not None:
+            if checkpoint["mode"] == "save":
+                pruner.save_state(checkpoint["folder"])
+            out["saved_hash"] = mask_hash(pruner.masks)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def _loading_worker(rank, world_size, init_file, results, folder):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        student, _ = models()
+        fully_shard(student)
+        pruner = Pruner(student, arguments("magnitude"), calibration_dataset=dataset())
+        pruner.load_state(folder)
+        results[rank] = {"hash": mask_hash(pruner.masks), "local": type(next(iter(pruner.masks.values()))).__name__}
+    finally:
+        dist.destroy_process_group()
+
+
+def run(worker, world_size, tmp_path, *args):
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world_size, str(tmp_path / f"init-{world_size}"), results, *args), nprocs=world_size)
+    return dict(results)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    out = {}
+    for case in CASES:
+        student, teacher = models()
+        out[case] = prune(student, teacher, case)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_pruning_equals_one_process(world_size, tmp_path, single_process):
+    folder = tmp_path / "checkpoint"
+    checkpoint = {"mode": "save", "folder": str(folder)} if world_size == 2 else None
+    results = run(_sharded_worker, world_size, tmp_path, checkpoint)
+    for case, (digest, sparsity, stats) in single_process.items():
+        for rank in range(world_size):
+            sharded_digest, sharded_sparsity, sharded_stats = results[rank][case]
+            assert sharded_digest == digest, (case, rank)  # the same masks, bit for bit
+            assert sharded_sparsity == sparsity
+            for key, value in stats.items():  # BatchNorm statistics of the global batches
+                torch.testing.assert_close(sharded_stats[key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
+    assert all(results[rank]["revived"] == 0 for rank in range(world_size))
+    assert results[0]["trained_hash"] == single_process["magnitude"][0]
+    if checkpoint is None:
+        return
+    # the sharded checkpoint: one safetensors file per process, resumed on 4 processes and in one
+    files = sorted(p.name for p in (folder / "pruning_state_sharded").iterdir())
+    assert files == ["header.json", *sorted(f for f in files if f.startswith("shard-"))] and len(files) == 3
+    (tmp_path / "load4").mkdir()
+    loaded = run(_loading_worker, 4, tmp_path / "load4", str(folder))
+    assert {r["hash"] for r in loaded.values()} == {results[0]["saved_hash"]}
+    assert {r["local"] for r in loaded.values()} == {"DTensor"}
+    student, _ = models()
+    pruner = Pruner(student, arguments("magnitude"), calibration_dataset=dataset())
+    pruner.load_state(folder)
+    assert mask_hash(pruner.masks) == results[0]["saved_hash"]
+    assert pruner.report["prunable"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_settings_sharded_weights_cannot_honour_are_refused_before_pruning(tmp_path):
+    results = run(_refusal_worker, 2, tmp_path)
+    assert results[0] == results[1]
+    assert "layer_allocation='global'" in results[0]["lamp"]
+    assert "min_layer_density" in results[0]["floor"]
+    assert "scoring_bn_mode='eval'" in results[0]["train-mode"]
+    assert "one-shot" in results[0]["dg2pf"]
+
+
+def _refusal_worker(rank, world_size, init_file, results):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        student, teacher = models()
+        fully_shard(student)
+        out = {}
+        for name, settings in {
+            "lamp": {"pruning_method": "magnitude", "layer_allocation": "lamp"},
+            "floor": {"pruning_method": "magnitude", "layer_density_floor": 0.5},
+            "train-mode": {"pruning_method": "tgp", "scoring_bn_mode": "train"},
+            "dg2pf": {"pruning_method": "dg2pf"},
+        }.items():
+            try:
+                Pruner(student, PruningArguments(sparsity=0.8, **settings), teacher=teacher, train_dataset=dataset())
+            except ValueError as err:
+                out[name] = str(err)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
