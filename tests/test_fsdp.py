@@ -53,10 +53,7 @@ def models():
 
 def dataset(n: int = 22):
     generator = torch.Generator().manual_seed(1)
-    return [
-        {"pixel_values": torch.randn(3, 8, 8, generator=generator), "labels": int(i % 5)}
-        for i in range(n)
-    ]
+    return [{"pixel_values": torch.randn(3, 8, 8, generator=generator), "labels": int(i % 5)} for i in range(n)]
 
 
 def arguments(case: str) -> PruningArguments:

@@ -81,3 +81,20 @@ def test_processes_with_shards_give_the_single_process_masks(world_size, tmp_pat
         }
         assert mask_hash(joined) == mask_hash(expected_masks(full, sparsity)), (seed, ties, signed, sparsity)
         assert all(torch.equal(masks["head.weight"], per_rank[0]["head.weight"]) for masks in per_rank)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_zero_weights_first_without_copying_the_scores_equals_prune_zeros_first(signed):
+    from hf_tgprune.core.masking import prune_zeros_first
+
+    full = scores(3, True, signed)
+    generator = torch.Generator().manual_seed(4)
+    weights = {name: torch.randn(s.shape, generator=generator) * (torch.rand(s.shape, generator=generator) > 0.4)
+               for name, s in full.items()}  # fmt: skip
+    lowest = min(float(s.min()) for s in full.values())
+    for sparsity in (0.2, 0.5, 0.9):  # below, at and above the share of zero weights
+        masks = sharded_global_masks(
+            full, sparsity, all_reduce=lambda t: t, rank=0, world_size=1, zeros_first=weights,
+            fill=min(-1.0, lowest - 1.0),
+        )  # fmt: skip
+        assert mask_hash(masks) == mask_hash(global_masks(prune_zeros_first(full, weights), sparsity))

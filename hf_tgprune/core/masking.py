@@ -255,7 +255,7 @@ def lamp_normalize(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def prune_zeros_first(
-    scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], lowest: float | None = None
+    scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Scores with every weight that is already exactly zero moved below all others (to -1, or below the lowest score
     of every layer when a signed criterion gives scores under -1).
@@ -263,8 +263,7 @@ def prune_zeros_first(
     A student that is already sparse (or a mask being tightened) then loses its zeros first, and the weights that
     still carry a value are ranked among themselves; the pruned count stays exact.
     """
-    if lowest is None:  # the lowest score of all layers (given when the scores are shards of larger tensors)
-        lowest = min((float(score.min()) for score in scores.values() if score.numel()), default=0.0)
+    lowest = min((float(score.min()) for score in scores.values() if score.numel()), default=0.0)
     fill = min(-1.0, lowest - 1.0)
     out = {}
     for name, score in scores.items():

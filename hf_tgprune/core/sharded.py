@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 
 from .dtensor import fsdp_mesh, like, local, sum_over_mesh
-from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys, prune_zeros_first
+from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,6 +30,8 @@ def sharded_global_masks(
     rank: int,
     world_size: int,
     replicated: Collection[str] = (),
+    zeros_first: Mapping[str, torch.Tensor] | None = None,
+    fill: float = -1.0,
 ) -> dict[str, torch.Tensor]:
     """The masks of this process's shards that `global_masks` would give over the full scores, bit for bit.
 
@@ -42,6 +44,9 @@ def sharded_global_masks(
         rank: this process's rank.
         world_size: the number of processes.
         replicated: layers that every process holds whole (not sharded), with equal scores everywhere; counted once.
+        zeros_first: this process's shards of the weights: where a weight is exactly zero its score counts as
+            `fill` (as `prune_zeros_first` does, but one layer at a time, without a copy of the scores).
+        fill: the score of a zero weight (below every score of every process).
 
     Returns:
         bool masks shaped like `local_scores` (True = kept); equal on every process for replicated layers.
@@ -59,8 +64,13 @@ def sharded_global_masks(
     def counted(name: str) -> bool:  # a replicated layer is counted by rank 0 only
         return name not in replicated or rank == 0
 
+    fill_key = int(_sortable_keys(torch.tensor([fill], dtype=torch.float32), True)[0])
+
     def keys_of(name: str) -> torch.Tensor:  # the flip for negative keys is exact whatever the shard holds
-        return _sortable_keys(local_scores[name], True)
+        keys = _sortable_keys(local_scores[name], True)  # a new tensor: filled in place
+        if zeros_first is not None:
+            keys.masked_fill_(zeros_first[name].detach().reshape(-1).to(keys.device) == 0, fill_key)
+        return keys
 
     local_total = sum(local_scores[n].numel() for n in names if counted(n))
     total = int(all_reduce(torch.tensor([local_total], dtype=torch.int64, device=device)).item())
@@ -138,20 +148,23 @@ def select_sharded_masks(
     if mesh is None:
         raise ValueError("select_sharded_masks needs DTensor scores; use select_masks for plain tensors.")
     local_scores = {name: local(score) for name, score in scores.items()}
-    if weights is not None:
+    fill, local_weights = -1.0, None
+    if weights is not None:  # zero weights first, below the lowest score of every shard (as prune_zeros_first)
         lowest = min((float(s.min()) for s in local_scores.values() if s.numel()), default=math.inf)
         lowest = torch.tensor([-lowest], dtype=torch.float64)  # the lowest score over all shards: max of negatives
         import torch.distributed as dist
 
         dist.all_reduce(lowest, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        fill = min(-1.0, -float(lowest) - 1.0)
         local_weights = {name: local(weights[name]) for name in scores}
-        local_scores = prune_zeros_first(local_scores, local_weights, lowest=-float(lowest))
     masks = sharded_global_masks(
         local_scores,
         sparsity,
         all_reduce=lambda tensor: sum_over_mesh(tensor, mesh),
         rank=mesh.get_local_rank(),
         world_size=mesh.size(),
+        zeros_first=local_weights,
+        fill=fill,
     )
     return {name: like(mask, scores[name]) for name, mask in masks.items()}
 
