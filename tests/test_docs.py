@@ -11,7 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # pages whose ```python blocks are run; CONTRIBUTING.md (docs/contributing.md) shows a method class to copy, not a
 # program, and the benchmark pages hold commands only
-EXECUTED_PAGES = ["index.md", "usage.md", "methods.md", "recipe.md", "saving.md", "inference.md", "failures.md"]
+EXECUTED_PAGES = [
+    "index.md",
+    "usage.md",
+    "methods.md",
+    "recipe.md",
+    "saving.md",
+    "inference.md",
+    "failures.md",
+    "sharded.md",
+]
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -3,6 +3,12 @@ equal those of one process over the same data, for 2 and 4 processes, without ga
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -88,6 +94,11 @@ def _sharded_worker(rank, world_size, init_file, results, checkpoint):
             fully_shard(student)
             fully_shard(teacher)
             out[case] = prune(student, teacher, case)
+        # only two layers sharded: the other weights are replicated, scored on every process and counted once
+        student, teacher = models()
+        fully_shard(student.conv2)
+        fully_shard(student.fc)
+        out["partly sharded"] = prune(student, teacher, "tgp_fisher")
         # train with the masks: pruned weights, gradients and Adam states stay exactly zero on every shard
         student, teacher = models()
         fully_shard(student)
@@ -160,6 +171,7 @@ def test_sharded_pruning_equals_one_process(world_size, tmp_path, single_process
             assert sharded_sparsity == sparsity
             for key, value in stats.items():  # BatchNorm statistics of the global batches
                 torch.testing.assert_close(sharded_stats[key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
+    assert all(results[rank]["partly sharded"][0] == single_process["tgp_fisher"][0] for rank in range(world_size))
     assert all(results[rank]["revived"] == 0 for rank in range(world_size))
     assert results[0]["trained_hash"] == single_process["magnitude"][0]
     if checkpoint is None:
@@ -208,3 +220,45 @@ def _refusal_worker(rank, world_size, init_file, results):
         results[rank] = out
     finally:
         dist.destroy_process_group()
+
+
+TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_trainer.py"
+
+
+def _launch(cmd, out):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+
+
+@pytest.mark.slow
+def test_trainer_prunes_trains_and_saves_a_model_sharded_with_fully_shard(tmp_path):
+    single = _launch([sys.executable, str(TRAINER_SCRIPT), str(tmp_path / "single")], tmp_path / "single")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547"]  # fmt: skip
+    multi = _launch([*launch, str(TRAINER_SCRIPT), str(tmp_path / "multi")], tmp_path / "multi")
+    assert [r["rank"] for r in multi] == [0, 1] and all(r["sharded"] for r in multi) and not single[0]["sharded"]
+    # the trainer's masks over the shards are the single process's, and stay so through training
+    assert (
+        {r["mask_hash"] for r in multi} == {r["mask_hash_after_training"] for r in multi} == {single[0]["mask_hash"]}
+    )
+    assert all(r["revived"] == 0 for r in multi)
+    # checkpoint-2 holds the masks shard by shard; a fresh sharded model loads it: the same masks, the weights
+    # bit for bit, no pruned weight revived
+    assert all("pruning_state_sharded" in r["checkpoint_files"] for r in multi)
+    assert "pruning_state.safetensors" in single[0]["checkpoint_files"]
+    assert {r["resumed_hash"] for r in multi + single} == {single[0]["mask_hash"]}
+    assert all(r["loaded_exactly"] and r["resumed_revived"] == 0 for r in multi + single)
+    # save_model gathered the weights onto rank 0 and wrote the usual folder: it loads, and is as sparse as the mask
+    from hf_tgprune import load_sparse
+    from tests.utils import make_model
+
+    for run in ("single", "multi"):
+        folder = tmp_path / run / "final"
+        record = json.loads((folder / "sparsity.json").read_text())["sparsity"]
+        assert record["prunable"]["sparsity"] == pytest.approx(0.9, abs=1e-4) and record["masks_enforced"]
+        model = load_sparse(str(folder), make_model("timm_resnet", seed=5))  # verified against sparsity.json
+        zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in record["layers"])
+        assert zeros == record["prunable"]["zeros"] >= round(0.9 * record["prunable"]["numel"])

@@ -41,21 +41,16 @@ def like(local_tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def fsdp_mesh(tensors: Iterable[torch.Tensor]):
     """The device mesh that shards `tensors` as FSDP2 does (`Shard(0)` on one 1-D mesh), or None if none is sharded.
+    Tensors that are not DTensors (parameters outside every `fully_shard` unit) are replicated: every process holds
+    them whole and equal.
 
     Raises:
-        ValueError: some tensors are sharded and others not, or a layout other than FSDP2's (HSDP's 2-D mesh, tensor
-            parallelism's `Shard(1)` / `Replicate`), or two different meshes.
+        ValueError: a layout other than FSDP2's (HSDP's 2-D mesh, tensor parallelism's `Shard(1)` / `Replicate`), or
+            two different meshes.
     """
-    tensors = list(tensors)
     sharded = [t for t in tensors if is_sharded(t)]
     if not sharded:
         return None
-    if len(sharded) != len(tensors):
-        raise ValueError(
-            f"{len(tensors) - len(sharded)} of {len(tensors)} prunable weights are not sharded while the others are "
-            "DTensors: apply fully_shard to the root module too (every parameter sharded), or prune the unsharded "
-            "model."
-        )
     mesh = sharded[0].device_mesh
     for tensor in sharded:
         if tensor.device_mesh != mesh or mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
@@ -106,3 +101,38 @@ def reshard(module: torch.nn.Module | None) -> None:
     for child in module.modules():
         if isinstance(child, FSDPModule):
             child.reshard()
+
+
+def full_state_dict_on_rank_zero(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a model sharded by FSDP2 on rank 0 (CPU tensors, gathered one at a time, so rank 0
+    holds the model once in CPU memory and no process holds it on its device); empty on the other ranks. Every process
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_masks_on_rank_zero(masks) -> dict[str, torch.Tensor] | None:
+    """Sharded masks as full CPU bool tensors on rank 0 (one layer gathered at a time), None on the other ranks; every
+    process must call it. Masks that are not sharded are returned as they are."""
+    if masks is None:
+        return None
+    import torch.distributed as dist
+
+    rank_zero = not dist.is_initialized() or dist.get_rank() == 0
+    full = {}
+    for name, mask in masks.items():
+        gathered = mask.full_tensor() if is_sharded(mask) else mask
+        if rank_zero:
+            full[name] = gathered.to("cpu")
+    return full if rank_zero else None
+
+
+def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict that rank 0 holds (an empty dict on the other ranks) into a model sharded by FSDP2:
+    every process receives its own rows, broadcast from rank 0 one tensor at a time. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(
+        model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )

@@ -80,8 +80,11 @@ def _summed_counts(tensors: Iterable[torch.Tensor], count) -> torch.Tensor:
     """`count(local shard)` of every tensor as one int64 tensor, summed over the processes that shard them (one
     all-reduce for all of them; a `DTensor` reduced to a number directly would give its local part only)."""
     tensors = list(tensors)
-    counts = torch.tensor([int(count(local(t))) for t in tensors], dtype=torch.int64)
-    return sum_over_mesh(counts, mesh_of(tensors))
+    mesh = mesh_of(tensors)
+    # a tensor every process holds whole (replicated next to sharded ones) is counted by the mesh's first rank only
+    counted = [is_sharded(t) or mesh is None or mesh.get_local_rank() == 0 for t in tensors]
+    counts = torch.tensor([int(count(local(t))) if c else 0 for t, c in zip(tensors, counted)], dtype=torch.int64)
+    return sum_over_mesh(counts, mesh)
 
 
 def large_unprunable_matrices(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:

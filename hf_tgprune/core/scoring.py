@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .adapters import check_same_num_labels, forward_logits, unwrap_model
 from .adapters import teacher_logits as forward_teacher
-from .dtensor import fsdp_mesh, like, local, reshard, sum_over_mesh
+from .dtensor import fsdp_mesh, is_sharded, like, local, reshard, sum_over_mesh
 from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
 from .registry import Registry
@@ -336,8 +336,15 @@ def _sharded_gradients(student, teacher, batch, spec, options, weights, mesh):
     student.zero_grad(set_to_none=True)
     losses.sum().backward()
     grads = [
-        torch.zeros_like(local(w), dtype=torch.float32) if w.grad is None else local(w.grad).float().mul_(mesh.size())
+        torch.zeros_like(local(w), dtype=torch.float32)
+        if w.grad is None
+        else local(w.grad).float().mul_(mesh.size() if is_sharded(w) else 1)
         for w in weights
     ]
     student.zero_grad(set_to_none=True)
+    replicated = [g for g, w in zip(grads, weights) if not is_sharded(w)]  # outside FSDP: this rank's part only
+    if replicated:
+        flat = sum_over_mesh(torch.cat([g.reshape(-1) for g in replicated]), mesh)
+        for g, part in zip(replicated, torch.split(flat, [g.numel() for g in replicated])):
+            g.copy_(part.view_as(g))
     return grads, torch.tensor(float(losses.numel()), device=grads[0].device)

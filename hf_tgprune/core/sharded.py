@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .dtensor import fsdp_mesh, like, local, sum_over_mesh
+from .dtensor import fsdp_mesh, is_sharded, like, local, sum_over_mesh
 from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -127,7 +127,8 @@ def select_sharded_masks(
 
     Args:
         scores: DTensor scores (`Shard(0)` on one 1-D device mesh), one per prunable weight, in the same order on
-            every process.
+            every process; plain tensors for weights every process holds whole (outside every `fully_shard` unit),
+            equal everywhere and counted once.
         sparsity: the target, in [0, 1).
         weights: the (sharded) weights; when given, weights that are already zero are pruned first.
         min_density: must be 0: a per-layer guard would need each layer's top-k across shards.
@@ -147,6 +148,7 @@ def select_sharded_masks(
     mesh = fsdp_mesh(scores.values())
     if mesh is None:
         raise ValueError("select_sharded_masks needs DTensor scores; use select_masks for plain tensors.")
+    replicated = {name for name, score in scores.items() if not is_sharded(score)}  # equal on every process
     local_scores = {name: local(score) for name, score in scores.items()}
     fill, local_weights = -1.0, None
     if weights is not None:  # zero weights first, below the lowest score of every shard (as prune_zeros_first)
@@ -163,6 +165,7 @@ def select_sharded_masks(
         all_reduce=lambda tensor: sum_over_mesh(tensor, mesh),
         rank=mesh.get_local_rank(),
         world_size=mesh.size(),
+        replicated=replicated,
         zeros_first=local_weights,
         fill=fill,
     )

@@ -42,6 +42,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
 from ..core.adapters import model_name, unwrap_model
+from ..core.dtensor import full_masks_on_rank_zero, full_state_dict_on_rank_zero, load_full_state_dict
 from ..io import hub
 from ..io.modelcard import InferenceSpeed, inference_record
 from ..io.serialization import (
@@ -122,6 +123,36 @@ class SparseModelInfo:
     data_config: Any = None
     inference: InferenceSpeed | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_sharded_checkpoint_masks(folder: str | os.PathLike, model, masks) -> None:
+    """`check_checkpoint_masks` for a model sharded by FSDP2, whose masks `load_state` has already read and verified
+    from ``pruning_state_sharded/``: they must be the masks of the weights (the hash in ``sparsity.json``), and no
+    pruned weight of any shard may be non-zero. Every process must call it."""
+    import torch
+
+    from ..core.dtensor import local, mesh_of, sum_over_mesh
+    from ..core.masking import MaskFileError, mask_hash
+
+    recorded = (read_sparsity_record(folder).get("mask") or {}).get("sha256")
+    if recorded is not None and recorded != mask_hash(masks):
+        raise MaskFileError(
+            f"The pruning state of {folder} does not hold the masks that its weights were saved with (their "
+            f"{SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different saves. "
+            "Resume from an earlier checkpoint or prune again."
+        )
+    params = dict(model.named_parameters())
+    names = [name for name in masks if name in params]
+    nonzero = torch.tensor(
+        [int((local(params[name]).detach()[~local(masks[name])] != 0).sum()) for name in names], dtype=torch.int64
+    )
+    sum_over_mesh(nonzero, mesh_of(params[name] for name in names))  # over every process's rows
+    bad = {name: int(count) for name, count in zip(names, nonzero.tolist()) if count}
+    if bad:
+        raise SparseFormatError(
+            f"{folder}: {sum(bad.values())} pruned weight(s) are non-zero in {sorted(bad)[:3]}; the weights were "
+            "edited after saving. Resume from an earlier checkpoint or prune again."
+        )
 
 
 def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
@@ -235,9 +266,11 @@ class SparseCheckpointMixin:
         return metadata
 
     # --- saving -------------------------------------------------------------------------------------------------
-    def _write_sparse_folder(self, output_dir: str | os.PathLike, state_dict: dict | None, checkpoint: bool) -> None:
+    def _write_sparse_folder(
+        self, output_dir: str | os.PathLike, state_dict: dict | None, checkpoint: bool, masks: dict | None = None
+    ) -> None:
         """One writer of sparse folders: a checkpoint (dense, the exact training state) or an output folder
-        (``args.save_format``, pruned weights zeroed)."""
+        (``args.save_format``, pruned weights zeroed). `masks`: the full masks when the pruner's are sharded."""
         processor = self.processing_class
         # written into the new folder before the model's files (an explicit `sparse_info.data_config` overrides it),
         # and published with them, all-or-nothing
@@ -247,7 +280,7 @@ class SparseCheckpointMixin:
         save_sparse_model(
             unwrap_model(self.model),
             output_dir,
-            self.pruner.masks,
+            self.pruner.masks if masks is None else masks,
             save_format=save_format,
             metadata=self.sparse_record_metadata(),
             state_dict=state_dict,
@@ -266,13 +299,16 @@ class SparseCheckpointMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is not None and not state_dict:  # DeepSpeed's dummy save: leave it to the Trainer
             return super()._save(output_dir, state_dict=state_dict)
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
         is_checkpoint = Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-        self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint)
-        if is_checkpoint:  # part of the checkpoint before trainer_state.json marks it complete
-            self.pruner.save_state(output_dir)
+        sharded = self.pruner.mesh is not None
+        masks = None
+        if sharded:  # FSDP2: every process joins the gathers (one tensor at a time onto rank 0); rank 0 writes
+            state_dict, masks = full_state_dict_on_rank_zero(self.model), full_masks_on_rank_zero(self.pruner.masks)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint, masks=masks)
+        if is_checkpoint and (self.args.should_save or sharded):  # before trainer_state.json marks it complete
+            self.pruner.save_state(output_dir)  # sharded: every process writes its rows of the masks
 
     # --- loading checkpoints ------------------------------------------------------------------------------------
     def _is_sparse_checkpoint(self, folder: str | None) -> bool:
@@ -285,6 +321,13 @@ class SparseCheckpointMixin:
         file with ``load_state_dict(strict=False)``, which silently skips every tensor that transformers 5 renames
         when saving: ViT, DeiT, BEiT, Dinov2, Swin, ...)."""
         logger.info("Loading model weights from %s", folder)
+        if self.pruner.mesh is not None:  # FSDP2: rank 0 reads the file, every process receives its rows
+            network = unwrap_model(model)
+            full = read_model_state_dict(folder, network) if self.is_world_process_zero() else {}
+            load_full_state_dict(network, full)
+            del full
+            check_sharded_checkpoint_masks(folder, network, self.pruner.masks)
+            return
         load_sparse(folder, unwrap_model(model), strict=True)  # verified against sparsity.json first
         check_checkpoint_masks(folder, unwrap_model(model))
 

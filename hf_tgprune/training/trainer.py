@@ -27,6 +27,7 @@ from ..core.losses import check_finite_logits, teacher_guided_loss
 from ..core.scoring import ScoringOptions
 from ..data.collate import batchnorm_needs_drop_last, collate_fn
 from ..io.serialization.pruning_state import PRUNING_STATE_NAME
+from ..io.serialization.sharded_state import SHARDED_STATE_NAME
 from ..pruning.config import TeacherGuidedPruningConfig
 from ..pruning.pruner import Pruner
 from .checkpointing import SparseCheckpointMixin
@@ -98,6 +99,10 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         )
         if teacher_model is None and self.pruner.method.needs_teacher(args):
             raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
+        if self.pruner.mesh is not None:
+            # sharded with fully_shard before the Trainer: the Trainer's path for models sharded at load time places
+            # and wraps nothing (no DDP around DTensors, no second sharding) and saves from every process
+            model.is_distributed_loading_by_transformers = True
         super().__init__(
             model=model,
             args=args,
@@ -120,8 +125,9 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         accelerator = self.accelerator
         pruner = self.pruner
         pruner.teacher = self.teacher_model
-        pruner.rank, pruner.world_size = accelerator.process_index, accelerator.num_processes
-        pruner.all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+        if pruner.mesh is None:  # a sharded model's pruner reduces over the shards' own mesh
+            pruner.rank, pruner.world_size = accelerator.process_index, accelerator.num_processes
+            pruner.all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
         pruner.num_workers, pruner.pin_memory = args.dataloader_num_workers, args.dataloader_pin_memory
         pruner.progress = self.is_world_process_zero() and not args.disable_tqdm
         self._mask_callbacks_added = False
@@ -147,7 +153,7 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         """Add the pruner's mask callback (and the method's callbacks) once there is something to enforce: masks that
         prune, or a method that prunes during training."""
         pruner = self.pruner
-        prunes = pruner.masks is not None and any(not bool(mask.all()) for mask in pruner.masks.values())
+        prunes = pruner.masks is not None and pruner.report["pruned_by_mask"] > 0  # counted over every shard
         if self._mask_callbacks_added or not (prunes or not pruner.method.one_shot):
             return
         self.add_callback(pruner.mask_callback)
@@ -191,7 +197,10 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
                     folders.append((int(step), os.path.join(self.args.output_dir, name)))
         for _step, folder in sorted(folders, reverse=True):
             complete = os.path.isfile(os.path.join(folder, "trainer_state.json"))
-            if complete and os.path.isfile(os.path.join(folder, PRUNING_STATE_NAME)):
+            pruning_state = os.path.isfile(os.path.join(folder, PRUNING_STATE_NAME)) or os.path.isdir(
+                os.path.join(folder, SHARDED_STATE_NAME)  # written shard by shard (FSDP2)
+            )
+            if complete and pruning_state:
                 return folder
             logger.warning("Skipping the incomplete checkpoint %s (interrupted while it was written).", folder)
         raise ValueError(f"No complete checkpoint to resume from in output_dir={self.args.output_dir!r}.")

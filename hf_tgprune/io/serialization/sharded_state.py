@@ -30,24 +30,30 @@ HEADER_NAME = "header.json"
 _MASK = "mask."
 
 
-def _barrier() -> None:
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def _is_rank_zero() -> bool:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not _distributed() or dist.get_rank() == 0
 
 
 def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) -> None:
     """Write `state` (masks that are DTensors) into ``folder/pruning_state_sharded``; every process must call it."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
 
-    if state.masks is None or not all(is_sharded(mask) for mask in state.masks.values()):
+    if state.masks is None or not any(is_sharded(mask) for mask in state.masks.values()):
         raise ValueError("write_sharded_pruning_state writes sharded (DTensor) masks; use write_pruning_state.")
     if state.method_state.get("tensors"):
         raise ValueError(f"pruning_method={state.pruning_method!r} keeps tensors of its own: it cannot be sharded.")
@@ -116,7 +122,11 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
         )
     masks = {name: like(torch.zeros(local(params[name]).shape, dtype=torch.bool), params[name]) for name in shapes}
     try:
-        load({f"{_MASK}{name}": mask for name, mask in masks.items()}, storage_reader=HuggingFaceStorageReader(path))
+        load(
+            {f"{_MASK}{name}": mask for name, mask in masks.items()},
+            storage_reader=HuggingFaceStorageReader(path),
+            no_dist=not _distributed(),  # one process reading a sharded state: the whole masks, from every file
+        )
     except Exception as err:  # DCP's and safetensors' own error types
         raise MaskFileError(f"Cannot read the sharded pruning state {path!r} ({err}). {fix}") from err
     if mask_hash(masks) != header["mask_sha256"]:

@@ -1,0 +1,97 @@
+"""Prune + train + save a tiny timm student through `TeacherGuidedPruningTrainer`; under several processes the student
+and the teacher are sharded with FSDP2's `fully_shard` first. Each process writes its record. Used by test_fsdp.py.
+
+python tests/scripts/fsdp_trainer.py OUT_DIR                                                   # one process
+accelerate launch --multi_gpu --num_processes 2 tests/scripts/fsdp_trainer.py OUT_DIR          # two, sharded
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+
+from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer, mask_hash  # noqa: E402
+from hf_tgprune.core.dtensor import full_state_dict_on_rank_zero, is_sharded, local  # noqa: E402
+from hf_tgprune.io.serialization import read_model_state_dict  # noqa: E402
+from tests.utils import RandomImages, make_model  # noqa: E402
+
+
+def models(sharded):
+    student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for model in (student, teacher):
+            fully_shard(model)
+    return student, teacher
+
+
+def main(out_dir):
+    args = TeacherGuidedPruningConfig(
+        output_dir=os.path.join(out_dir, "trainer"),
+        sparsity=0.9,
+        pruning_method="tgp_fisher",  # 5 rounds with BatchNorm recalibration between them
+        num_calibration_samples=20,  # 8 + 8 + 4
+        calibration_batch_size=8,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        optim="adamw_torch",
+        weight_decay=0.01,
+        learning_rate=0.01,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="steps",
+        save_steps=2,  # checkpoint-2, loaded below
+        # the Trainer keeps no optimizer state for models sharded before it (it refuses to checkpoint them otherwise)
+        save_only_model=True,
+        seed=0,
+    )
+    state = PartialState()  # set up by the arguments: the gloo process group under accelerate launch
+    sharded = state.num_processes > 1
+    student, teacher = models(sharded)
+    trainer = TeacherGuidedPruningTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=RandomImages(48)
+    )
+    report = trainer.prune()
+    pruned_hash = mask_hash(trainer.masks)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    revived = sum(int(torch.count_nonzero(local(params[n])[~local(m)])) for n, m in trainer.masks.items())
+    trainer.save_model(os.path.join(out_dir, "final"))
+    # a fresh (sharded) model loads checkpoint-2: its masks (shard by shard) and its weights (rank 0 reads, every
+    # process receives its rows), as load_best_model_at_end does
+    checkpoint = os.path.join(args.output_dir, "checkpoint-2")
+    student, teacher = models(sharded)
+    resumed = TeacherGuidedPruningTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=RandomImages(48)
+    )
+    resumed.pruner.load_state(checkpoint)
+    resumed._load_from_checkpoint(checkpoint)
+    params = dict(resumed.model.named_parameters())
+    resumed_revived = sum(int(torch.count_nonzero(local(params[n])[~local(m)])) for n, m in resumed.masks.items())
+    on_disk = read_model_state_dict(checkpoint, resumed.model)
+    loaded = full_state_dict_on_rank_zero(resumed.model) if sharded else resumed.model.state_dict()
+    loaded_exactly = state.process_index != 0 or all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+    record = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "sharded": all(is_sharded(m) for m in trainer.masks.values()),
+        "mask_hash": pruned_hash,
+        "mask_hash_after_training": mask_hash(trainer.masks),
+        "revived": revived,
+        "prunable_sparsity": report["prunable"]["sparsity"],
+        "resumed_hash": mask_hash(resumed.masks),
+        "loaded_exactly": loaded_exactly,
+        "resumed_revived": resumed_revived,
+        "checkpoint_files": sorted(os.listdir(os.path.join(args.output_dir, "checkpoint-2"))),
+    }
+    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
