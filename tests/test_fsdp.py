@@ -18,12 +18,15 @@ from torch import nn
 from hf_tgprune import Pruner, PruningArguments
 from hf_tgprune.core.masking import mask_hash
 from hf_tgprune.core.recalibration import batchnorm_layers
+from hf_tgprune.core.sharded import process_group_all_reduce
 
 CASES = {  # name -> pruning settings; sparsity 0.8 throughout
     "magnitude": {"pruning_method": "magnitude"},
     "tgp": {"pruning_method": "tgp", "pruning_rounds": 1},
     "tgp_fisher": {"pruning_method": "tgp_fisher"},  # 5 rounds, BatchNorm recalibrated between them
     "tgp_fisher 2:4": {"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"},
+    # BatchNorm in train mode while scoring: each global batch's statistics (the parts of every process)
+    "tgp_fisher train-mode BN": {"pruning_method": "tgp_fisher", "pruning_rounds": 2, "scoring_bn_mode": "train"},
 }
 
 
@@ -94,6 +97,12 @@ def _sharded_worker(rank, world_size, init_file, results, checkpoint):
             fully_shard(student)
             fully_shard(teacher)
             out[case] = prune(student, teacher, case)
+        # not sharded, data-parallel as under DDP: train-mode BatchNorm scoring with global-batch statistics
+        student, teacher = models()
+        pruner = Pruner(student, arguments("tgp_fisher train-mode BN"), teacher=teacher, calibration_dataset=dataset())
+        pruner.rank, pruner.world_size, pruner.all_reduce = rank, world_size, process_group_all_reduce()
+        pruner.progress = False
+        out["data-parallel train-mode BN"] = pruner.prune()["mask_sha256"]
         # only two layers sharded: the other weights are replicated, scored on every process and counted once
         student, teacher = models()
         fully_shard(student.conv2)
@@ -172,6 +181,8 @@ def test_sharded_pruning_equals_one_process(world_size, tmp_path, single_process
             for key, value in stats.items():  # BatchNorm statistics of the global batches
                 torch.testing.assert_close(sharded_stats[key], value, rtol=1e-5, atol=1e-6, msg=f"{case} {key}")
     assert all(results[rank]["partly sharded"][0] == single_process["tgp_fisher"][0] for rank in range(world_size))
+    train_mode = single_process["tgp_fisher train-mode BN"][0]
+    assert all(results[rank]["data-parallel train-mode BN"] == train_mode for rank in range(world_size))
     assert all(results[rank]["revived"] == 0 for rank in range(world_size))
     assert results[0]["trained_hash"] == single_process["magnitude"][0]
     if checkpoint is None:
@@ -195,7 +206,6 @@ def test_settings_sharded_weights_cannot_honour_are_refused_before_pruning(tmp_p
     assert results[0] == results[1]
     assert "layer_allocation='global'" in results[0]["lamp"]
     assert "min_layer_density" in results[0]["floor"]
-    assert "scoring_bn_mode='eval'" in results[0]["train-mode"]
     assert "one-shot" in results[0]["dg2pf"]
 
 
@@ -210,7 +220,6 @@ def _refusal_worker(rank, world_size, init_file, results):
         for name, settings in {
             "lamp": {"pruning_method": "magnitude", "layer_allocation": "lamp"},
             "floor": {"pruning_method": "magnitude", "layer_density_floor": 0.5},
-            "train-mode": {"pruning_method": "tgp", "scoring_bn_mode": "train"},
             "dg2pf": {"pruning_method": "dg2pf"},
         }.items():
             try:

@@ -9,7 +9,8 @@ evaluation and before retraining. No parameter changes; only BatchNorm buffers d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -18,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from .adapters import forward_logits, unwrap_model
-from .dtensor import mesh_of, reshard, sum_over_mesh
+from .dtensor import mesh_of, reshard
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -68,25 +69,25 @@ def recalibrate_batchnorm(
     device = next(network.parameters()).device
     mesh = mesh_of(network.parameters())
     seen = 0
+    synchronized = global_batch_statistics(network, mesh.get_group()) if mesh is not None else nullcontext()
     try:
         network.eval()
         for layer in layers.values():
             layer.reset_running_stats()
             layer.momentum = None  # cumulative average over the recalibration batches
             layer.train()
-            if mesh is not None:
-                layer.forward = partial(_global_batch_norm, layer, lambda t: sum_over_mesh(t, mesh))
-        for batch in tqdm(batches, total=total, desc="Recalibrating BatchNorm", disable=not progress):
-            if mesh is not None and batch is None:
-                raise ValueError(
-                    "Under FSDP2 every process must run every recalibration batch; pass zero-length batches for "
-                    "empty shards (hf_tgprune.Pruner does)."
-                )
-            if mesh is None and (batch is None or batch["pixel_values"].shape[0] < 2):  # no statistics of one image
-                continue
-            pixel_values = batch["pixel_values"].to(device)
-            forward_logits(network, pixel_values)
-            seen += pixel_values.shape[0]
+        with synchronized:  # FSDP2: the statistics of each global batch
+            for batch in tqdm(batches, total=total, desc="Recalibrating BatchNorm", disable=not progress):
+                if mesh is not None and batch is None:
+                    raise ValueError(
+                        "Under FSDP2 every process must run every recalibration batch; pass zero-length batches for "
+                        "empty shards (hf_tgprune.Pruner does)."
+                    )
+                if mesh is None and (batch is None or len(batch["pixel_values"]) < 2):  # no statistics of one image
+                    continue
+                pixel_values = batch["pixel_values"].to(device)
+                forward_logits(network, pixel_values)
+                seen += pixel_values.shape[0]
         if mesh is not None:
             if all(int(layer.num_batches_tracked) == 0 for layer in layers.values()):
                 raise ValueError("BatchNorm recalibration got no batch of >= 2 images; pass more calibration images.")
@@ -99,19 +100,43 @@ def recalibrate_batchnorm(
             module.train(training)
         for layer, momentum in momenta.items():
             layer.momentum = momentum
-            layer.__dict__.pop("forward", None)
         reshard(network)  # FSDP2 keeps a root's weights gathered after a forward without backward
     return seen
 
 
+@contextmanager
+def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
+    """Within the context, every BatchNorm layer of `model` in train mode normalises with the mean and variance of the
+    *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow
+    through them as in one process seeing the whole batch) and updates its running statistics with them. Layers in
+    eval mode are unchanged. Every process must run every forward (a zero-length batch for an empty part)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce(tensor, group=group) if group is not None else all_reduce(tensor)
+
+    layers = list(batchnorm_layers(model).values())
+    for layer in layers:
+        layer.forward = partial(_global_batch_norm, layer, reduce)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
 def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BatchNorm over the global batch whose part `x` this process holds: normalise with the mean and
-    (biased) variance of every process's part, and accumulate them (variance unbiased) as `momentum=None` does."""
+    (biased) variance of every process's part, and update the running statistics with them (variance unbiased; a
+    cumulative average for `momentum=None`, as BatchNorm does)."""
+    if not layer.training:
+        return type(layer).forward(layer, x)
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
     values = x.float()
-    first = all_reduce(torch.cat([values.sum(dims), torch.tensor([x.numel() / channels], device=x.device)]))
-    count = float(first[-1])
+    count = torch.full((1,), x.numel() / channels, dtype=values.dtype, device=x.device)
+    first = all_reduce(torch.cat([values.sum(dims), count]))
+    count = float(first[-1].detach())
     if count < 2:  # no statistics of one value per channel: normalise with the running ones, as eval mode does
         return nn.functional.batch_norm(
             x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
@@ -120,10 +145,11 @@ def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.
     shape = [1, channels] + [1] * (x.dim() - 2)
     centred = values - mean.view(shape)
     var = all_reduce(centred.square().sum(dims)) / count
-    layer.num_batches_tracked += 1
-    step = 1.0 / float(layer.num_batches_tracked)
-    layer.running_mean.add_((mean - layer.running_mean) * step)
-    layer.running_var.add_((var * (count / (count - 1)) - layer.running_var) * step)
+    with torch.no_grad():
+        layer.num_batches_tracked += 1
+        step = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+        layer.running_mean.add_((mean.detach() - layer.running_mean) * step)
+        layer.running_var.add_((var.detach() * (count / (count - 1)) - layer.running_var) * step)
     out = centred * torch.rsqrt(var + layer.eps).view(shape)
     if layer.affine:
         out = out * layer.weight.view(shape) + layer.bias.view(shape)

@@ -25,12 +25,15 @@ The scoring pass takes no optimizer step and never writes `.grad`: gradients com
 with respect to the prunable weights only. With BatchNorm in eval mode (the default) no parameter or buffer of
 the student changes. Under several processes each rank sums the per-sample losses of its shard of every
 calibration batch, gradients and sample counts are all-reduced, and the result equals a single process seeing
-the whole batch: the mask does not depend on the number of processes.
+the whole batch: the mask does not depend on the number of processes. With BatchNorm in train mode
+(`bn_mode="train"`) every BatchNorm layer then normalises with the statistics of the global batch
+(`hf_tgprune.core.recalibration.global_batch_statistics`), for the same reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,7 @@ from .adapters import teacher_logits as forward_teacher
 from .dtensor import fsdp_mesh, is_sharded, like, local, reshard, sum_over_mesh
 from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
+from .recalibration import global_batch_statistics
 from .registry import Registry
 
 
@@ -242,11 +246,6 @@ def compute_importance_scores(
         return {
             name: like(spec.saliency(w, None, generator), s) for name, w, s in zip(names, weights, sharded_weights)
         }
-    if mesh is not None and bn_mode == "train":
-        raise ValueError(
-            "scoring_bn_mode='train' normalises each process's shard of a calibration batch on its own, so the masks "
-            "of a sharded (FSDP2) model would depend on the number of processes. Use scoring_bn_mode='eval'."
-        )
     if spec.needs_teacher and teacher is None and options.alpha != 0:
         raise ValueError(f"pruning_method={method!r} needs a teacher model; pass `teacher`.")
     check_same_num_labels(model, teacher)
@@ -260,29 +259,35 @@ def compute_importance_scores(
     student.train(bn_mode == "train")
     if teacher is not None:
         teacher.eval()
+    # train-mode BatchNorm over several processes: normalise with each global batch's statistics, as one process would
+    synchronized = bn_mode == "train" and (mesh is not None or (all_reduce is not None and _several_processes()))
+    group = mesh.get_group() if mesh is not None else None
     steps = 0
     try:
-        for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
-            if mesh is not None:  # FSDP2 has already summed the gradients into this rank's shards
-                grads, count = _sharded_gradients(student, teacher, batch, spec, options, sharded_weights, mesh)
-                count = sum_over_mesh(count.reshape(1), mesh)[0]
-            else:
-                grads, count = _shard_gradients(student, teacher, batch, spec, options, weights, device)
-            if mesh is None and all_reduce is not None:
-                flat = all_reduce(torch.cat([g.reshape(-1) for g in grads] + [count.reshape(1)]))
-                count = flat[-1]
-                grads = list(torch.split(flat[:-1], [w.numel() for w in weights]))
-            if count.item() == 0:
-                raise ValueError("A calibration batch holds no samples; check the calibration dataset.")
-            steps += 1
-            grads = [g.view(w.shape) for g, w in zip(grads, weights)]
-            torch._foreach_div_(grads, count.item())  # gradient of the mean loss over the global batch
-            extra = {"batch_size": int(count.item())} if spec.uses_batch_size else {}
-            batch_scores = [spec.saliency(w, g, generator, **extra) for w, g in zip(weights, grads)]
-            if aggregation == "ema":  # ema <- m·ema + (1-m)·s, one fused pass per layer
-                torch._foreach_lerp_(list(scores.values()), batch_scores, 1.0 - ema_momentum)
-            else:
-                torch._foreach_add_(list(scores.values()), batch_scores)
+        with global_batch_statistics(student, group) if synchronized else nullcontext():
+            for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
+                if mesh is not None:  # FSDP2 has already summed the gradients into this rank's shards
+                    grads, count = _sharded_gradients(student, teacher, batch, spec, options, sharded_weights, mesh)
+                    count = sum_over_mesh(count.reshape(1), mesh)[0]
+                else:
+                    grads, count = _shard_gradients(
+                        student, teacher, batch, spec, options, weights, device, synchronized
+                    )
+                if mesh is None and all_reduce is not None:
+                    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads] + [count.reshape(1)]))
+                    count = flat[-1]
+                    grads = list(torch.split(flat[:-1], [w.numel() for w in weights]))
+                if count.item() == 0:
+                    raise ValueError("A calibration batch holds no samples; check the calibration dataset.")
+                steps += 1
+                grads = [g.view(w.shape) for g, w in zip(grads, weights)]
+                torch._foreach_div_(grads, count.item())  # gradient of the mean loss over the global batch
+                extra = {"batch_size": int(count.item())} if spec.uses_batch_size else {}
+                batch_scores = [spec.saliency(w, g, generator, **extra) for w, g in zip(weights, grads)]
+                if aggregation == "ema":  # ema <- m·ema + (1-m)·s, one fused pass per layer
+                    torch._foreach_lerp_(list(scores.values()), batch_scores, 1.0 - ema_momentum)
+                else:
+                    torch._foreach_add_(list(scores.values()), batch_scores)
     finally:
         student.train(was_training)
     if steps == 0:
@@ -293,8 +298,20 @@ def compute_importance_scores(
     return {name: like(score, s) for (name, score), s in zip(scores.items(), sharded_weights)}
 
 
-def _shard_gradients(student, teacher, batch, spec, options, weights, device):
-    """Gradients of the summed per-sample loss of this rank's shard, and the shard's sample count."""
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _shard_gradients(student, teacher, batch, spec, options, weights, device, synchronized=False):
+    """Gradients of the summed per-sample loss of this rank's shard, and the shard's sample count. `synchronized`:
+    BatchNorm takes global-batch statistics, so every rank runs every batch (zero-length for an empty shard)."""
+    if batch is None and synchronized:
+        raise ValueError(
+            "With scoring_bn_mode='train' over several processes every process must run every calibration batch; "
+            "pass zero-length batches for empty shards (hf_tgprune.Pruner does)."
+        )
     if batch is None:
         return [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights], torch.zeros(
             (), device=device
@@ -302,7 +319,8 @@ def _shard_gradients(student, teacher, batch, spec, options, weights, device):
     batch = _to_device(batch, device)
     if "labels" not in batch:
         raise ValueError("Calibration batches need `labels`; add a labels column to the calibration dataset.")
-    single_in_train_mode = student.training and batch["pixel_values"].shape[0] == 1
+    # (synchronized, the global batch decides: BatchNorm normalises with running statistics when it has one image)
+    single_in_train_mode = student.training and not synchronized and batch["pixel_values"].shape[0] == 1
     if single_in_train_mode:  # train-mode BatchNorm cannot normalise one image: score it with running statistics
         student.eval()
     try:

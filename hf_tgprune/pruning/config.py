@@ -100,7 +100,8 @@ class PruningArguments:
         default="eval",
         metadata={
             "help": "BatchNorm/dropout mode while scoring: 'eval' (changes nothing in the student) or 'train' "
-            "(the authors' code; updates BatchNorm running statistics)."
+            "(the authors' code; updates BatchNorm running statistics). Over several processes, train-mode BatchNorm "
+            "normalises with the statistics of each global batch, so the masks do not depend on the process count."
         },
     )
     scoring_epochs: int = field(

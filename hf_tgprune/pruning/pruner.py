@@ -205,11 +205,6 @@ def check_shardable(args: PruningArguments, method: PruningMethod) -> None:
             "min_layer_density / layer_density_floor (a per-layer minimum density) are not available for weights "
             "sharded by FSDP2. Set both to 0."
         )
-    if args.scoring_bn_mode != "eval":
-        raise ValueError(
-            "scoring_bn_mode='train' normalises each process's part of a batch on its own, so sharded masks would "
-            "depend on the number of processes. Use scoring_bn_mode='eval' under FSDP2."
-        )
 
 
 class Pruner:
@@ -375,7 +370,8 @@ class Pruner:
             self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            zero_length_empty=self.mesh is not None,
+            # every rank runs every batch when a collective runs inside the forward (FSDP2, global BatchNorm statistics)
+            zero_length_empty=self.mesh is not None or (self.world_size > 1 and self.args.scoring_bn_mode == "train"),
         )
 
     def compute_scores(self, method: str | None = None, options: ScoringOptions | None = None) -> dict:
