@@ -125,69 +125,49 @@ class SparseModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_sharded_checkpoint_masks(folder: str | os.PathLike, model, masks) -> None:
-    """`check_checkpoint_masks` for a model sharded by FSDP2, whose masks `load_state` has already read and verified
-    from ``pruning_state_sharded/``: they must be the masks of the weights (the hash in ``sparsity.json``), and no
-    pruned weight of any shard may be non-zero. Every process must call it."""
-    import torch
-
-    from ..core.dtensor import local, mesh_of, sum_over_mesh
-    from ..core.masking import MaskFileError, mask_hash
-
-    recorded = (read_sparsity_record(folder).get("mask") or {}).get("sha256")
-    if recorded is not None and recorded != mask_hash(masks):
-        raise MaskFileError(
-            f"The pruning state of {folder} does not hold the masks that its weights were saved with (their "
-            f"{SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different saves. "
-            "Resume from an earlier checkpoint or prune again."
-        )
-    params = dict(model.named_parameters())
-    names = [name for name in masks if name in params]
-    nonzero = torch.tensor(
-        [int((local(params[name]).detach()[~local(masks[name])] != 0).sum()) for name in names], dtype=torch.int64
-    )
-    sum_over_mesh(nonzero, mesh_of(params[name] for name in names))  # over every process's rows
-    bad = {name: int(count) for name, count in zip(names, nonzero.tolist()) if count}
-    if bad:
-        raise SparseFormatError(
-            f"{folder}: {sum(bad.values())} pruned weight(s) are non-zero in {sorted(bad)[:3]}; the weights were "
-            "edited after saving. Resume from an earlier checkpoint or prune again."
-        )
-
-
-def check_checkpoint_masks(folder: str | os.PathLike, model) -> None:
+def check_checkpoint_masks(folder: str | os.PathLike, model, masks=None) -> None:
     """Refuse a checkpoint whose weights do not belong with its masks (its pruning state, when it has one).
 
     Its ``sparsity.json`` records the hash of the masks the weights were saved with, and how many weights were
     non-zero where those masks prune (0 for fixed masks, which keep pruned weights at exactly zero). The pruning
     state's masks must have that hash, and `model` (just loaded from the checkpoint) that many non-zero pruned weights.
 
+    Args:
+        folder: the checkpoint.
+        model: the model its weights were just loaded into (sharded by FSDP2 or not).
+        masks: the checkpoint's masks already read and verified (`Pruner.load_state`; sharded ones from
+            ``pruning_state_sharded/``, when every process must call this); default: read from its pruning state.
+
     Raises:
         MaskFileError: the pruning state is unreadable, or its masks belong to other weights.
         SparseFormatError: a pruned weight is non-zero (naming the layers).
     """
+    import torch
+
+    from ..core.dtensor import local, mesh_of, sum_over_mesh
     from ..core.masking import MaskFileError, mask_hash
     from ..io.serialization.pruning_state import PRUNING_STATE_NAME, checkpoint_masks
 
     folder = Path(folder)
-    masks = checkpoint_masks(folder)
+    masks = checkpoint_masks(folder) if masks is None else masks
     if masks is None:
         return
     record = read_sparsity_record(folder)
     recorded = (record.get("mask") or {}).get("sha256")
     if recorded is not None and recorded != mask_hash(masks):
         raise MaskFileError(
-            f"{folder / PRUNING_STATE_NAME} does not hold the masks that the weights in {folder} were saved with "
-            f"(their {SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different "
+            f"The pruning state of {folder} does not hold the masks that its weights were saved "
+            f"with (their {SPARSITY_FILE_NAME} records the mask hash {recorded[:12]}...): the files come from different "
             "saves. Resume from an earlier checkpoint or prune again."
         )
     params = dict(model.named_parameters())
-    nonzero = {}
-    for name, mask in masks.items():
-        if name in params:
-            count = int((params[name].detach()[~mask.to(params[name].device)] != 0).sum())
-            if count:
-                nonzero[name] = count
+    names = [name for name in masks if name in params]
+    counts = torch.tensor(
+        [int((local(params[n]).detach()[~local(masks[n]).to(local(params[n]).device)] != 0).sum()) for n in names],
+        dtype=torch.int64,
+    )
+    sum_over_mesh(counts, mesh_of(params[name] for name in names))  # over every process's rows when sharded
+    nonzero = {name: int(count) for name, count in zip(names, counts.tolist()) if count}
     allowed = (record.get("sparsity") or {}).get("nonzero_outside_mask") or 0
     if sum(nonzero.values()) != allowed:
         layers = ", ".join(f"{name} ({count})" for name, count in list(nonzero.items())[:5])
@@ -326,7 +306,7 @@ class SparseCheckpointMixin:
             full = read_model_state_dict(folder, network) if self.is_world_process_zero() else {}
             load_full_state_dict(network, full)
             del full
-            check_sharded_checkpoint_masks(folder, network, self.pruner.masks)
+            check_checkpoint_masks(folder, network, self.pruner.masks)
             return
         load_sparse(folder, unwrap_model(model), strict=True)  # verified against sparsity.json first
         check_checkpoint_masks(folder, unwrap_model(model))
