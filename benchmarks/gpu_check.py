@@ -10,6 +10,9 @@
 3. 2:4 semi-structured kernels (`export_semi_structured`) on ViT-B/16 and ConvNeXt-T in bf16 at batch 1, 32 and 256:
    dense vs 2:4 latency end to end and per converted layer (median of CUDA-synchronised rounds).
 4. CSR on CUDA (`SparseLinear`) against a dense Linear at 98% sparsity, batch 1, for ViT-B/16's layer shapes.
+5. FSDP2 on one GPU (one process: `fully_shard` still applies): the masks of `tgp_fisher` (5 rounds) on a sharded
+   timm ResNet-18 with a sharded ResNet-34 teacher against the same pruning unsharded (asked: equal), then masked
+   AdamW steps on the sharded student (asked: no pruned weight revived). `check_fsdp2("cpu")` runs it on CPU with gloo.
 
 Every figure is recorded with the GPU's name, the driver's CUDA version and torch's. Without a CUDA device the script
 stops at once with exit code 2 and says so (tested on CPU).
@@ -183,10 +186,70 @@ def check_csr_cuda(sparsity: float = 0.98) -> dict:
     return {"sparsity": sparsity, "layers": rows}
 
 
+def check_fsdp2(device: str = "cuda", sparsity: float = 0.9, steps: int = 3, size: int = 64, images: int = 96) -> dict:
+    """Prune a sharded student as the unsharded one (`tgp_fisher`), then train it masked; one process."""
+    import copy
+
+    import timm
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_tgprune import Pruner, PruningArguments
+    from hf_tgprune.core.dtensor import local
+
+    started_group = not dist.is_initialized()
+    if started_group:
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581", "RANK": "0", "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        torch.manual_seed(0)
+        student = timm.create_model("resnet18", num_classes=10).to(device)
+        teacher = timm.create_model("resnet34", num_classes=10).to(device)
+        generator = torch.Generator().manual_seed(1)
+        images = [
+            {"pixel_values": torch.randn(3, size, size, generator=generator), "labels": i % 10} for i in range(images)
+        ]
+        settings = PruningArguments(
+            sparsity=sparsity, pruning_method="tgp_fisher", num_calibration_samples=len(images),
+            calibration_batch_size=32, recalibration_samples=len(images),
+        )  # fmt: skip
+        hashes, start = {}, time.perf_counter()
+        for sharded in (False, True):
+            pupil, guide = copy.deepcopy(student), copy.deepcopy(teacher)
+            if sharded:
+                for model in (pupil, guide):
+                    for block in [*model.layer1, *model.layer2, *model.layer3, *model.layer4]:
+                        fully_shard(block)
+                    fully_shard(model)
+            pruner = Pruner(pupil, settings, teacher=guide, calibration_dataset=images)
+            pruner.progress = False
+            hashes[sharded] = pruner.prune()["mask_sha256"]
+        optimizer = torch.optim.AdamW(pupil.parameters(), lr=1e-3, weight_decay=0.1)
+        pruner.mask_callback.start(pupil, optimizer)
+        batch = torch.stack([image["pixel_values"] for image in images[:32]]).to(device)
+        for _ in range(steps):
+            pupil(batch).logsumexp(-1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pruner.mask_callback.enforce(optimizer)
+        params = dict(pupil.named_parameters())
+        revived = sum(int((local(params[n]).detach()[~local(m)] != 0).sum()) for n, m in pruner.masks.items())
+        return {
+            "masks_equal": hashes[True] == hashes[False],
+            "revived_after_training": revived,
+            "sharded": type(next(iter(pruner.masks.values()))).__name__,
+            "seconds": time.perf_counter() - start,
+        }
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "autocast", "semi", "csr"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "autocast", "semi", "csr", "fsdp2"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check.py: error: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.",
@@ -200,6 +263,7 @@ def main(argv=None) -> int:
         "autocast": check_autocast_scoring,
         "semi": lambda: [check_semi_structured(m) for m in ("vit_base_patch16_224", "convnext_tiny")],
         "csr": check_csr_cuda,
+        "fsdp2": check_fsdp2,
     }
     for name, check in checks.items():
         if name in args.skip:

@@ -260,3 +260,14 @@ def test_gpu_check_stops_at_once_without_cuda():
         timeout=300,
     )
     assert result.returncode == 2 and "no CUDA device" in result.stderr and result.stdout == ""
+
+
+def test_gpu_check_fsdp2_step_runs_on_cpu_with_gloo():
+    """The GPU check's FSDP2 step, on CPU: the sharded student's masks equal the unsharded ones, none revived."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = gpu_check.check_fsdp2("cpu", steps=2, size=32, images=40)
+    assert result["masks_equal"] and result["revived_after_training"] == 0 and result["sharded"] == "DTensor"
