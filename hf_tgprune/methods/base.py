@@ -127,8 +127,9 @@ class PruningMethod:
         return self.criterion is not None and get_scoring_method(self.criterion).needs_teacher and args.alpha > 0
 
     def needs_teacher(self, args) -> bool:
-        """A teacher is needed to score, or to retrain with KD (unless the method trains with its own loss)."""
-        return self.scoring_needs_teacher(args) or (args.retrain_with_kd and not self.own_loss)
+        """A teacher is needed to score, or to retrain with KD (unless the method trains with its own loss, or
+        `alpha=0` leaves only the cross-entropy in the KD loss)."""
+        return self.scoring_needs_teacher(args) or (args.retrain_with_kd and args.alpha > 0 and not self.own_loss)
 
     def needs_calibration_data(self) -> bool:
         return self.criterion is not None and not get_scoring_method(self.criterion).data_free

@@ -37,8 +37,9 @@ class PruningArguments:
     r"""
     Settings of one pruning run, without any training settings: what `hf_tgprune.Pruner` needs (a plain PyTorch
     loop or the functional core), and the pruning half of [`TeacherGuidedPruningConfig`]. The loss follows the
-    authors (alpha 0.7, beta 0.5, T 3); the default mask is global magnitude; teacher-guided scores are one option
-    away (`pruning_method="tgp_fisher"` or the paper's `"tgp"`).
+    authors (alpha 0.7, beta 0.5, T 3); the default mask is the teacher-guided Fisher criterion `"tgp_fisher"` in
+    5 rounds (`alpha=0`: the Fisher of the cross-entropy alone, without a teacher); global magnitude is
+    `pruning_method="magnitude"`.
     """
 
     sparsity: float = field(
@@ -48,10 +49,11 @@ class PruningArguments:
         },
     )
     pruning_method: str = field(
-        default="magnitude",
+        default="tgp_fisher",
         metadata={
-            "help": "Pruning method (hf_tgprune.methods): one-shot 'magnitude' (default: global |θ|), 'tgp_fisher' "
-            "(teacher-guided Fisher / OBD θ²·Σ_b g_b²), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), 'tgp_taylor' "
+            "help": "Pruning method (hf_tgprune.methods): one-shot 'tgp_fisher' (default: teacher-guided Fisher / OBD "
+            "θ²·Σ_b g_b², in 5 rounds; with alpha=0 the Fisher of the cross-entropy, no teacher), 'magnitude' "
+            "(global |θ|), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), 'tgp_taylor' "
             "(teacher-guided signed second-order change of the loss −θ·ḡ + ½·F·θ²), 'movement' (−Σ_t θ·g accumulated "
             "over fine-tuning, hf_tgprune.methods.movement.MovementScores), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), "
             "'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."

@@ -142,8 +142,9 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
         )
     if teacher is None and method.scoring_needs_teacher(args):
         raise ValueError(
-            f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, or choose a "
-            "teacher-free method such as 'snip', 'magnitude' or 'random'."
+            f"pruning_method={args.pruning_method!r} scores with a teacher: pass `teacher_model`, set alpha=0 to score "
+            "without one (the gradients of the cross-entropy alone), or choose a teacher-free method such as "
+            "'magnitude' or 'snip'."
         )
     check_same_num_labels(model, teacher)
     scoring = method.needs_calibration_data()
@@ -221,7 +222,9 @@ class Pruner:
         collate_fn: turns a list of examples into a batch.
 
     Settable after construction (the trainer does, once its accelerator exists): `teacher`, `collate_fn`, `rank`,
-    `world_size`, `all_reduce` (sums a tensor over processes), `num_workers`, `pin_memory`, `progress`.
+    `world_size`, `all_reduce` (sums a tensor over processes), `num_workers`, `pin_memory`, `progress`. A model whose
+    weights FSDP2 shards (`fully_shard`) is detected here (`mesh`): scores and masks are then local shards, and rank,
+    world size and reductions come from the shards' device mesh.
     """
 
     def __init__(

@@ -181,8 +181,7 @@ def validate_arguments(model_args, data_args, recipe_args, args) -> list[float]:
     if model_args.teacher_name_or_path is None and method.needs_teacher(args) and model_args.teacher_epochs <= 0:
         raise RecipeError(
             "No trained teacher: pass --teacher_name_or_path <trained model>, or --teacher_epochs > 0 to train one "
-            "(or retrain without one: --retrain_with_kd False with a teacher-free --pruning_method such as the default "
-            "magnitude or snip)."
+            "(or prune and retrain without one: --alpha 0, the cross-entropy alone)."
         )
     if data_args.augmentation not in available_augmentations():
         raise RecipeError(

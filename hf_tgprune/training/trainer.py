@@ -98,7 +98,10 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             collate_fn=data_collator,
         )
         if teacher_model is None and self.pruner.method.needs_teacher(args):
-            raise ValueError("retrain_with_kd=True needs a `teacher_model`; pass one or set retrain_with_kd=False.")
+            raise ValueError(
+                "retrain_with_kd=True needs a `teacher_model`; pass one, or set alpha=0 to prune and retrain without a "
+                "teacher (cross-entropy only), or retrain_with_kd=False."
+            )
         if self.pruner.mesh is not None:
             # sharded with fully_shard before the Trainer: the Trainer's path for models sharded at load time places
             # and wraps nothing (no DDP around DTensors, no second sharding) and saves from every process
