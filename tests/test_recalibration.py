@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,35 @@ def test_a_single_image_batch_is_skipped_not_a_crash():
     batches = _batches(17, 8)  # 8 + 8 + 1
     assert batches[-1]["pixel_values"].shape[0] == 1
     assert recalibrate_batchnorm(model, batches) == 16
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_batch_norm_of_one_process_is_train_mode_batchnorm(momentum, dtype):
+    """With a single process the global batch is the local one: outputs, input gradients, weight gradients and running
+    statistics equal torch's train-mode BatchNorm; a one-image batch is normalised with the running statistics and
+    leaves them unchanged (as recalibration and scoring treat it in one process)."""
+    from hf_tgprune.core.recalibration import _global_batch_norm
+
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(5, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    layer = copy.deepcopy(reference)
+    for _ in range(2):
+        x = torch.randn(6, 5, 4, 3, dtype=dtype) * 3 + 1
+        x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, ours = reference(x_ref), _global_batch_norm(layer, lambda t: t, x_ours)
+        torch.testing.assert_close(ours, expected)
+        expected.square().sum().backward()
+        ours.square().sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad)
+        torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(layer, key), getattr(reference, key))
+    before = {key: getattr(layer, key).clone() for key in ("running_mean", "running_var", "num_batches_tracked")}
+    one = torch.randn(1, 5, 4, 3, dtype=dtype)
+    torch.testing.assert_close(_global_batch_norm(layer, lambda t: t, one), reference.eval()(one))
+    for key, value in before.items():
+        assert torch.equal(getattr(layer, key), value)

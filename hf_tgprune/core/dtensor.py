@@ -136,3 +136,28 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
     set_model_state_dict(
         model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )
+
+
+def on_rank_zero(fn):
+    """Run `fn()` on rank 0 only and make its failure every process's: the others would otherwise wait forever in the
+    next collective. Returns `fn()`'s result on rank 0 (and in a single process), None elsewhere."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as err:  # re-raised below, after the other processes have heard of it
+            error = err
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    dist.broadcast(failed, src=0)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(
+            "Rank 0 failed in a step only it runs (writing or reading a file); its error is in its log."
+        )
+    return result

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -80,11 +80,19 @@ def _summed_counts(tensors: Iterable[torch.Tensor], count) -> torch.Tensor:
     """`count(local shard)` of every tensor as one int64 tensor, summed over the processes that shard them (one
     all-reduce for all of them; a `DTensor` reduced to a number directly would give its local part only)."""
     tensors = list(tensors)
+    return summed_over_shards([int(count(local(t))) for t in tensors], tensors)
+
+
+def summed_over_shards(counts: Sequence[int], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """This process's `counts` (one per tensor of `tensors`) summed over the processes that shard those tensors, as
+    an int64 CPU tensor; a tensor every process holds whole (replicated next to sharded ones) is counted once."""
     mesh = mesh_of(tensors)
-    # a tensor every process holds whole (replicated next to sharded ones) is counted by the mesh's first rank only
-    counted = [is_sharded(t) or mesh is None or mesh.get_local_rank() == 0 for t in tensors]
-    counts = torch.tensor([int(count(local(t))) if c else 0 for t, c in zip(tensors, counted)], dtype=torch.int64)
-    return sum_over_mesh(counts, mesh)
+    if mesh is None:
+        return torch.tensor(list(counts), dtype=torch.int64)
+    first = mesh.get_local_rank() == 0
+    counted = [c if is_sharded(t) or first else 0 for c, t in zip(counts, tensors)]
+    # on the mesh's device: NCCL reduces CUDA tensors only
+    return sum_over_mesh(torch.tensor(counted, dtype=torch.int64, device=mesh.device_type), mesh).cpu()
 
 
 def large_unprunable_matrices(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:

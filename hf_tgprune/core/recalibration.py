@@ -114,7 +114,7 @@ def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return _SumOverProcesses.apply(tensor, group)
 
-    layers = list(batchnorm_layers(model).values())
+    layers = [module for module in unwrap_model(model).modules() if isinstance(module, _BatchNorm)]
     for layer in layers:
         layer.forward = partial(_global_batch_norm, layer, reduce)
     try:
@@ -149,28 +149,35 @@ class _SumOverProcesses(torch.autograd.Function):
 def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BatchNorm over the global batch whose part `x` this process holds: normalise with the mean and
     (biased) variance of every process's part, and update the running statistics with them (variance unbiased; a
-    cumulative average for `momentum=None`, as BatchNorm does)."""
-    if not layer.training:
+    cumulative average for `momentum=None`, as BatchNorm does). A global batch of one image is normalised with the
+    running statistics and leaves them unchanged, as one process does (recalibration skips it; scoring runs it in eval
+    mode)."""
+    if not layer.training and layer.track_running_stats:
         return type(layer).forward(layer, x)
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
-    values = x.float()
-    count = torch.full((1,), x.numel() / channels, dtype=values.dtype, device=x.device)
-    first = all_reduce(torch.cat([values.sum(dims), count]))
-    count = float(first[-1].detach())
-    if count < 2:  # no statistics of one value per channel: normalise with the running ones, as eval mode does
+    values = x.to(torch.promote_types(x.dtype, torch.float32))
+    sizes = torch.tensor([x.shape[0], x.numel() / channels], dtype=values.dtype, device=x.device)
+    first = all_reduce(torch.cat([values.sum(dims), sizes]))
+    images, count = int(first[-2].detach()), float(first[-1].detach())
+    if images < 2 and layer.track_running_stats:
         return nn.functional.batch_norm(
             x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+        )
+    if count < 2:
+        raise ValueError(
+            f"BatchNorm needs more than 1 value per channel when training; the global batch has {count:g}."
         )
     mean = first[:channels] / count
     shape = [1, channels] + [1] * (x.dim() - 2)
     centred = values - mean.view(shape)
     var = all_reduce(centred.square().sum(dims)) / count
-    with torch.no_grad():
-        layer.num_batches_tracked += 1
-        step = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
-        layer.running_mean.add_((mean.detach() - layer.running_mean) * step)
-        layer.running_var.add_((var.detach() * (count / (count - 1)) - layer.running_var) * step)
+    if layer.track_running_stats:
+        with torch.no_grad():
+            layer.num_batches_tracked += 1
+            step = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+            layer.running_mean.add_((mean.detach() - layer.running_mean) * step)
+            layer.running_var.add_((var.detach() * (count / (count - 1)) - layer.running_var) * step)
     out = centred * torch.rsqrt(var + layer.eps).view(shape)
     if layer.affine:
         out = out * layer.weight.view(shape) + layer.bias.view(shape)

@@ -57,9 +57,16 @@ def sharded_global_masks(
         raise ValueError("sharded_global_masks needs at least one layer of scores")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    _check_scores(local_scores)
     names = list(local_scores)
     device = next(iter(local_scores.values())).device
+    # non-finite scores on any process: every process raises (one raising alone would leave the others waiting)
+    local_bad = sum(not bool(torch.isfinite(local_scores[name]).all()) for name in names)
+    if int(all_reduce(torch.tensor([local_bad], dtype=torch.int64, device=device)).item()):
+        _check_scores(local_scores)  # names the layer on the process that holds it
+        raise ValueError(
+            "Importance scores on another process are not finite (NaN or inf); its error names the layer. The usual "
+            "cause is a NaN or inf weight or activation in the model."
+        )
 
     def counted(name: str) -> bool:  # a replicated layer is counted by rank 0 only
         return name not in replicated or rank == 0
@@ -153,7 +160,8 @@ def select_sharded_masks(
     fill, local_weights = -1.0, None
     if weights is not None:  # zero weights first, below the lowest score of every shard (as prune_zeros_first)
         lowest = min((float(s.min()) for s in local_scores.values() if s.numel()), default=math.inf)
-        lowest = torch.tensor([-lowest], dtype=torch.float64)  # the lowest score over all shards: max of negatives
+        # the lowest score over all shards (max of negatives), on the mesh's device (NCCL reduces CUDA tensors only)
+        lowest = torch.tensor([-lowest], dtype=torch.float64, device=mesh.device_type)
         import torch.distributed as dist
 
         dist.all_reduce(lowest, op=dist.ReduceOp.MAX, group=mesh.get_group())

@@ -42,7 +42,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
 from ..core.adapters import model_name, unwrap_model
-from ..core.dtensor import full_masks_on_rank_zero, full_state_dict_on_rank_zero, load_full_state_dict
+from ..core.dtensor import full_masks_on_rank_zero, full_state_dict_on_rank_zero, load_full_state_dict, on_rank_zero
 from ..io import hub
 from ..io.modelcard import InferenceSpeed, inference_record
 from ..io.serialization import (
@@ -142,10 +142,8 @@ def check_checkpoint_masks(folder: str | os.PathLike, model, masks=None) -> None
         MaskFileError: the pruning state is unreadable, or its masks belong to other weights.
         SparseFormatError: a pruned weight is non-zero (naming the layers).
     """
-    import torch
-
-    from ..core.dtensor import local, mesh_of, sum_over_mesh
-    from ..core.masking import MaskFileError, mask_hash
+    from ..core.dtensor import local
+    from ..core.masking import MaskFileError, mask_hash, summed_over_shards
     from ..io.serialization.pruning_state import PRUNING_STATE_NAME, checkpoint_masks
 
     folder = Path(folder)
@@ -162,11 +160,10 @@ def check_checkpoint_masks(folder: str | os.PathLike, model, masks=None) -> None
         )
     params = dict(model.named_parameters())
     names = [name for name in masks if name in params]
-    counts = torch.tensor(
+    counts = summed_over_shards(  # over every process's rows when sharded
         [int((local(params[n]).detach()[~local(masks[n]).to(local(params[n]).device)] != 0).sum()) for n in names],
-        dtype=torch.int64,
+        [params[n] for n in names],
     )
-    sum_over_mesh(counts, mesh_of(params[name] for name in names))  # over every process's rows when sharded
     nonzero = {name: int(count) for name, count in zip(names, counts.tolist()) if count}
     allowed = (record.get("sparsity") or {}).get("nonzero_outside_mask") or 0
     if sum(nonzero.values()) != allowed:
@@ -284,7 +281,13 @@ class SparseCheckpointMixin:
         masks = None
         if sharded:  # FSDP2: every process joins the gathers (one tensor at a time onto rank 0); rank 0 writes
             state_dict, masks = full_state_dict_on_rank_zero(self.model), full_masks_on_rank_zero(self.pruner.masks)
-        if self.args.should_save:
+
+            def write():
+                os.makedirs(output_dir, exist_ok=True)
+                self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint, masks=masks)
+
+            on_rank_zero(write)  # only rank 0 holds the gathered weights (also with save_on_each_node)
+        elif self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             self._write_sparse_folder(output_dir, state_dict, checkpoint=is_checkpoint, masks=masks)
         if is_checkpoint and (self.args.should_save or sharded):  # before trainer_state.json marks it complete
@@ -303,7 +306,7 @@ class SparseCheckpointMixin:
         logger.info("Loading model weights from %s", folder)
         if self.pruner.mesh is not None:  # FSDP2: rank 0 reads the file, every process receives its rows
             network = unwrap_model(model)
-            full = read_model_state_dict(folder, network) if self.is_world_process_zero() else {}
+            full = on_rank_zero(lambda: read_model_state_dict(folder, network)) or {}
             load_full_state_dict(network, full)
             del full
             check_checkpoint_masks(folder, network, self.pruner.masks)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ...core.dtensor import is_sharded, like, local
+from ...core.dtensor import is_sharded, like, local, on_rank_zero
 from ...core.masking import MaskFileError, mask_hash
 from ...core.utils import atomic_path
 from .pruning_state import FORMAT_VERSION, PruningState
@@ -43,12 +43,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not _distributed() or dist.get_rank() == 0
-
-
 def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) -> None:
     """Write `state` (masks that are DTensors) into ``folder/pruning_state_sharded``; every process must call it."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
@@ -59,15 +53,18 @@ def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) 
         raise ValueError(f"pruning_method={state.pruning_method!r} keeps tensors of its own: it cannot be sharded.")
     target = os.path.join(folder, SHARDED_STATE_NAME)
     partial = f"{target}.partial"
-    if _is_rank_zero():
+
+    def start() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-    _barrier()
+
+    on_rank_zero(start)
     digest = mask_hash(state.masks)  # collective: every process gathers each layer's mask in turn
     tensors = {f"{_MASK}{name}": mask for name, mask in state.masks.items()}
     save(tensors, storage_writer=HuggingFaceStorageWriter(partial, save_distributed=True))
     _barrier()
-    if _is_rank_zero():
+
+    def publish() -> None:  # the header last, then the folder in place of the previous one
         header = {
             "format_version": FORMAT_VERSION,
             "pruning_method": str(state.pruning_method),
@@ -85,7 +82,8 @@ def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) 
             os.replace(target, old)
         os.replace(partial, target)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+    on_rank_zero(publish)  # a failure there (a full disk) is raised on every process
 
 
 def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, torch.Tensor]) -> PruningState:
@@ -120,7 +118,10 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
             f"The sharded pruning state {path!r} holds masks for other weights than this model's (e.g. "
             f"{sorted(wrong)[:3]}). Resume with the model it was written for."
         )
-    masks = {name: like(torch.zeros(local(params[name]).shape, dtype=torch.bool), params[name]) for name in shapes}
+    masks = {}
+    for name in shapes:  # on the parameters' devices: the hash gathers them (NCCL moves CUDA tensors only)
+        shard = local(params[name])
+        masks[name] = like(torch.zeros(shard.shape, dtype=torch.bool, device=shard.device), params[name])
     try:
         load(
             {f"{_MASK}{name}": mask for name, mask in masks.items()},
