@@ -479,3 +479,12 @@ def test_alpha_zero_prunes_and_retrains_without_a_teacher(tmp_path):
     report = trainer.prune()
     assert report["prunable"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     trainer.train()
+
+
+def test_library_does_not_clip_gradients_unless_asked(tmp_path):
+    """TrainingArguments' max_grad_norm=1.0 shrinks nearly every KD step; the library's config does not clip."""
+    from hf_tgprune import TeacherGuidedPruningConfig
+
+    assert TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none").max_grad_norm == 0.0
+    clipped = TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none", max_grad_norm=1.0)
+    assert clipped.max_grad_norm == 1.0

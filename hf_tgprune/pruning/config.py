@@ -298,6 +298,14 @@ class TeacherGuidedPruningConfig(TrainingArguments, PruningArguments):
         default=False,
         metadata={"help": "Kept False: vision batches are built by the collator, not by the model's signature."},
     )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradient clipping; 0 (default): none, as the authors. TrainingArguments' own default, 1.0, "
+            "shrinks nearly every step of the KD loss (T² scales its gradients) and of SGD fine-tuning of a pretrained "
+            "model, which costs accuracy (measured in benchmarks/RESULTS.md §5)."
+        },
+    )
 
     @cached_property
     def _setup_devices(self) -> torch.device:

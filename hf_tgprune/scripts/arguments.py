@@ -138,10 +138,6 @@ RECIPE_DEFAULTS = {
     "optim": "sgd",
     "optim_args": "momentum=0.9",
     "weight_decay": 0.0,
-    # no gradient clipping, as the authors: TrainingArguments' max_grad_norm=1.0 shrinks every SGD step of a
-    # pretrained model being fine-tuned (3 epochs of EfficientNet-Lite0 on CIFAR-10: 75.6 validation top-1 clipped,
-    # 84.0 unclipped; benchmarks/RESULTS.md §5) and changed nothing measurable in from-scratch retraining
-    "max_grad_norm": 0.0,
     "per_device_train_batch_size": 128,
     "per_device_eval_batch_size": 256,
     "eval_strategy": "epoch",
