@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .dtensor import fsdp_mesh, is_sharded, like, local, sum_over_mesh
+from .dtensor import fsdp_mesh, is_sharded, like, local
 from .masking import _NUM_BINS, _check_scores, _select_bin, _sortable_keys
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -170,7 +170,7 @@ def select_sharded_masks(
     masks = sharded_global_masks(
         local_scores,
         sparsity,
-        all_reduce=lambda tensor: sum_over_mesh(tensor, mesh),
+        all_reduce=process_group_all_reduce(mesh.get_group()),
         rank=mesh.get_local_rank(),
         world_size=mesh.size(),
         replicated=replicated,

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core.adapters import check_same_num_labels
 from ..core.callbacks import GlobalMaskCallback
-from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like, sum_over_mesh
+from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like
 from ..core.masking import (
     MaskFileError,
     apply_masks,
@@ -49,7 +49,7 @@ from ..core.masking import (
 from ..core.nm import nm_incompatible_layers, nm_masks
 from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
 from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
-from ..core.sharded import select_sharded_masks
+from ..core.sharded import process_group_all_reduce, select_sharded_masks
 from ..data.collate import check_labelled, collate_fn
 from ..data.splits import deterministic_sample
 from ..io.export import fused_sparsity
@@ -255,9 +255,8 @@ class Pruner:
         self.mesh = fsdp_mesh(self.prunable_parameters().values())
         if self.mesh is not None:
             check_shardable(self.args, self.method)
-            mesh = self.mesh
-            self.rank, self.world_size = mesh.get_local_rank(), mesh.size()
-            self.all_reduce = lambda tensor: sum_over_mesh(tensor, mesh)
+            self.rank, self.world_size = self.mesh.get_local_rank(), self.mesh.size()
+            self.all_reduce = process_group_all_reduce(self.mesh.get_group())
         self.num_workers, self.pin_memory, self.progress = 0, False, True
         self.masks: dict[str, torch.Tensor] | None = None
         self._report: dict | None = None
