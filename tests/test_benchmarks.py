@@ -271,3 +271,36 @@ def test_gpu_check_fsdp2_step_runs_on_cpu_with_gloo():
         sys.path.remove(str(ROOT / "benchmarks"))
     result = gpu_check.check_fsdp2("cpu", steps=2, size=32, images=40)
     assert result["masks_equal"] and result["revived_after_training"] == 0 and result["sharded"] == "DTensor"
+
+
+def test_standardized_kernels_benchmark_masks_the_computed_kernel_and_resumes(tmp_path):
+    data = _tiny_cifar(tmp_path / "cifar")
+    cache = tmp_path / "cache"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "standardized_kernels.py"),
+        "--smoke",
+        "--data",
+        str(data),
+        "--test-data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--val-images",
+        "20",
+        "--batch-size",
+        "16",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = Path(str(cache) + "_smoke") / "results" / "runs.jsonl"
+    records = {r["variant"]: r for r in map(json.loads, runs.read_text().splitlines())}
+    assert records["masked kernels"]["computed_nonzero_at_pruned"] == 0.0
+    assert records["masked kernels"]["masked_kernel_layers"] > 0
+    assert records["computed dense"]["computed_nonzero_at_pruned"] > 0.5
+    assert records["computed dense"]["masked_kernel_layers"] == 0
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(runs.read_text().splitlines()) == 2  # finished runs are not repeated
+    assert "| masked kernels | 0 | 0.0% |" in again.stdout

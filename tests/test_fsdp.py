@@ -207,6 +207,7 @@ def test_settings_sharded_weights_cannot_honour_are_refused_before_pruning(tmp_p
     assert "layer_allocation='global'" in results[0]["lamp"]
     assert "min_layer_density" in results[0]["floor"]
     assert "one-shot" in results[0]["dg2pf"]
+    assert "mask_standardized_kernels=False" in results[0]["kernels"]
 
 
 def _refusal_worker(rank, world_size, init_file, results):
@@ -221,6 +222,7 @@ def _refusal_worker(rank, world_size, init_file, results):
             "lamp": {"pruning_method": "magnitude", "layer_allocation": "lamp"},
             "floor": {"pruning_method": "magnitude", "layer_density_floor": 0.5},
             "dg2pf": {"pruning_method": "dg2pf"},
+            "kernels": {"pruning_method": "magnitude", "mask_standardized_kernels": True},
         }.items():
             try:
                 Pruner(student, PruningArguments(sparsity=0.8, **settings), teacher=teacher, train_dataset=dataset())

@@ -12,6 +12,7 @@ from torch import nn
 from hf_tgprune import Pruner, PruningArguments, export_sparse_inference, prunable_parameters
 from hf_tgprune.core.adapters import classifier_parameter_names, num_labels
 from hf_tgprune.io.export import SparseConv1x1, fused_sparsity
+from tests.utils import IMAGE_SIZE, NUM_LABELS, RandomImages, tiny_config
 
 
 def _pruned(model, sparsity=0.8, **kwargs):
@@ -108,6 +109,141 @@ def test_weight_standardized_convolutions_are_reported_as_computed_dense(caplog,
         stored.reshape(1, conv.out_channels, -1), None, None, training=True, momentum=0.0, eps=conv.eps
     ).reshape_as(stored)
     assert (stored == 0).any() and not (computed[stored == 0] == 0).any()
+
+
+def _tiny_bit(conv_layer=None):
+    """A small weight-standardised ResNetV2: BiT's own (savable by timm) or resnetv2_18 with `conv_layer`."""
+    import timm
+
+    if conv_layer is None:
+        return timm.create_model(
+            "resnetv2_50x1_bit", num_classes=NUM_LABELS, channels=(128, 128, 128, 128), stem_chs=32
+        )
+    return timm.create_model(
+        "resnetv2_18", num_classes=NUM_LABELS, conv_layer=conv_layer, channels=(8, 16, 32, 64), stem_chs=8
+    )
+
+
+def _computed_kernels(model, x):
+    """The weight of every conv2d call of a forward pass, by the module that made it."""
+    from torch.overrides import TorchFunctionMode
+
+    kernels, current = {}, []
+
+    class Capture(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.conv2d and current:
+                kernels[current[-1]] = args[1].detach().clone()
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: current.append(name), prepend=True))
+        handles.append(module.register_forward_hook(lambda m, a, o: current.pop() and None, always_call=True))
+    with torch.no_grad(), Capture():
+        model.eval()(x)
+    for handle in handles:
+        handle.remove()
+    return kernels
+
+
+@pytest.mark.parametrize("conv_class", ["StdConv2d", "ScaledStdConv2d", "WeightStandardizedConv2d"])
+def test_masked_standardized_kernels_are_zero_where_pruned(conv_class):
+    import timm.layers
+    import transformers
+
+    if conv_class == "WeightStandardizedConv2d":  # transformers BiT, "SAME" padding computed in forward
+        config = transformers.BitConfig(
+            num_labels=NUM_LABELS, embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8,
+            layer_type="bottleneck", global_padding="SAME",
+        )  # fmt: skip
+        model = transformers.BitForImageClassification(config)
+    else:
+        model = _tiny_bit(getattr(timm.layers, conv_class))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    keys = set(model.state_dict())
+    pruner, report = _pruned(model, mask_standardized_kernels=True, layer_density_floor=0.5)
+    standardized = [f"{n}.weight" for n, m in model.named_modules() if conv_class in type(m).__name__]
+    assert sorted(report["masked_kernel_layers"]) == sorted(n for n in standardized if n in pruner.masks)
+    assert report["computed_dense_layers"] == []
+    kernels = _computed_kernels(model, x)
+    for name in report["masked_kernel_layers"]:
+        kernel, mask = kernels[name.rsplit(".", 1)[0]], pruner.masks[name]
+        assert (~mask).any() and torch.count_nonzero(kernel[~mask]) == 0, name
+        assert torch.count_nonzero(kernel[mask]) == int(mask.sum()), name  # the kept entries still standardised
+    assert set(model.state_dict()) == keys  # nothing added to what is saved
+
+
+def test_without_the_option_the_standardized_kernel_stays_dense():
+    from timm.layers import StdConv2d
+
+    model = _tiny_bit(StdConv2d)
+    pruner, report = _pruned(model)
+    assert report["masked_kernel_layers"] == [] and report["computed_dense_layers"]
+    name = report["computed_dense_layers"][0]
+    kernel = _computed_kernels(model, torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))[name.rsplit(".", 1)[0]]
+    assert torch.count_nonzero(kernel[~pruner.masks[name]]) > 0
+
+
+def test_masked_kernels_train_save_reload_and_export(tmp_path):
+    """Through the trainer: the saved folder records the layers, hf_tgprune's loader reproduces the trained
+    logits (plain timm does not: it computes the dense kernel), and the export bakes the masked kernel into plain
+    convolutions that are candidates for sparse kernels."""
+    import timm
+    from timm.layers import StdConv2d
+
+    from hf_tgprune import TeacherGuidedPruningTrainer, load_image_classifier
+    from hf_tgprune.io.serialization import read_sparsity_record
+
+    model = _tiny_bit()
+    nn.init.normal_(model.head.fc.weight, std=0.1)  # BiT's head starts at zero: logits that would not tell apart
+    trainer = TeacherGuidedPruningTrainer(
+        model=model,
+        args=tiny_config(
+            tmp_path, pruning_method="magnitude", sparsity=0.8, layer_density_floor=0.5, max_steps=2,
+            mask_standardized_kernels=True, retrain_with_kd=False, recalibrate_bn=False,
+        ),
+        train_dataset=RandomImages(16),
+    )  # fmt: skip
+    trainer.train()
+    folder = tmp_path / "saved"
+    trainer.save_model(str(folder))
+    masked = trainer.pruner.report["masked_kernel_layers"]
+    assert masked and read_sparsity_record(folder)["masked_kernel_layers"] == masked
+    model.eval()
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        trained = model(x)
+        reloaded = load_image_classifier(str(folder)).eval()
+        plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        torch.testing.assert_close(reloaded(x), trained)
+        assert not torch.allclose(plain(x), trained, rtol=1e-2, atol=0)
+
+    exported, export_report = export_sparse_inference(reloaded, x, min_speedup=1e9)
+    assert sorted(export_report.baked_kernel_masks) == sorted(masked)  # verified against the masked model too
+    for name in masked:
+        conv = exported.get_submodule(name.rsplit(".", 1)[0])
+        assert type(conv) is nn.Conv2d
+        assert not conv.weight[~trainer.masks[name]].any()
+    assert any(row.name == masked[0].rsplit(".", 1)[0] for row in export_report.layers)  # a sparse candidate now
+    assert reloaded.get_submodule(masked[0].rsplit(".", 1)[0]).__class__ is StdConv2d  # the export copied
+
+
+def test_kernel_masks_of_a_copy_are_its_own():
+    import copy
+
+    from timm.layers import StdConv2d
+
+    from hf_tgprune.core.kernel_masks import detach_kernel_masks, kernel_masked_layers
+
+    model = _tiny_bit(StdConv2d)
+    _pruned(model, mask_standardized_kernels=True)
+    masked = kernel_masked_layers(model)
+    twin = copy.deepcopy(model)
+    assert detach_kernel_masks(twin) == masked and kernel_masked_layers(twin) == []
+    assert kernel_masked_layers(model) == masked
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert not torch.allclose(model.eval()(x), twin.eval()(x), atol=1e-4)  # the copy computes the dense kernel
 
 
 # --- 4. weights outside Linear/Conv ----------------------------------------------------------------------------------

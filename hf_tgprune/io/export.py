@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.kernel_masks import bake_kernel_masks
 from ..core.nm import is_nm_sparse
 from ..core.utils import match_patterns
 
@@ -726,6 +727,8 @@ class ExportReport:
     atol: float = EXPORT_ATOL
     max_abs_error: float | None = None  # of the verification run
     folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (convolution, BatchNorm) pairs folded
+    # weight-standardised convolutions trained with a kernel mask, now plain convolutions holding that kernel
+    baked_kernel_masks: list[str] = field(default_factory=list)
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -970,7 +973,9 @@ def export_sparse_inference(
 ) -> tuple[nn.Module, ExportReport]:
     """Convert a pruned model's Linear / 1×1-conv layers to CSR sparse kernels where that is measurably faster.
 
-    One forward pass per batch size records every candidate layer's real input shape (forward pre-hooks); each
+    Weight-standardised convolutions trained with `mask_standardized_kernels` first become plain `nn.Conv2d` layers
+    holding the masked kernel they compute with (`report.baked_kernel_masks`), so they are candidates like any
+    convolution. One forward pass per batch size records every candidate layer's real input shape (forward pre-hooks); each
     layer whose density is at most `max_density` is then timed alone on random inputs of those shapes, dense and
     sparse interleaved (`repeats` rounds, fastest round), and converted when sparse is at least `min_speedup` times
     faster at every batch size. Other layers, and the rest of the model, stay as they are.
@@ -1016,6 +1021,7 @@ def export_sparse_inference(
         with torch.inference_mode():
             reference = model(*example)
     work = model if inplace else copy.deepcopy(model)
+    baked = bake_kernel_masks(work, example)
     folded = fold_batchnorm(work, example) if fold_bn else []
     candidates = candidate_layers(work, layers)
     names = list(candidates)
@@ -1033,7 +1039,13 @@ def export_sparse_inference(
         for name, module in candidates.items()
     ]
     report = ExportReport(
-        rows, batch_sizes, min_speedup, max_density, torch.get_num_threads(), folded_batchnorms=folded
+        rows,
+        batch_sizes,
+        min_speedup,
+        max_density,
+        torch.get_num_threads(),
+        folded_batchnorms=folded,
+        baked_kernel_masks=baked,
     )
     exported = sparsify_layers(work, report.sparse_layers, report.formulations)
     if verify:

@@ -166,6 +166,17 @@ class PruningArguments:
     prune_exclude: list[str] | None = field(
         default=None, metadata={"help": "Regular expressions (re.search) of weights never to prune."}
     )
+    mask_standardized_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight-standardised convolutions (timm StdConv2d / ScaledStdConv2d, transformers BiT) compute "
+            "with (w - mean) / std, which is dense even where w is pruned. True multiplies that kernel by the mask "
+            "(sparse in compute, and exportable as a sparse convolution); it changes the function, so the saved "
+            "folder must be loaded with hf_tgprune (load_image_classifier / load_sparse re-attach the masks). "
+            "False (default): these layers are stored sparse but computed dense, and plain timm / transformers "
+            "loading reproduces the model."
+        },
+    )
     min_layer_density: float = field(
         default=0.0,
         metadata={"help": "Layer-collapse guard: every pruned layer keeps at least this fraction of its weights."},

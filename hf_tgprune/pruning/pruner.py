@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..core.adapters import check_same_num_labels
 from ..core.callbacks import GlobalMaskCallback
 from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like
+from ..core.kernel_masks import attach_kernel_masks, detach_kernel_masks, kernel_masked_layers
 from ..core.masking import (
     MaskFileError,
     apply_masks,
@@ -206,6 +207,11 @@ def check_shardable(args: PruningArguments, method: PruningMethod) -> None:
             "min_layer_density / layer_density_floor (a per-layer minimum density) are not available for weights "
             "sharded by FSDP2. Set both to 0."
         )
+    if args.mask_standardized_kernels:
+        raise ValueError(
+            "mask_standardized_kernels=True is not available for weights sharded by FSDP2 (the kernel is gathered "
+            "in forward, its mask is a local shard). Set mask_standardized_kernels=False."
+        )
 
 
 class Pruner:
@@ -285,7 +291,10 @@ class Pruner:
             if self.mask_callback.finished is not None:
                 report["schedule_finished"] = self.mask_callback.finished
             report["empty_layers"] = empty_layers(self.masks)
-            report["computed_dense_layers"] = standardized_weight_layers(self.model, self.masks)
+            masked_kernels = set(kernel_masked_layers(self.model))
+            standardized = standardized_weight_layers(self.model, self.masks)
+            report["computed_dense_layers"] = [name for name in standardized if name not in masked_kernels]
+            report["masked_kernel_layers"] = [name for name in standardized if name in masked_kernels]
             report["unprunable_matrices"] = large_unprunable_matrices(self.model, self.masks)
             # None unless something in the model fuses (a sharded model is not copied to fuse it)
             fused = None if self.mesh is not None else fused_sparsity(self.model, self.masks)
@@ -331,10 +340,18 @@ class Pruner:
             logger.warning(
                 "%d pruned layer(s) are weight-standardised convolutions (e.g. %s): their stored weights are sparse, "
                 "but they standardise them in forward, so the kernel they compute with is dense (non-zero where "
-                "pruned). The saved file is smaller; the model is not sparse in compute. Exclude them with "
-                "prune_exclude to keep them dense.",
+                "pruned). The saved file is smaller; the model is not sparse in compute. Set "
+                "mask_standardized_kernels=True to mask the computed kernel, or exclude them with prune_exclude to "
+                "keep them dense.",
                 len(report["computed_dense_layers"]),
                 report["computed_dense_layers"][0],
+            )
+        if report["masked_kernel_layers"]:
+            logger.info(
+                "%d weight-standardised convolution(s) compute with the masked kernel (mask_standardized_kernels): "
+                "sparse in compute. Load the saved folder with hf_tgprune (load_image_classifier / load_sparse) or "
+                "export it; plain timm / transformers loading computes the dense kernel again.",
+                len(report["masked_kernel_layers"]),
             )
 
     # --- building blocks ----------------------------------------------------------------------------------------
@@ -517,6 +534,7 @@ class Pruner:
                 for name, tensor in self.model.state_dict().items():
                     tensor.copy_(before[name])
             self.masks, self._report = None, None
+            detach_kernel_masks(self.model)
             raise
         del before
         self.pruned = True
@@ -553,9 +571,13 @@ class Pruner:
         self.log_report()
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Record new masks without touching the weights (schedules that apply them their own way)."""
+        """Record new masks without touching the weights (schedules that apply them their own way); with
+        `mask_standardized_kernels`, weight-standardised convolutions compute with the masked kernel from now on."""
         self.masks = dict(masks)
         self._report = None
+        if self.args.mask_standardized_kernels:
+            standardized = standardized_weight_layers(self.model, self.masks)
+            attach_kernel_masks(self.model, {name: self.masks[name] for name in standardized})
 
     # --- checkpoint state ---------------------------------------------------------------------------------------
     def state(self) -> PruningState:

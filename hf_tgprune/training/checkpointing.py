@@ -237,6 +237,8 @@ class SparseCheckpointMixin:
             metadata["scoring_seconds"] = report["scoring_seconds"]
         if report.get("computed_dense_layers"):  # stored sparse, computed dense: say so next to the sparsity
             metadata["computed_dense_layers"] = report["computed_dense_layers"]
+        if report.get("masked_kernel_layers"):  # computed with the masked kernel: loaders re-attach the masks
+            metadata["masked_kernel_layers"] = report["masked_kernel_layers"]
         if info.inference is not None:
             metadata["inference"] = inference_record(info.inference)
         metadata.update(info.extra)

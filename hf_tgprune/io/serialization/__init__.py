@@ -56,6 +56,7 @@ from .weights import (
     read_model_state_dict,
     read_weights,
     resolve_weights_file,
+    restore_kernel_masks,
     verify_sparse_folder,
 )
 
@@ -77,6 +78,7 @@ __all__ = [
     "read_sparsity_record",
     "read_weights",
     "resolve_weights_file",
+    "restore_kernel_masks",
     "save_sparse_model",
     "sha256_file",
     "verify_sparse_folder",

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...core.adapters import get_adapter, unwrap_model
+from ...core.kernel_masks import attach_kernel_masks
 from .bitmask import decode_bitmask, read_bitmask_header
 from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
 from .record import describes, read_sparsity_record, verify_record_files, verify_record_tensors
@@ -176,7 +177,36 @@ def load_sparse(
         state_dict, _, _ = read_weights(path, verify=verify)
         return state_dict
     unwrap_model(model).load_state_dict(read_model_state_dict(path, model, verify=verify), strict=strict)
+    restore_kernel_masks(path, model, verify=False)
     return model
+
+
+def restore_kernel_masks(path: str | os.PathLike, model: nn.Module, *, verify: bool = True) -> list[str]:
+    """Re-attach the kernel masks of the weight-standardised convolutions a model was trained with
+    (``mask_standardized_kernels``: ``masked_kernel_layers`` in ``sparsity.json``), so that the loaded model
+    computes what was trained; returns their names (none for a folder without them).
+
+    Args:
+        path: the saved folder or its weights file.
+        model: the model the folder's weights were loaded into.
+        verify: as for :func:`load_sparse`.
+    """
+    folder = resolve_weights_file(path).parent
+    if not (folder / SPARSITY_FILE_NAME).is_file():
+        return []
+    names = read_sparsity_record(folder).get("masked_kernel_layers") or []
+    if not names:
+        return []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise SparseFormatError(f"{folder / SPARSITY_FILE_NAME}: masked_kernel_layers is not a list of names.")
+    masks = load_sparse_masks(folder, model, verify=verify)
+    missing = [name for name in names if name not in masks]
+    if missing:
+        raise SparseFormatError(
+            f"{folder / SPARSITY_FILE_NAME} lists masked_kernel_layers {missing[:3]} that the folder's masks do not "
+            "hold; re-save the model."
+        )
+    return attach_kernel_masks(model, {name: masks[name] for name in names})
 
 
 def load_sparse_masks(
