@@ -14,6 +14,10 @@
    timm ResNet-18 with a sharded ResNet-34 teacher against the same pruning unsharded (asked: equal), then masked
    AdamW steps on the sharded student (asked: no pruned weight revived). `check_fsdp2("cpu")` runs it on CPU with gloo.
 
+6. accelerate's FSDP2 plugin (`recipes/accelerate_configs/fsdp2.yaml`, one process): `tests/scripts/fsdp_trainer.py`
+   launched with it gives the trainer unsharded models, which it shards before pruning; prune, train, checkpoint,
+   resume (asked: the model sharded at construction, no pruned weight revived, the same masks after resuming).
+
 Every figure is recorded with the GPU's name, the driver's CUDA version and torch's. Without a CUDA device the script
 stops at once with exit code 2 and says so (tested on CPU).
 """
@@ -246,10 +250,38 @@ def check_fsdp2(device: str = "cuda", sparsity: float = 0.9, steps: int = 3, siz
             dist.destroy_process_group()
 
 
+def check_accelerate_fsdp2(timeout: int = 300) -> dict:
+    """`tests/scripts/fsdp_trainer.py` under `accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml`
+    with one process; returns its record."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(root / "recipes" / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "1",
+            str(root / "tests" / "scripts" / "fsdp_trainer.py"), out,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(root))
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            return {"error": result.stderr[-2000:]}
+        record = json.loads((Path(out) / "rank0.json").read_text())
+    record["ok"] = bool(
+        record["sharded_at_init"]
+        and record["revived"] == 0
+        and record["resume_trained_revived"] == 0
+        and record["resume_trained_hash"] == record["mask_hash"]
+    )
+    return record
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "autocast", "semi", "csr", "fsdp2"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["training", "autocast", "semi", "csr", "fsdp2", "accelerate_fsdp2"]
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check.py: error: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine.",
@@ -264,6 +296,7 @@ def main(argv=None) -> int:
         "semi": lambda: [check_semi_structured(m) for m in ("vit_base_patch16_224", "convnext_tiny")],
         "csr": check_csr_cuda,
         "fsdp2": check_fsdp2,
+        "accelerate_fsdp2": check_accelerate_fsdp2,
     }
     for name, check in checks.items():
         if name in args.skip:

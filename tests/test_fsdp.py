@@ -266,7 +266,22 @@ def test_trainer_prunes_trains_and_saves_a_model_sharded_with_fully_shard(tmp_pa
     from hf_tgprune import load_sparse
     from tests.utils import make_model
 
-    for run in ("single", "multi"):
+    # accelerate's FSDP2 plugin (recipes/accelerate_configs/fsdp2.yaml): unsharded models given, the trainer shards
+    # them when it is built; the same masks, checkpoints with the optimizer state per process, and the Trainer's own
+    # resume continues from them
+    config = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "fsdp2.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+              "--main_process_port", "29548"]  # fmt: skip
+    plugin = _launch([*launch, str(TRAINER_SCRIPT), str(tmp_path / "plugin")], tmp_path / "plugin")
+    assert [r["rank"] for r in plugin] == [0, 1] and all(r["sharded_at_init"] and r["sharded"] for r in plugin)
+    assert {r[key] for r in plugin for key in ("mask_hash", "mask_hash_after_training", "resumed_hash")} == {
+        single[0]["mask_hash"]
+    }
+    assert all(r["revived"] == 0 and r["loaded_exactly"] and r["resumed_revived"] == 0 for r in plugin)
+    assert all({"pruning_state_sharded", "optimizer_0"} <= set(r["checkpoint_files"]) for r in plugin)
+    assert all(r["resume_trained_steps"] == 3 and r["resume_trained_revived"] == 0 for r in plugin)
+    assert {r["resume_trained_hash"] for r in plugin} == {single[0]["mask_hash"]}
+    for run in ("single", "multi", "plugin"):
         folder = tmp_path / run / "final"
         record = json.loads((folder / "sparsity.json").read_text())["sparsity"]
         assert record["prunable"]["sparsity"] == pytest.approx(0.9, abs=1e-4) and record["masks_enforced"]

@@ -246,6 +246,71 @@ def test_kernel_masks_of_a_copy_are_its_own():
     assert not torch.allclose(model.eval()(x), twin.eval()(x), atol=1e-4)  # the copy computes the dense kernel
 
 
+def test_a_forward_that_raises_leaves_no_masking_behind():
+    """The masking mode is left whatever ends the forward (KeyboardInterrupt included): other convolutions of the
+    same shape compute as before."""
+    from timm.layers import StdConv2d
+
+    from hf_tgprune.core.kernel_masks import attach_kernel_masks
+
+    class Interrupted(StdConv2d):
+        def forward(self, x):
+            super().forward(x)
+            raise KeyboardInterrupt
+
+    layer, other = Interrupted(4, 4, 3), nn.Conv2d(4, 4, 3, bias=False)
+    attach_kernel_masks(layer, {"weight": torch.zeros(4, 4, 3, 3, dtype=torch.bool)})
+    x = torch.randn(1, 4, 6, 6)
+    expected = F.conv2d(x, other.weight)
+    with pytest.raises(KeyboardInterrupt):
+        layer(x)
+    torch.testing.assert_close(other(x), expected)
+
+
+def test_a_forward_that_does_not_apply_the_mask_once_raises():
+    from timm.layers import StdConv2d
+
+    from hf_tgprune.core.kernel_masks import attach_kernel_masks
+
+    class Twice(StdConv2d):  # a forward hf_tgprune does not know: two convolutions with the kernel
+        def forward(self, x):
+            return super().forward(x) + super().forward(x)
+
+    layer = Twice(4, 4, 3)
+    attach_kernel_masks(layer, {"weight": torch.ones(4, 4, 3, 3, dtype=torch.bool)})
+    with pytest.raises(RuntimeError, match="applied 2 times.*mask_standardized_kernels=False"):
+        layer(torch.randn(1, 4, 6, 6))
+
+
+def test_kernel_masks_follow_new_masks_and_a_failed_prune_puts_them_back(monkeypatch, tmp_path):
+    from hf_tgprune import save_sparse_model
+    from hf_tgprune.core.kernel_masks import kernel_masks
+    from hf_tgprune.io.serialization import read_sparsity_record
+
+    model = _tiny_bit()
+    first, _ = _pruned(model, sparsity=0.5, mask_standardized_kernels=True)
+    save_sparse_model(model, tmp_path / "saved", first.masks)  # the Pruner path records them too
+    assert read_sparsity_record(tmp_path / "saved")["masked_kernel_layers"] == sorted(
+        first.report["masked_kernel_layers"], key=list(first.masks).index
+    )
+    before = {name: mask.clone() for name, mask in kernel_masks(model).items()}
+    # pruned further without the option: the layers that computed with a kernel mask keep doing so, with the new one
+    second, report = _pruned(model, sparsity=0.8)
+    assert set(report["masked_kernel_layers"]) == set(before) and report["computed_dense_layers"] == []
+    assert all(torch.equal(mask, second.masks[name]) for name, mask in kernel_masks(model).items())
+    # a prune that fails leaves the kernel masks as they were
+    third = Pruner(model, PruningArguments(sparsity=0.9, pruning_method="magnitude", recalibrate_bn=False))
+    monkeypatch.setattr(third, "select_masks", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        third.prune()
+    assert all(torch.equal(mask, second.masks[name]) for name, mask in kernel_masks(model).items())
+
+
+def test_masking_kernels_is_refused_for_a_method_that_regrows_pruned_weights():
+    with pytest.raises(ValueError, match="mask_standardized_kernels=False"):
+        PruningArguments(pruning_method="dg2pf", mask_standardized_kernels=True)
+
+
 # --- 4. weights outside Linear/Conv ----------------------------------------------------------------------------------
 class AttentionAndLSTM(nn.Module):
     def __init__(self):

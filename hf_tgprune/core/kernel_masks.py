@@ -3,10 +3,10 @@
 A weight-standardised convolution (timm `StdConv2d` / `ScaledStdConv2d`, transformers BiT) convolves with
 `(w - mean) / std` (times a gain), which is non-zero where the stored `w` is pruned. Attaching a kernel mask makes it
 convolve with `mask * standardise(w)` instead: zero wherever the weight is pruned (the statistics still come from the
-whole stored weight, zeros included). The layer's own `forward` runs unchanged; a forward pre-hook enters a
-`TorchFunctionMode` that multiplies the weight argument of the layer's `conv2d` call by the mask, and a forward hook
-(always called, also when the forward raises) leaves it. The mask is a non-persistent buffer: it follows the module
-across devices and stays out of the state dict.
+whole stored weight, zeros included). The layer's own `forward` runs unchanged inside a `TorchFunctionMode` that
+multiplies the weight argument of its `conv2d` call by the mask (a `with` block in an instance-level `forward`, so the
+mode is left whatever happens in the forward); a forward that does not apply the mask exactly once raises. The mask
+is a non-persistent buffer: it follows the module across devices and stays out of the state dict.
 
 This changes the function the layer computes, so a model trained with it must be loaded through hf_tgprune (which
 re-attaches the masks from `sparsity.json`) or exported (`bake_kernel_masks` turns each layer into a plain
@@ -15,7 +15,8 @@ re-attaches the masks from `sparsity.json`) or exported (`bake_kernel_masks` tur
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -27,52 +28,59 @@ KERNEL_MASK_BUFFER = "kernel_mask"
 
 
 class _MaskConvKernel(TorchFunctionMode):
-    """Multiplies the weight of every `conv2d` call whose weight has the mask's shape by the mask."""
+    """Multiplies the weight of every `conv2d` call whose weight has the mask's shape by the mask, and counts them."""
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.mask = mask
+        self.applied = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.conv2d:
             args = list(args)
             if len(args) > 1 and args[1].shape == self.mask.shape:
-                args[1] = args[1] * self.mask
+                args[1], self.applied = args[1] * self.mask, self.applied + 1
             elif "weight" in kwargs and kwargs["weight"].shape == self.mask.shape:
-                kwargs["weight"] = kwargs["weight"] * self.mask
+                kwargs["weight"], self.applied = kwargs["weight"] * self.mask, self.applied + 1
         return func(*args, **kwargs)
 
 
-class _KernelMaskHooks:
-    """The pre-hook / hook pair of one module, and the mode it holds while the module's forward runs."""
+class _MaskedForward:
+    """The instance-level `forward` of a kernel-masked convolution: its class's forward under `_MaskConvKernel`.
+    A plain object (not a bound method), so that copies and pickles of the module keep it, bound to themselves."""
 
     def __init__(self, module: nn.Module):
-        self.modes: list[_MaskConvKernel] = []
-        self.handles = (
-            module.register_forward_pre_hook(self.enter),
-            module.register_forward_hook(self.leave, always_call=True),
-        )
+        self.module = module
+        self.capture: _CaptureConv | None = None  # set by `bake_kernel_masks` for one forward
 
-    def enter(self, module, args):
+    def __call__(self, *args, **kwargs):
+        module = self.module
         mode = _MaskConvKernel(getattr(module, KERNEL_MASK_BUFFER))
-        mode.__enter__()
-        self.modes.append(mode)
+        capture = self.capture if self.capture is not None else contextlib.nullcontext()
+        with capture, mode:  # the capture outside: the conv2d call reaches it with the masked kernel
+            output = type(module).forward(module, *args, **kwargs)
+        if self.capture is not None:
+            self.capture.module_input = args[0] if args else None
+        if mode.applied != 1:
+            raise RuntimeError(
+                f"The kernel mask of a {type(module).__name__} was applied {mode.applied} times in one forward "
+                "(expected once: one conv2d call with a kernel of the weight's shape), so this layer does not compute "
+                "what was trained. Its forward is not one hf_tgprune knows; prune it with "
+                "mask_standardized_kernels=False."
+            )
+        return output
 
-    def leave(self, module, args, output):
-        if self.modes:
-            self.modes.pop().__exit__(None, None, None)
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _is_kernel_masked(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _MaskedForward)
 
 
-def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+def _owner(model: nn.Module, name: str) -> nn.Module:
     module_name, _, attribute = name.rpartition(".")
     if attribute != "weight":
         raise ValueError(f"kernel masks apply to convolution weights, got {name!r}")
-    return module_name, model.get_submodule(module_name)
+    return model.get_submodule(module_name)
 
 
 def attach_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
@@ -85,30 +93,32 @@ def attach_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> 
     """
     model = unwrap_model(model)
     for name, mask in masks.items():
-        _, module = _owner(model, name)
+        module = _owner(model, name)
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(
                 f"kernel mask of {name!r} has shape {tuple(mask.shape)}, its weight {tuple(module.weight.shape)}"
             )
-        kept = mask.detach().to(device=module.weight.device, dtype=torch.bool)
-        if getattr(module, "_kernel_mask_hooks", None) is None:
-            module._kernel_mask_hooks = _KernelMaskHooks(module)
+        with torch.inference_mode(False):  # a normal tensor even when attached under inference_mode
+            kept = mask.detach().to(device=module.weight.device, dtype=torch.bool).clone()
         module.register_buffer(KERNEL_MASK_BUFFER, kept, persistent=False)
+        if not _is_kernel_masked(module):
+            module.forward = _MaskedForward(module)
     return list(masks)
 
 
-def detach_kernel_masks(model: nn.Module) -> list[str]:
-    """Remove every kernel mask (the layers compute with their whole kernel again); returns the weight names."""
-    names = []
-    for module_name, module in unwrap_model(model).named_modules():
-        hooks = getattr(module, "_kernel_mask_hooks", None)
-        if hooks is None:
-            continue
-        hooks.remove()
-        del module._kernel_mask_hooks
-        delattr(module, KERNEL_MASK_BUFFER)
-        names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+def detach_kernel_masks(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Remove the kernel masks of `names` (None: all), so that those layers compute with their whole kernel again;
+    returns the weight names whose masks were removed."""
+    model = unwrap_model(model)
+    names = kernel_masked_layers(model) if names is None else list(names)
+    removed = []
+    for name in names:
+        module = _owner(model, name)
+        if _is_kernel_masked(module):
+            del module.forward
+            delattr(module, KERNEL_MASK_BUFFER)
+            removed.append(name)
+    return removed
 
 
 def kernel_masked_layers(model: nn.Module) -> list[str]:
@@ -116,16 +126,33 @@ def kernel_masked_layers(model: nn.Module) -> list[str]:
     return [
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in unwrap_model(model).named_modules()
-        if getattr(module, "_kernel_mask_hooks", None) is not None
+        if _is_kernel_masked(module)
     ]
 
 
+def kernel_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attached kernel masks by weight name (the buffers themselves)."""
+    model = unwrap_model(model)
+    return {name: getattr(_owner(model, name), KERNEL_MASK_BUFFER) for name in kernel_masked_layers(model)}
+
+
+def sync_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], standardized: Iterable[str]) -> list[str]:
+    """Make the kernel masks follow new weight masks: the `standardized` layers among `masks`, and every layer that
+    already computes with a kernel mask and is still in `masks`, get their new mask; layers that leave `masks` compute
+    with their whole kernel again. Returns the kernel-masked weight names."""
+    attached = set(kernel_masked_layers(model))
+    detach_kernel_masks(model, sorted(attached - set(masks)))
+    targets = [name for name in masks if name in attached or name in set(standardized)]
+    return attach_kernel_masks(model, {name: masks[name] for name in targets})
+
+
 class _CaptureConv(TorchFunctionMode):
-    """Records the arguments of the first `conv2d` call."""
+    """Records the arguments of the first `conv2d` call (and, set by the caller, the layer's own input)."""
 
     def __init__(self):
         super().__init__()
         self.call = None
+        self.module_input = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -139,41 +166,24 @@ def bake_kernel_masks(model: nn.Module, example_inputs: tuple) -> list[str]:
     """Replace every kernel-masked convolution by a plain `nn.Conv2d` holding the kernel it computes with
     (`mask * standardise(w)`, fixed: for inference), so that the export can treat it as any sparse convolution.
 
-    The kernel and the convolution's arguments are read from one forward pass on `example_inputs`; a layer that pads
-    its input itself (timm's "Same" variants, BiT's dynamic padding) is left as it is. Returns the weight names of the
-    replaced layers.
+    The kernel and the convolution's arguments are read from one forward pass on `example_inputs`. A layer whose
+    convolution does not receive the layer's own input (it padded it first: timm's "Same" variants, BiT's dynamic
+    padding where it pads at this input size) is left as it is. Returns the weight names of the replaced layers.
     """
-    targets = {
-        module_name: module
-        for module_name, module in model.named_modules()
-        if getattr(module, "_kernel_mask_hooks", None) is not None
-    }
-    calls, inputs, handles = {}, {}, []
-    for module_name, module in targets.items():
-
-        def pre(module, args, module_name=module_name):
-            inputs[module_name] = args[0]
-            capture = _CaptureConv()
-            capture.__enter__()
-            calls[module_name] = capture
-
-        def post(module, args, output, module_name=module_name):
-            calls[module_name].__exit__(None, None, None)
-
-        # the capture's mode is entered before the kernel mask's and left after it (the outer mode), so the conv2d
-        # call reaches it with the masked kernel
-        handles.append(module.register_forward_pre_hook(pre, prepend=True))
-        handles.append(module.register_forward_hook(post, always_call=True))
+    targets = {name: module for name, module in model.named_modules() if _is_kernel_masked(module)}
+    for module in targets.values():
+        module.forward.capture = _CaptureConv()
     try:
         with torch.no_grad():
             model(*example_inputs)
+        captures = {name: module.forward.capture for name, module in targets.items()}
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in targets.values():
+            module.forward.capture = None
     baked = []
     for module_name, module in targets.items():
-        call = calls[module_name].call if module_name in calls else None
-        if call is None or call["input"] is not inputs[module_name]:
+        call = captures[module_name].call
+        if call is None or call["input"] is not captures[module_name].module_input:
             continue  # not run, or padded before the convolution: keep the layer
         conv = nn.Conv2d(
             module.in_channels,

@@ -361,11 +361,14 @@ def load_image_classifier(
             "corrupted. Re-download or re-save the model."
         ) from error
     if source.always_has_weights:  # trained with masked standardised kernels: compute what was trained
-        from .serialization import SPARSITY_FILE_NAME, restore_kernel_masks
+        from .serialization import SPARSITY_FILE_NAME, SparseFormatError, restore_kernel_masks
 
         folder = Path(os.path.expanduser(name_or_path))
         if (folder / SPARSITY_FILE_NAME).is_file():
-            restore_kernel_masks(folder, model, verify=False)
+            try:
+                restore_kernel_masks(folder, model, verify=False)
+            except (SparseFormatError, FileNotFoundError) as error:
+                raise ModelLoadError(f"Cannot load {name_or_path!r}: {error}") from error
     found = model_num_labels(model)
     if strict_num_labels and num_labels is not None and found != num_labels:
         raise ModelLoadError(

@@ -107,6 +107,7 @@ class PruningMethod:
         default_rounds: the scoring rounds (`pruning_rounds`) used when the user leaves it unset; one-shot methods
             only.
         default_allocation: the `layer_allocation` used when the user leaves it unset.
+        regrows: True when pruned weights keep receiving gradients and may come back (simulated pruning).
         description: one line for listings.
     """
 
@@ -117,6 +118,7 @@ class PruningMethod:
     one_shot: ClassVar[bool] = True
     default_rounds: ClassVar[int] = 1
     default_allocation: ClassVar[str] = "global"
+    regrows: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):

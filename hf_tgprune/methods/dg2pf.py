@@ -61,6 +61,7 @@ class DG2PF(ScheduledPruningMethod):
     criterion = "magnitude"
     config_class = DG2PFConfig
     own_loss = True
+    regrows = True  # simulated pruning: gradients reach pruned weights
     description = "DG2PF: gradual simulated magnitude pruning with self-KD, then pruned fine-tuning (CE)"
 
     def __init__(self, config=None):

@@ -238,6 +238,12 @@ class PruningArguments:
             raise ValueError(
                 f"scoring_epochs must be >= 0 (0 scores on num_calibration_samples), got {self.scoring_epochs}"
             )
+        if self.mask_standardized_kernels and method.regrows:
+            raise ValueError(
+                f"mask_standardized_kernels=True masks the kernel that weight-standardised convolutions compute with, "
+                f"which cuts the gradient that pruning_method={self.pruning_method!r} gives pruned weights to regrow. "
+                "Set mask_standardized_kernels=False, or use another method."
+            )
         if self.pruning_rounds is None:
             self.pruning_rounds = method.default_rounds if self.sparsity_pattern == "unstructured" else 1
         if self.pruning_rounds < 1:

@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..core.adapters import check_same_num_labels
 from ..core.callbacks import GlobalMaskCallback
 from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like
-from ..core.kernel_masks import attach_kernel_masks, detach_kernel_masks, kernel_masked_layers
+from ..core.kernel_masks import (
+    attach_kernel_masks,
+    detach_kernel_masks,
+    kernel_masked_layers,
+    kernel_masks,
+    sync_kernel_masks,
+)
 from ..core.masking import (
     MaskFileError,
     apply_masks,
@@ -257,15 +263,11 @@ class Pruner:
         self.train_dataset = train_dataset
         self.collate_fn = collate_fn
         self.rank, self.world_size, self.all_reduce = 0, 1, None
-        # FSDP2: scores and masks are local shards, laid out like the weights (hf_tgprune.core.dtensor)
-        self.mesh = fsdp_mesh(self.prunable_parameters().values())
-        if self.mesh is not None:
-            check_shardable(self.args, self.method)
-            self.rank, self.world_size = self.mesh.get_local_rank(), self.mesh.size()
-            self.all_reduce = process_group_all_reduce(self.mesh.get_group())
-        self.num_workers, self.pin_memory, self.progress = 0, False, True
+        self.mesh = None
         self.masks: dict[str, torch.Tensor] | None = None
         self._report: dict | None = None
+        self.follow_sharding()
+        self.num_workers, self.pin_memory, self.progress = 0, False, True
         self.pruned = False
         # the one callback that enforces the masks (or the method's schedule) during training
         self.mask_callback: GlobalMaskCallback = self.method.mask_callback(self) or GlobalMaskCallback(self)
@@ -275,6 +277,29 @@ class Pruner:
                 {name: shard_like(mask, params.get(name, mask)) for name, mask in as_bool_masks(masks).items()}
             )
             self.pruned = True
+
+    def follow_sharding(self) -> None:
+        """Adopt FSDP2 sharding of the model's weights (`fully_shard`, here or by accelerate after this pruner was
+        built): scores and masks become local shards laid out like the weights (`hf_tgprune.core.dtensor`), and rank,
+        world size and reductions come from the shards' device mesh. Masks already held (given, or from a pruning
+        before the sharding) are cut to this process's rows. Nothing changes for a model that is not sharded.
+
+        Raises:
+            ValueError: settings that pruning sharded weights cannot honour (`check_shardable`).
+        """
+        if self.mesh is not None:
+            return
+        params = self.prunable_parameters()
+        mesh = fsdp_mesh(params.values())
+        if mesh is None:
+            return
+        check_shardable(self.args, self.method)
+        self.mesh = mesh
+        self.rank, self.world_size = mesh.get_local_rank(), mesh.size()
+        self.all_reduce = process_group_all_reduce(mesh.get_group())
+        if self.masks is not None:
+            self.masks = {name: shard_like(mask, params[name]) for name, mask in self.masks.items()}
+            self._report = None
 
     # --- the report -------------------------------------------------------------------------------------------------
     @property
@@ -488,6 +513,7 @@ class Pruner:
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
+                self.sync_kernel_masks(masks)  # the next round scores the function that will be trained
                 self.recalibrate_batchnorm()
             scores = self.compute_scores(method=self.method.criterion)
             masks = self.select_masks(scores, level)
@@ -522,6 +548,7 @@ class Pruner:
         start = time.perf_counter()
         # transactional: on any error the model's parameters and buffers are put back exactly as they were
         before = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
+        kernel_masks_before = {name: mask.clone() for name, mask in kernel_masks(self.model).items()}
         try:
             masks = self.select_masks(scores) if scores is not None else self.method.prune(self)
             if masks is not None:
@@ -535,6 +562,7 @@ class Pruner:
                     tensor.copy_(before[name])
             self.masks, self._report = None, None
             detach_kernel_masks(self.model)
+            attach_kernel_masks(self.model, kernel_masks_before)
             raise
         del before
         self.pruned = True
@@ -575,9 +603,13 @@ class Pruner:
         `mask_standardized_kernels`, weight-standardised convolutions compute with the masked kernel from now on."""
         self.masks = dict(masks)
         self._report = None
-        if self.args.mask_standardized_kernels:
-            standardized = standardized_weight_layers(self.model, self.masks)
-            attach_kernel_masks(self.model, {name: self.masks[name] for name in standardized})
+        self.sync_kernel_masks(self.masks)
+
+    def sync_kernel_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Weight-standardised convolutions compute with the masked kernel (`mask_standardized_kernels`, or a model
+        that already did, e.g. loaded from a folder trained so); the others with their whole kernel."""
+        standardized = standardized_weight_layers(self.model, masks) if self.args.mask_standardized_kernels else []
+        sync_kernel_masks(self.model, masks, standardized)
 
     # --- checkpoint state ---------------------------------------------------------------------------------------
     def state(self) -> PruningState:

@@ -79,6 +79,7 @@ HYPERPARAMETER_FIELDS = (
     "sparsity_pattern",
     "prune_include",
     "prune_exclude",
+    "mask_standardized_kernels",
     "min_layer_density",
     "layer_density_floor",
     "retrain_with_kd",
@@ -237,8 +238,6 @@ class SparseCheckpointMixin:
             metadata["scoring_seconds"] = report["scoring_seconds"]
         if report.get("computed_dense_layers"):  # stored sparse, computed dense: say so next to the sparsity
             metadata["computed_dense_layers"] = report["computed_dense_layers"]
-        if report.get("masked_kernel_layers"):  # computed with the masked kernel: loaders re-attach the masks
-            metadata["masked_kernel_layers"] = report["masked_kernel_layers"]
         if info.inference is not None:
             metadata["inference"] = inference_record(info.inference)
         metadata.update(info.extra)
@@ -273,13 +272,22 @@ class SparseCheckpointMixin:
             atomic_folder=not checkpoint,
         )
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # accelerate's FSDP plugin: the Trainer writes no model file with a sharded state dict type, and gathers the
+        # whole model at once with a full one; the sparse folder is written from the shards one tensor at a time
+        if not (self.is_fsdp_enabled and self.pruner.mesh is not None):
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save through `save_sparse_model` (dense checkpoints; ``args.save_format`` for `save_model()` outputs)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if state_dict is not None and not state_dict:  # DeepSpeed's dummy save: leave it to the Trainer
+        sharded = self.pruner.mesh is not None
+        if state_dict is not None and not state_dict and not sharded:  # DeepSpeed's dummy save: the Trainer's
             return super()._save(output_dir, state_dict=state_dict)
         is_checkpoint = Path(output_dir).name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
-        sharded = self.pruner.mesh is not None
         masks = None
         if sharded:  # FSDP2: every process joins the gathers (one tensor at a time onto rank 0); rank 0 writes
             state_dict, masks = full_state_dict_on_rank_zero(self.model), full_masks_on_rank_zero(self.pruner.masks)
@@ -297,9 +305,10 @@ class SparseCheckpointMixin:
 
     # --- loading checkpoints ------------------------------------------------------------------------------------
     def _is_sparse_checkpoint(self, folder: str | None) -> bool:
-        """A checkpoint written by `_save` that this process loads itself (not DeepSpeed / FSDP shards)."""
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        return folder is not None and not sharded and (Path(folder) / SPARSITY_FILE_NAME).is_file()
+        """A checkpoint written by `_save` that this process loads itself (not DeepSpeed shards; FSDP2 shards are
+        loaded from it, rank 0 reading)."""
+        ours = not self.is_deepspeed_enabled and (not self.is_fsdp_enabled or self.pruner.mesh is not None)
+        return folder is not None and ours and (Path(folder) / SPARSITY_FILE_NAME).is_file()
 
     def _load_sparse_checkpoint(self, folder: str, model) -> None:
         """Load a checkpoint's weights strictly, names on disk converted to the model's own (the Trainer reads the
@@ -315,6 +324,8 @@ class SparseCheckpointMixin:
             return
         load_sparse(folder, unwrap_model(model), strict=True)  # verified against sparsity.json first
         check_checkpoint_masks(folder, unwrap_model(model))
+        if self.pruner.masks is not None:  # the exact masks, not ones rebuilt from the non-zeros of a dense file
+            self.pruner.sync_kernel_masks(self.pruner.masks)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._is_sparse_checkpoint(resume_from_checkpoint):

@@ -124,7 +124,14 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         self.teacher_model = None
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        if self.is_fsdp_enabled and self.pruner.mesh is None:
+            self._shard_with_accelerate(model, teacher_model)
+        if teacher_model is not None:
+            self.teacher_model = (
+                teacher_model
+                if self.is_fsdp_enabled
+                else self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            )
         accelerator = self.accelerator
         pruner = self.pruner
         pruner.teacher = self.teacher_model
@@ -135,6 +142,34 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
         pruner.progress = self.is_world_process_zero() and not args.disable_tqdm
         self._mask_callbacks_added = False
         self._add_mask_callbacks()
+
+    def _shard_with_accelerate(self, model: nn.Module, teacher_model: nn.Module | None) -> None:
+        """accelerate's FSDP plugin (`fsdp_version: 2`) shards the model when training starts, after pruning; shard
+        the student (and the teacher) here instead, with the plugin's own settings, so that scoring, thresholding and
+        masks work on local shards from the start (the Trainer leaves a model that is already sharded as it is)."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        if not self.accelerator.is_fsdp2:
+            raise ValueError(
+                "hf_tgprune prunes models sharded with FSDP2; accelerate's FSDP plugin is configured with "
+                "fsdp_version 1. Set fsdp_version: 2 in the accelerate config (or fsdp_config={'version': 2})."
+            )
+        for network in (model, teacher_model):
+            if network is None:
+                continue
+            # accelerate asks a transformers model for its input embeddings (to keep tied weights tied), which vision
+            # models do not have: they raise NotImplementedError
+            try:
+                network.get_input_embeddings()
+                no_embeddings = False
+            except NotImplementedError:
+                network.get_input_embeddings, no_embeddings = (lambda: None), True
+            except AttributeError:
+                no_embeddings = False
+            fsdp2_prepare_model(self.accelerator, network)
+            if no_embeddings:
+                del network.get_input_embeddings
+        self.pruner.follow_sharding()
 
     # --- the pruning state (owned by `self.pruner`) -----------------------------------------------------------------
     @property

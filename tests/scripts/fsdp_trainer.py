@@ -3,6 +3,11 @@ and the teacher are sharded with FSDP2's `fully_shard` first. Each process write
 
 python tests/scripts/fsdp_trainer.py OUT_DIR                                                   # one process
 accelerate launch --multi_gpu --num_processes 2 tests/scripts/fsdp_trainer.py OUT_DIR          # two, sharded
+
+With accelerate's FSDP2 plugin (`accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml`) the models
+are given unsharded and the trainer shards them. accelerate enables its FSDP plugin on GPUs only; on a CPU this
+script turns it on after accelerate has set up (the one thing it patches), so that the Trainer's FSDP code paths run
+with gloo exactly as they do with NCCL.
 """
 
 import json
@@ -20,6 +25,23 @@ from hf_tgprune.io.serialization import read_model_state_dict  # noqa: E402
 from tests.utils import RandomImages, make_model  # noqa: E402
 
 
+def emulate_accelerate_fsdp_on_cpu():
+    """accelerate keeps its FSDP plugin for GPU processes only; give the CPU processes the plugin that the launcher's
+    FSDP_* variables describe."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    setup = Accelerator.__init__
+
+    def init(self, *args, **kwargs):
+        setup(self, *args, **kwargs)
+        if self.state.distributed_type == DistributedType.MULTI_CPU:
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+    Accelerator.__init__ = init
+
+
 def models(sharded):
     student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
     if sharded:
@@ -31,6 +53,9 @@ def models(sharded):
 
 
 def main(out_dir):
+    plugin = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if plugin and not torch.cuda.is_available():
+        emulate_accelerate_fsdp_on_cpu()
     args = TeacherGuidedPruningConfig(
         output_dir=os.path.join(out_dir, "trainer"),
         sparsity=0.9,
@@ -46,13 +71,14 @@ def main(out_dir):
         disable_tqdm=True,
         save_strategy="steps",
         save_steps=2,  # checkpoint-2, loaded below
-        # the Trainer keeps no optimizer state for models sharded before it (it refuses to checkpoint them otherwise)
-        save_only_model=True,
+        # the Trainer keeps no optimizer state for models sharded before it (it refuses to checkpoint them otherwise);
+        # under accelerate's FSDP plugin it saves it per process
+        save_only_model=not plugin,
         seed=0,
     )
     state = PartialState()  # set up by the arguments: the gloo process group under accelerate launch
     sharded = state.num_processes > 1
-    student, teacher = models(sharded)
+    student, teacher = models(sharded and not plugin)  # the plugin's trainer shards them itself
     trainer = TeacherGuidedPruningTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=RandomImages(48)
     )
@@ -65,9 +91,12 @@ def main(out_dir):
     # a fresh (sharded) model loads checkpoint-2: its masks (shard by shard) and its weights (rank 0 reads, every
     # process receives its rows), as load_best_model_at_end does
     checkpoint = os.path.join(args.output_dir, "checkpoint-2")
-    student, teacher = models(sharded)
+    student, teacher = models(sharded and not plugin)
     resumed = TeacherGuidedPruningTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=RandomImages(48)
+    )
+    sharded_at_init = all(is_sharded(p) for p in student.parameters()) and all(
+        is_sharded(p) for p in teacher.parameters()
     )
     resumed.pruner.load_state(checkpoint)
     resumed._load_from_checkpoint(checkpoint)
@@ -88,7 +117,16 @@ def main(out_dir):
         "loaded_exactly": loaded_exactly,
         "resumed_revived": resumed_revived,
         "checkpoint_files": sorted(os.listdir(os.path.join(args.output_dir, "checkpoint-2"))),
+        "sharded_at_init": sharded_at_init,
     }
+    if plugin:  # the Trainer's own resume: weights and masks from the sparse checkpoint, optimizer state per process
+        resumed.train(resume_from_checkpoint=checkpoint)
+        params = dict(resumed.model.named_parameters())
+        record["resume_trained_steps"] = resumed.state.global_step
+        record["resume_trained_hash"] = mask_hash(resumed.masks)
+        record["resume_trained_revived"] = sum(
+            int(torch.count_nonzero(local(params[n])[~local(m)])) for n, m in resumed.masks.items()
+        )
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
     if torch.distributed.is_initialized():

@@ -23,7 +23,17 @@ from .formats import (
 
 # Fields that save_sparse_model measures or derives itself; metadata may not set them.
 RESERVED_KEYS = frozenset(
-    {"format", "weights_file", "files", "sparsity", "mask", "library", "model_family", "preprocessing"}
+    {
+        "format",
+        "weights_file",
+        "files",
+        "sparsity",
+        "mask",
+        "library",
+        "model_family",
+        "preprocessing",
+        "masked_kernel_layers",
+    }
 )
 # Fields that name a model or a dataset: published as a Hub id or a plain folder name, never a local path.
 NAME_KEYS = ("base_model", "teacher", "dataset")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.adapters import get_adapter, preprocessing_dict, unwrap_model
+from ...core.kernel_masks import kernel_masked_layers
 from ...core.masking import mask_hash, measure_sparsity
 from ...core.utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
@@ -217,6 +218,13 @@ def save_sparse_model(
     )
     if not masks_given:
         masks = _nonzero_masks(model, tensors)
+    # weight-standardised convolutions computing with the masked kernel: recorded, so that loaders re-attach them
+    masked_kernels = kernel_masked_layers(model)
+    if any(name not in masks for name in masked_kernels):
+        raise ValueError(
+            f"{[name for name in masked_kernels if name not in masks][:3]} compute with a kernel mask but are not "
+            "among the masks being saved; pass the masks the model was pruned with."
+        )
 
     # Names on disk, by the model library's own conversion (identity for timm and plain torch).
     to_disk = lambda named: adapter.checkpoint_state_dict(model, named)  # noqa: E731
@@ -254,6 +262,8 @@ def save_sparse_model(
                 record["files"][name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
         if preprocessing is not None:
             record["preprocessing"] = preprocessing
+        if masked_kernels:
+            record["masked_kernel_layers"] = masked_kernels
         record.update(public_metadata(jsonable(metadata)))
         write_json_atomic(record, folder / SPARSITY_FILE_NAME)
     return jsonable(record)

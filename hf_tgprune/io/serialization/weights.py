@@ -191,15 +191,17 @@ def restore_kernel_masks(path: str | os.PathLike, model: nn.Module, *, verify: b
         model: the model the folder's weights were loaded into.
         verify: as for :func:`load_sparse`.
     """
-    folder = resolve_weights_file(path).parent
+    weights_file = resolve_weights_file(path)
+    folder = weights_file.parent
     if not (folder / SPARSITY_FILE_NAME).is_file():
         return []
-    names = read_sparsity_record(folder).get("masked_kernel_layers") or []
-    if not names:
+    record = read_sparsity_record(folder)
+    names = record.get("masked_kernel_layers") or []
+    if not names or not describes(record, weights_file):
         return []
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise SparseFormatError(f"{folder / SPARSITY_FILE_NAME}: masked_kernel_layers is not a list of names.")
-    masks = load_sparse_masks(folder, model, verify=verify)
+    masks = load_sparse_masks(weights_file, model, verify=verify)
     missing = [name for name in names if name not in masks]
     if missing:
         raise SparseFormatError(
