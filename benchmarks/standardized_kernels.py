@@ -2,7 +2,8 @@
 
 A weight-standardised convolution computes with `(w - mean) / std`, dense even where `w` is pruned. Pruned as usual
 ("computed dense"), the model keeps every kernel entry in compute; with `mask_standardized_kernels=True` ("masked
-kernels") the kernel is multiplied by the mask, so the model is as sparse in compute as on disk. This benchmark
+kernels") the kernel is masked, so the model is as sparse in compute as on disk, with the statistics of the surviving
+weights (`kernel_mask_statistics="kept"`) or of the whole stored weight (`"all"`). This benchmark
 prunes the same dense BiT-style network (timm `resnetv2_50x1_bit` layout, narrower: `--channels`, GroupNorm and
 `StdConv2d` throughout, trained from scratch on CIFAR-10 at 32 px, cached) both ways with global `magnitude` masks
 and the same cross-entropy retraining, and reports top-1 on `--test-data` (the held-out images) and the test split,
@@ -31,7 +32,12 @@ import torch  # noqa: E402
 from bench_utils import load_jsonl  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-VARIANTS = {"computed dense": False, "masked kernels": True}
+# variant -> (mask_standardized_kernels, kernel_mask_statistics)
+VARIANTS = {
+    "computed dense": (False, "kept"),
+    "masked kernels, kept statistics": (True, "kept"),
+    "masked kernels, all statistics": (True, "all"),
+}
 
 
 def build(args):
@@ -94,7 +100,8 @@ def run_one(args, splits, variant: str, seed: int) -> dict:
         output_dir=str(Path(args.cache_dir) / "trainer"),
         pruning_method="magnitude",
         sparsity=args.sparsity,
-        mask_standardized_kernels=VARIANTS[variant],
+        mask_standardized_kernels=VARIANTS[variant][0],
+        kernel_mask_statistics=VARIANTS[variant][1],
         retrain_with_kd=False,
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.retrain_epochs,

@@ -296,11 +296,12 @@ def test_standardized_kernels_benchmark_masks_the_computed_kernel_and_resumes(tm
     assert first.returncode == 0, first.stderr[-3000:]
     runs = Path(str(cache) + "_smoke") / "results" / "runs.jsonl"
     records = {r["variant"]: r for r in map(json.loads, runs.read_text().splitlines())}
-    assert records["masked kernels"]["computed_nonzero_at_pruned"] == 0.0
-    assert records["masked kernels"]["masked_kernel_layers"] > 0
+    for statistics in ("kept", "all"):
+        masked = records[f"masked kernels, {statistics} statistics"]
+        assert masked["computed_nonzero_at_pruned"] == 0.0 and masked["masked_kernel_layers"] > 0
     assert records["computed dense"]["computed_nonzero_at_pruned"] > 0.5
     assert records["computed dense"]["masked_kernel_layers"] == 0
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(runs.read_text().splitlines()) == 2  # finished runs are not repeated
-    assert "| masked kernels | 0 | 0.0% |" in again.stdout
+    assert len(runs.read_text().splitlines()) == 3  # finished runs are not repeated
+    assert "| masked kernels, kept statistics | 0 | 0.0% |" in again.stdout

@@ -170,8 +170,33 @@ def test_masked_standardized_kernels_are_zero_where_pruned(conv_class):
     for name in report["masked_kernel_layers"]:
         kernel, mask = kernels[name.rsplit(".", 1)[0]], pruner.masks[name]
         assert (~mask).any() and torch.count_nonzero(kernel[~mask]) == 0, name
-        assert torch.count_nonzero(kernel[mask]) == int(mask.sum()), name  # the kept entries still standardised
+        rows = mask.flatten(1).sum(1) >= 2  # a channel keeping one weight standardises it to 0
+        assert torch.count_nonzero(kernel[rows][mask[rows]]) == int(mask[rows].sum()), name  # kept: standardised
     assert set(model.state_dict()) == keys  # nothing added to what is saved
+
+
+@pytest.mark.parametrize("statistics", ["kept", "all"])
+def test_masked_kernel_statistics_against_an_independent_computation(statistics):
+    """StdConv2d: "kept" convolves with the surviving weights standardised among themselves, "all" with the mask
+    times the layer's own standardisation of the whole stored weight."""
+    from timm.layers import StdConv2d
+
+    model = _tiny_bit(StdConv2d)
+    pruner, report = _pruned(model, mask_standardized_kernels=True, kernel_mask_statistics=statistics)
+    name = report["masked_kernel_layers"][1]
+    conv, mask = model.get_submodule(name.rsplit(".", 1)[0]), pruner.masks[name]
+    kernel = _computed_kernels(model, torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))[name.rsplit(".", 1)[0]]
+    w = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    m = mask.reshape(conv.out_channels, -1)
+    expected = torch.zeros_like(w)
+    for row in range(w.shape[0]):
+        if statistics == "kept":
+            kept = w[row][m[row]]
+            expected[row][m[row]] = (kept - kept.mean()) / (kept.var(unbiased=False) + 1e-6).sqrt()
+        else:
+            whole = (w[row] - w[row].mean()) / (w[row].var(unbiased=False) + conv.eps).sqrt()
+            expected[row] = whole * m[row]
+    torch.testing.assert_close(kernel.double().reshape_as(w), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_without_the_option_the_standardized_kernel_stays_dense():
@@ -209,7 +234,7 @@ def test_masked_kernels_train_save_reload_and_export(tmp_path):
     folder = tmp_path / "saved"
     trainer.save_model(str(folder))
     masked = trainer.pruner.report["masked_kernel_layers"]
-    assert masked and read_sparsity_record(folder)["masked_kernel_layers"] == masked
+    assert masked and read_sparsity_record(folder)["masked_kernel_layers"] == dict.fromkeys(masked, "kept")
     model.eval()
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
@@ -290,9 +315,8 @@ def test_kernel_masks_follow_new_masks_and_a_failed_prune_puts_them_back(monkeyp
     model = _tiny_bit()
     first, _ = _pruned(model, sparsity=0.5, mask_standardized_kernels=True)
     save_sparse_model(model, tmp_path / "saved", first.masks)  # the Pruner path records them too
-    assert read_sparsity_record(tmp_path / "saved")["masked_kernel_layers"] == sorted(
-        first.report["masked_kernel_layers"], key=list(first.masks).index
-    )
+    recorded = read_sparsity_record(tmp_path / "saved")["masked_kernel_layers"]
+    assert recorded == dict.fromkeys(first.report["masked_kernel_layers"], "kept")
     before = {name: mask.clone() for name, mask in kernel_masks(model).items()}
     # pruned further without the option: the layers that computed with a kernel mask keep doing so, with the new one
     second, report = _pruned(model, sparsity=0.8)

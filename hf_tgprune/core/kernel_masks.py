@@ -2,8 +2,9 @@
 
 A weight-standardised convolution (timm `StdConv2d` / `ScaledStdConv2d`, transformers BiT) convolves with
 `(w - mean) / std` (times a gain), which is non-zero where the stored `w` is pruned. Attaching a kernel mask makes it
-convolve with `mask * standardise(w)` instead: zero wherever the weight is pruned (the statistics still come from the
-whole stored weight, zeros included). The layer's own `forward` runs unchanged inside a `TorchFunctionMode` that
+convolve with a masked kernel instead, zero wherever the weight is pruned: by default standardised over the surviving
+weights (`"kept"` statistics), or `mask * standardise(w)` with the statistics of the whole stored weight, zeros
+included (`"all"`). The layer's own `forward` runs unchanged inside a `TorchFunctionMode` that
 multiplies the weight argument of its `conv2d` call by the mask (a `with` block in an instance-level `forward`, so the
 mode is left whatever happens in the forward); a forward that does not apply the mask exactly once raises. The mask
 is a non-persistent buffer: it follows the module across devices and stays out of the state dict.
@@ -27,12 +28,37 @@ from .adapters import unwrap_model
 KERNEL_MASK_BUFFER = "kernel_mask"
 
 
-class _MaskConvKernel(TorchFunctionMode):
-    """Multiplies the weight of every `conv2d` call whose weight has the mask's shape by the mask, and counts them."""
+KERNEL_MASK_STATISTICS = ("kept", "all")
+_EPS = 1e-6
 
-    def __init__(self, mask: torch.Tensor):
+
+def masked_kernel(kernel: torch.Tensor, mask: torch.Tensor, statistics: str) -> torch.Tensor:
+    """The kernel a kernel-masked convolution computes with, from the standardised kernel it would compute with.
+
+    `"all"`: `mask * kernel`, the layer's own statistics over the whole stored weight (pruned zeros included).
+    `"kept"`: standardised again over the kept entries of each output channel, then masked, at the scale the layer's
+    kernel had (its standard deviation over all entries: 1, or the gain of a scaled standardisation). Standardising is
+    affine per channel, so this equals standardising the surviving weights alone.
+    """
+    if statistics == "all":
+        return kernel * mask
+    dims = tuple(range(1, kernel.dim()))
+    kept = mask.to(kernel.dtype)
+    count = kept.sum(dim=dims, keepdim=True).clamp_min(1)
+    mean = (kernel * kept).sum(dim=dims, keepdim=True) / count
+    centred = (kernel - mean) * kept
+    std = (centred.square().sum(dim=dims, keepdim=True) / count + _EPS).sqrt()
+    return centred / std * kernel.std(dim=dims, keepdim=True, unbiased=False)
+
+
+class _MaskConvKernel(TorchFunctionMode):
+    """Replaces the weight of every `conv2d` call whose weight has the mask's shape by its masked kernel, and counts
+    them."""
+
+    def __init__(self, mask: torch.Tensor, statistics: str):
         super().__init__()
         self.mask = mask
+        self.statistics = statistics
         self.applied = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -40,9 +66,10 @@ class _MaskConvKernel(TorchFunctionMode):
         if func is torch.conv2d:
             args = list(args)
             if len(args) > 1 and args[1].shape == self.mask.shape:
-                args[1], self.applied = args[1] * self.mask, self.applied + 1
+                args[1], self.applied = masked_kernel(args[1], self.mask, self.statistics), self.applied + 1
             elif "weight" in kwargs and kwargs["weight"].shape == self.mask.shape:
-                kwargs["weight"], self.applied = kwargs["weight"] * self.mask, self.applied + 1
+                kwargs["weight"] = masked_kernel(kwargs["weight"], self.mask, self.statistics)
+                self.applied += 1
         return func(*args, **kwargs)
 
 
@@ -50,13 +77,14 @@ class _MaskedForward:
     """The instance-level `forward` of a kernel-masked convolution: its class's forward under `_MaskConvKernel`.
     A plain object (not a bound method), so that copies and pickles of the module keep it, bound to themselves."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, statistics: str):
         self.module = module
+        self.statistics = statistics
         self.capture: _CaptureConv | None = None  # set by `bake_kernel_masks` for one forward
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        mode = _MaskConvKernel(getattr(module, KERNEL_MASK_BUFFER))
+        mode = _MaskConvKernel(getattr(module, KERNEL_MASK_BUFFER), self.statistics)
         capture = self.capture if self.capture is not None else contextlib.nullcontext()
         with capture, mode:  # the capture outside: the conv2d call reaches it with the masked kernel
             output = type(module).forward(module, *args, **kwargs)
@@ -83,16 +111,22 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(module_name)
 
 
-def attach_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
-    """Make the convolutions owning the weights in `masks` compute with `mask * kernel`; masks already attached to
-    them are replaced. Returns the weight names, in the order given.
+def attach_kernel_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], statistics: str | Mapping[str, str] = "kept"
+) -> list[str]:
+    """Make the convolutions owning the weights in `masks` compute with their masked kernel (`masked_kernel`); masks
+    already attached to them are replaced. Returns the weight names, in the order given.
 
     Args:
         model: the model (a wrapper such as DDP is unwrapped).
         masks: bool tensors (True = kept) keyed by weight name, each of its weight's shape.
+        statistics: `"kept"` or `"all"` (see `masked_kernel`), or one of them per weight name.
     """
     model = unwrap_model(model)
     for name, mask in masks.items():
+        chosen = statistics if isinstance(statistics, str) else statistics[name]
+        if chosen not in KERNEL_MASK_STATISTICS:
+            raise ValueError(f"kernel mask statistics must be one of {KERNEL_MASK_STATISTICS}, got {chosen!r}")
         module = _owner(model, name)
         if tuple(mask.shape) != tuple(module.weight.shape):
             raise ValueError(
@@ -101,8 +135,10 @@ def attach_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> 
         with torch.inference_mode(False):  # a normal tensor even when attached under inference_mode
             kept = mask.detach().to(device=module.weight.device, dtype=torch.bool).clone()
         module.register_buffer(KERNEL_MASK_BUFFER, kept, persistent=False)
-        if not _is_kernel_masked(module):
-            module.forward = _MaskedForward(module)
+        if _is_kernel_masked(module):
+            module.forward.statistics = chosen
+        else:
+            module.forward = _MaskedForward(module, chosen)
     return list(masks)
 
 
@@ -136,14 +172,23 @@ def kernel_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: getattr(_owner(model, name), KERNEL_MASK_BUFFER) for name in kernel_masked_layers(model)}
 
 
-def sync_kernel_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], standardized: Iterable[str]) -> list[str]:
-    """Make the kernel masks follow new weight masks: the `standardized` layers among `masks`, and every layer that
-    already computes with a kernel mask and is still in `masks`, get their new mask; layers that leave `masks` compute
-    with their whole kernel again. Returns the kernel-masked weight names."""
-    attached = set(kernel_masked_layers(model))
-    detach_kernel_masks(model, sorted(attached - set(masks)))
-    targets = [name for name in masks if name in attached or name in set(standardized)]
-    return attach_kernel_masks(model, {name: masks[name] for name in targets})
+def kernel_mask_statistics(model: nn.Module) -> dict[str, str]:
+    """The statistics (`"kept"` / `"all"`) of every kernel-masked convolution, by weight name."""
+    model = unwrap_model(model)
+    return {name: _owner(model, name).forward.statistics for name in kernel_masked_layers(model)}
+
+
+def sync_kernel_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], standardized: Iterable[str], statistics: str = "kept"
+) -> list[str]:
+    """Make the kernel masks follow new weight masks: the `standardized` layers among `masks` (with `statistics`), and
+    every layer that already computes with a kernel mask and is still in `masks` (with its own statistics), get their
+    new mask; layers that leave `masks` compute with their whole kernel again. Returns the kernel-masked names."""
+    existing = kernel_mask_statistics(model)
+    detach_kernel_masks(model, sorted(set(existing) - set(masks)))
+    standardized = set(standardized)
+    chosen = {name: existing.get(name, statistics) for name in masks if name in existing or name in standardized}
+    return attach_kernel_masks(model, {name: masks[name] for name in chosen}, chosen)
 
 
 class _CaptureConv(TorchFunctionMode):
@@ -164,7 +209,7 @@ class _CaptureConv(TorchFunctionMode):
 
 def bake_kernel_masks(model: nn.Module, example_inputs: tuple) -> list[str]:
     """Replace every kernel-masked convolution by a plain `nn.Conv2d` holding the kernel it computes with
-    (`mask * standardise(w)`, fixed: for inference), so that the export can treat it as any sparse convolution.
+    (fixed: for inference), so that the export can treat it as any sparse convolution.
 
     The kernel and the convolution's arguments are read from one forward pass on `example_inputs`. A layer whose
     convolution does not receive the layer's own input (it padded it first: timm's "Same" variants, BiT's dynamic

@@ -177,6 +177,14 @@ class PruningArguments:
             "loading reproduces the model."
         },
     )
+    kernel_mask_statistics: str = field(
+        default="kept",
+        metadata={
+            "help": "With mask_standardized_kernels: 'kept' standardises each output channel over its surviving "
+            "weights (then masks, at the layer's own scale); 'all' keeps the layer's statistics over the whole stored "
+            "weight, pruned zeros included, and masks the result."
+        },
+    )
     min_layer_density: float = field(
         default=0.0,
         metadata={"help": "Layer-collapse guard: every pruned layer keeps at least this fraction of its weights."},
@@ -238,6 +246,8 @@ class PruningArguments:
             raise ValueError(
                 f"scoring_epochs must be >= 0 (0 scores on num_calibration_samples), got {self.scoring_epochs}"
             )
+        if self.kernel_mask_statistics not in ("kept", "all"):
+            raise ValueError(f"kernel_mask_statistics must be 'kept' or 'all', got {self.kernel_mask_statistics!r}")
         if self.mask_standardized_kernels and method.regrows:
             raise ValueError(
                 f"mask_standardized_kernels=True masks the kernel that weight-standardised convolutions compute with, "

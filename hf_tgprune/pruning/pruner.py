@@ -35,6 +35,7 @@ from ..core.dtensor import fsdp_mesh, like, local, reshard, shard_like
 from ..core.kernel_masks import (
     attach_kernel_masks,
     detach_kernel_masks,
+    kernel_mask_statistics,
     kernel_masked_layers,
     kernel_masks,
     sync_kernel_masks,
@@ -549,6 +550,7 @@ class Pruner:
         # transactional: on any error the model's parameters and buffers are put back exactly as they were
         before = {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()}
         kernel_masks_before = {name: mask.clone() for name, mask in kernel_masks(self.model).items()}
+        kernel_statistics_before = kernel_mask_statistics(self.model)
         try:
             masks = self.select_masks(scores) if scores is not None else self.method.prune(self)
             if masks is not None:
@@ -562,7 +564,7 @@ class Pruner:
                     tensor.copy_(before[name])
             self.masks, self._report = None, None
             detach_kernel_masks(self.model)
-            attach_kernel_masks(self.model, kernel_masks_before)
+            attach_kernel_masks(self.model, kernel_masks_before, kernel_statistics_before)
             raise
         del before
         self.pruned = True
@@ -609,7 +611,7 @@ class Pruner:
         """Weight-standardised convolutions compute with the masked kernel (`mask_standardized_kernels`, or a model
         that already did, e.g. loaded from a folder trained so); the others with their whole kernel."""
         standardized = standardized_weight_layers(self.model, masks) if self.args.mask_standardized_kernels else []
-        sync_kernel_masks(self.model, masks, standardized)
+        sync_kernel_masks(self.model, masks, standardized, self.args.kernel_mask_statistics)
 
     # --- checkpoint state ---------------------------------------------------------------------------------------
     def state(self) -> PruningState:

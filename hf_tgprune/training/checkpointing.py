@@ -80,6 +80,7 @@ HYPERPARAMETER_FIELDS = (
     "prune_include",
     "prune_exclude",
     "mask_standardized_kernels",
+    "kernel_mask_statistics",
     "min_layer_density",
     "layer_density_floor",
     "retrain_with_kd",

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.adapters import get_adapter, preprocessing_dict, unwrap_model
-from ...core.kernel_masks import kernel_masked_layers
+from ...core.kernel_masks import kernel_mask_statistics
 from ...core.masking import mask_hash, measure_sparsity
 from ...core.utils import atomic_path, jsonable, write_json_atomic
 from .bitmask import encode_bitmask_state_dict
@@ -219,7 +219,7 @@ def save_sparse_model(
     if not masks_given:
         masks = _nonzero_masks(model, tensors)
     # weight-standardised convolutions computing with the masked kernel: recorded, so that loaders re-attach them
-    masked_kernels = kernel_masked_layers(model)
+    masked_kernels = kernel_mask_statistics(model)  # {weight name: "kept" / "all"}
     if any(name not in masks for name in masked_kernels):
         raise ValueError(
             f"{[name for name in masked_kernels if name not in masks][:3]} compute with a kernel mask but are not "

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...core.adapters import get_adapter, unwrap_model
-from ...core.kernel_masks import attach_kernel_masks
+from ...core.kernel_masks import KERNEL_MASK_STATISTICS, attach_kernel_masks
 from .bitmask import decode_bitmask, read_bitmask_header
 from .formats import BITMASK_WEIGHTS_NAME, DENSE_WEIGHTS_NAME, SPARSITY_FILE_NAME, SparseFormatError
 from .record import describes, read_sparsity_record, verify_record_files, verify_record_tensors
@@ -196,11 +196,17 @@ def restore_kernel_masks(path: str | os.PathLike, model: nn.Module, *, verify: b
     if not (folder / SPARSITY_FILE_NAME).is_file():
         return []
     record = read_sparsity_record(folder)
-    names = record.get("masked_kernel_layers") or []
-    if not names or not describes(record, weights_file):
+    statistics = record.get("masked_kernel_layers") or {}
+    if not statistics or not describes(record, weights_file):
         return []
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise SparseFormatError(f"{folder / SPARSITY_FILE_NAME}: masked_kernel_layers is not a list of names.")
+    if not isinstance(statistics, dict) or not all(
+        isinstance(name, str) and value in KERNEL_MASK_STATISTICS for name, value in statistics.items()
+    ):
+        raise SparseFormatError(
+            f"{folder / SPARSITY_FILE_NAME}: masked_kernel_layers is not a mapping of weight names to one of "
+            f"{KERNEL_MASK_STATISTICS}; re-save the model."
+        )
+    names = list(statistics)
     masks = load_sparse_masks(weights_file, model, verify=verify)
     missing = [name for name in names if name not in masks]
     if missing:
@@ -208,7 +214,7 @@ def restore_kernel_masks(path: str | os.PathLike, model: nn.Module, *, verify: b
             f"{folder / SPARSITY_FILE_NAME} lists masked_kernel_layers {missing[:3]} that the folder's masks do not "
             "hold; re-save the model."
         )
-    return attach_kernel_masks(model, {name: masks[name] for name in names})
+    return attach_kernel_masks(model, {name: masks[name] for name in names}, statistics)
 
 
 def load_sparse_masks(
