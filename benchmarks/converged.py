@@ -356,13 +356,15 @@ def load_dense(folder: Path) -> tuple[nn.Module, dict]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with "+dirty" when it has uncommitted changes), recorded with every run."""
+    """The checkout's commit (with "+dirty" when it has uncommitted changes outside `benchmarks/results/`, which the
+    benchmarks themselves write), recorded with every run."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+        dirty = subprocess.run(status, cwd=root, capture_output=True)
     except OSError:
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None

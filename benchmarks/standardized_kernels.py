@@ -136,7 +136,7 @@ def run_one(args, splits, variant: str, seed: int) -> dict:
         masked_kernel_layers=len(trainer.pruning_report["masked_kernel_layers"]),
         computed_dense_layers=len(trainer.pruning_report["computed_dense_layers"]),
         seconds=time.perf_counter() - start,
-        commit=converged.git_commit(),
+        commit=args.commit,
         max_grad_norm=config.max_grad_norm,
     )
     return record
@@ -179,6 +179,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the script end to end")
     args = parser.parse_args(argv)
     args.image_size = None
+    args.commit = converged.git_commit()  # the code this process runs
     if args.smoke:
         args.cache_dir += "_smoke"
         args.out = str(Path(args.cache_dir) / "results")
