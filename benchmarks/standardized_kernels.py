@@ -204,7 +204,7 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
             records.append(record)
     text = table([r for r in records if r["sparsity"] == args.sparsity], dense)
-    converged.atomic_write_text(out / "table.md", text + "\n")
+    converged.atomic_write_text(out / "tables.md", text + "\n")
     print(text)
 
 
