@@ -144,14 +144,15 @@ def run_one(args, splits, variant: str, seed: int) -> dict:
 
 def table(records, dense: dict) -> str:
     lines = [
-        "| variant | seed | pruned positions non-zero in compute | after prune (val) | val | test (1k) | held-out |",
-        "|---|---|---|---|---|---|---|",
-        f"| dense | — | — | — | {dense['val_top1']:.2f} | {dense['test_top1']:.2f} | "
+        "| sparsity | variant | seed | pruned positions non-zero in compute | after prune (val) | val | test (1k) | "
+        "held-out |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| 0 | dense | — | — | — | {dense['val_top1']:.2f} | {dense['test_top1']:.2f} | "
         f"{dense.get('extra_test_top1') or float('nan'):.2f} |",
     ]
-    for r in records:
+    for r in sorted(records, key=lambda r: (r["sparsity"], r["seed"], list(VARIANTS).index(r["variant"]))):
         lines.append(
-            f"| {r['variant']} | {r['seed']} | {100 * r['computed_nonzero_at_pruned']:.1f}% | "
+            f"| {r['sparsity']} | {r['variant']} | {r['seed']} | {100 * r['computed_nonzero_at_pruned']:.1f}% | "
             f"{r['after_prune_val_top1']:.2f} | {r['val_top1']:.2f} | {r['test_top1']:.2f} | "
             f"{r['extra_test_top1'] if r['extra_test_top1'] is not None else float('nan'):.2f} |"
         )
@@ -203,7 +204,7 @@ def main(argv=None):
             with runs_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             records.append(record)
-    text = table([r for r in records if r["sparsity"] == args.sparsity], dense)
+    text = table(records, dense)
     converged.atomic_write_text(out / "tables.md", text + "\n")
     print(text)
 

@@ -304,4 +304,4 @@ def test_standardized_kernels_benchmark_masks_the_computed_kernel_and_resumes(tm
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(runs.read_text().splitlines()) == 3  # finished runs are not repeated
-    assert "| masked kernels, kept statistics | 0 | 0.0% |" in again.stdout
+    assert "| 0.9 | masked kernels, kept statistics | 0 | 0.0% |" in again.stdout
