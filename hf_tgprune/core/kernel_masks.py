@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .adapters import unwrap_model
+from .utils import replace_submodule
 
 KERNEL_MASK_BUFFER = "kernel_mask"
 
@@ -246,7 +247,6 @@ def bake_kernel_masks(model: nn.Module, example_inputs: tuple) -> list[str]:
             conv.weight.copy_(call["weight"])
             if conv.bias is not None:
                 conv.bias.copy_(call["bias"])
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, conv)
+        replace_submodule(model, module_name, conv)
         baked.append(f"{module_name}.weight")
     return baked

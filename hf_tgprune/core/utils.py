@@ -145,3 +145,9 @@ def match_patterns(names, patterns, argument: str, what: str = "parameter") -> s
             )
         matched |= hits
     return matched
+
+
+def replace_submodule(model, name: str, new) -> None:
+    """Put the module `new` in place of `model`'s submodule `name` (a dotted name, as `named_modules` gives)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

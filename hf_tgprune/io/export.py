@@ -49,7 +49,7 @@ from torch import nn
 
 from ..core.kernel_masks import bake_kernel_masks
 from ..core.nm import is_nm_sparse
-from ..core.utils import match_patterns
+from ..core.utils import match_patterns, replace_submodule
 
 # outputs of an exported model match the dense pruned model within these tolerances (torch.testing.assert_close):
 # the sparse kernels sum the same products in another order, a float32 rounding difference
@@ -496,11 +496,6 @@ def sparse_candidates(module: nn.Module) -> dict[str, nn.Module]:
     return {"csr": to_sparse_module(module)}
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def sparsify_layers(
     model: nn.Module, names: Sequence[str], formulations: Mapping[str, str] | None = None
 ) -> nn.Module:
@@ -525,7 +520,7 @@ def sparsify_layers(
         if reason:
             raise ValueError(f"sparsify_layers: layer {name!r} cannot be exported: {reason}")
         formulation = formulations.get(name)
-        _replace(model, name, to_sparse_module(module, None if formulation == "csr" else formulation))
+        replace_submodule(model, name, to_sparse_module(module, None if formulation == "csr" else formulation))
     return model
 
 
@@ -587,7 +582,7 @@ def to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     model = model if inplace else copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, SPARSE_MODULE_TYPES):
-            _replace(model, name, module.to_dense_module())
+            replace_submodule(model, name, module.to_dense_module())
     return model
 
 
@@ -802,11 +797,11 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> Callable[[], N
         weight = old_weight * scale.reshape(-1, 1, 1, 1).to(old_weight.dtype)
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + shift).to(weight.dtype), requires_grad=False)
-    _replace(model, bn_name, _batchnorm_replacement(bn))
+    replace_submodule(model, bn_name, _batchnorm_replacement(bn))
 
     def undo() -> None:
         conv.weight, conv.bias = old_weight, old_bias
-        _replace(model, bn_name, bn)
+        replace_submodule(model, bn_name, bn)
 
     return undo
 
@@ -1129,7 +1124,7 @@ def export_semi_structured(
             row["reason"] = "weight is not 2:4 sparse along the input dim"
         else:
             try:
-                _replace(model, name, SemiStructuredLinear(module.weight, module.bias))
+                replace_submodule(model, name, SemiStructuredLinear(module.weight, module.bias))
                 row.update(chosen="2:4", reason="converted")
             except RuntimeError as error:  # shape / backend constraints of torch's semi-structured kernels
                 row["reason"] = f"torch refused: {error}"
