@@ -6,6 +6,7 @@ each to `--out`, so a killed benchmark continues where it stopped and nothing fi
     python benchmarks/converged.py --stage setup      # dense teacher + student trained to a plateau (cached)
     python benchmarks/converged.py --stage main       # methods x {90, 95, 98}% table
     python benchmarks/converged.py --stage ablation   # techniques one at a time
+    python benchmarks/converged.py --stage scratch    # EPSD with the dense student's from-scratch budget
     python benchmarks/converged.py --stage report     # markdown tables from the JSON lines
 
 Protocol:
@@ -510,6 +511,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
 
     method, overrides = VARIANTS[variant]
     overrides = {"pruning_rounds": 1, **overrides}  # a variant names its rounds (the library default is per method)
+    scratch = args.stage == "scratch"  # the dense student's own budget: every training image, its lr and decay
     torch.manual_seed(seed)
     teacher, _ = load_dense(Path(info["teacher_dir"]))
     if method == "epsd":  # EPSD prunes early: a freshly initialised student, no dense training
@@ -519,7 +521,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     student.train()
     normalize = normalizer_for(student)
     subset = torch.randperm(len(splits["train"][1]), generator=torch.Generator().manual_seed(1234))
-    subset = subset[: args.retrain_images]
+    subset = subset if scratch else subset[: args.retrain_images]
     train_set = TensorImages(
         splits["train"][0][subset], splits["train"][1][subset], normalize, augment=True, pad=args.crop_padding
     )
@@ -539,13 +541,26 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         )
     uses_teacher = method not in ("epsd", "dg2pf")
     recalibrate = overrides.pop("recalibrate_bn", True)
+    key = f"{variant}|{sparsity}|{seed}|e{retrain_epochs}"
+    output_dir = Path(args.cache_dir) / "trainer"
+    if scratch:  # hours of training: checkpointed every epoch, and resumed from the newest checkpoint
+        output_dir = output_dir.with_name("trainer-scratch") / model_dir(args, info, key).name
+        extra.update(
+            save_strategy="epoch",
+            save_total_limit=1,
+            warmup_steps=math.ceil(len(train_set) / args.batch_size),  # one epoch, as the dense schedule
+            weight_decay=args.dense_weight_decay,
+            optim_args="momentum=0.9,nesterov=True",
+            max_grad_norm=0.0,  # the dense schedule does not clip
+        )
+    resume = scratch and any(output_dir.glob("checkpoint-*/trainer_state.json"))
     config = dict(
-        output_dir=str(Path(args.cache_dir) / "trainer"),
+        output_dir=str(output_dir),
         sparsity=sparsity,
         pruning_method=method,
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=epochs,
-        learning_rate=args.retrain_lr,
+        learning_rate=args.dense_lr if scratch else args.retrain_lr,
         lr_scheduler_type="cosine",
         optim="sgd",
         optim_args="momentum=0.9",
@@ -561,8 +576,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         seed=seed,
         dataloader_num_workers=0,
         max_grad_norm=args.max_grad_norm,
-        **extra,
     )
+    config.update(extra)
     config.update(overrides)
     trainer = TeacherGuidedPruningTrainer(
         model=student,
@@ -579,7 +594,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         from safetensors.torch import load_file
 
         scores = load_file(str(Path(info["student_dir"]) / MOVEMENT_FILE))
-    trainer.prune(scores=scores)
+    if not resume:  # a resumed run takes its masks from the checkpoint
+        trainer.prune(scores=scores)
     one_shot = trainer.method.one_shot  # the others prune during training: no single "right after pruning" point
     after = {}
     if one_shot:
@@ -596,7 +612,7 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     prune_seconds = time.perf_counter() - start
     prune_forward, prune_backward = counter.forward, counter.backward
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     train_seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
@@ -606,7 +622,6 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     pruned = sum(int((~m).sum()) for m in masks.values())
     numel = sum(m.numel() for m in masks.values())
     assert pruned == round(sparsity * numel) and zeros == pruned, (variant, pruned, zeros, numel)
-    key = f"{variant}|{sparsity}|{seed}|e{retrain_epochs}"
     saved = model_dir(args, info, key)
     trainer.save_model(str(saved))
     record = {
@@ -637,6 +652,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "teacher": info["teacher"]["architecture"] if uses_teacher else None,
         "student": info["student"]["architecture"] if method == "epsd" else Path(info["student_dir"]).name,
     }
+    if scratch:
+        record.update(train_images=len(train_set), learning_rate=args.dense_lr, resumed=bool(resume))
     if "extra_test" in splits:
         record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
     return record
@@ -654,6 +671,8 @@ def planned_runs(args) -> list[tuple[str, float, int, int]]:
     """(variant, sparsity, seed, retrain epochs) of the stage, in the order they run."""
     if args.stage == "ablation":
         return [(v, s, 0, args.retrain_epochs) for s in args.ablation_sparsities for v in args.variants]
+    if args.stage == "scratch":  # as long as the dense student trained (`run_stage` sets `scratch_epochs`)
+        return [(v, s, 0, args.scratch_epochs) for s in args.ablation_sparsities for v in args.variants]
     if args.stage == "long":  # seed by seed as well
         return [(v, 0.98, seed, args.long_epochs) for seed in range(args.long_seeds) for v in args.variants]
     runs = []  # seed by seed, so that a stage stopped early leaves whole tables of the first seeds
@@ -681,6 +700,7 @@ def run_stage(args, splits, info) -> None:
     out = Path(args.out)
     path = out / "runs.jsonl"
     done = {r["key"] for r in load_jsonl(path)}
+    args.scratch_epochs = info["student"]["epochs"]
     for variant, sparsity, seed, epochs in shard_of(planned_runs(args), args.shard):
         key = f"{variant}|{sparsity}|{seed}|e{epochs}"
         if key in done:
@@ -699,7 +719,7 @@ def run_stage(args, splits, info) -> None:
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The benchmark's options (other regimes, e.g. `transfer.py`, change their defaults and add their own)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--stage", default="setup", choices=["setup", "main", "ablation", "long", "report"])
+    parser.add_argument("--stage", default="setup", choices=["setup", "main", "ablation", "long", "scratch", "report"])
     parser.add_argument(
         "--variants", nargs="+", default=None, help=f"default: the stage's list; any of {list(VARIANTS)}"
     )
@@ -767,6 +787,7 @@ def finish_args(parser: argparse.ArgumentParser, argv=None, stage_variants=None)
             "ablation": ABLATION_VARIANTS,
             "long": LONG_VARIANTS,
             "main": MAIN_VARIANTS,
+            "scratch": ["epsd"],
         }
         args.variants = stage_variants.get(args.stage, stage_variants["main"])
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -779,7 +800,8 @@ def finish_args(parser: argparse.ArgumentParser, argv=None, stage_variants=None)
     if args.smoke:
         args.cache_dir += "_smoke"
         args.out = str(Path(args.cache_dir) / "results")
-        args.dense_epochs, args.student_epochs, args.max_extensions, args.retrain_images, args.seeds = 1, 0, 0, 256, 1
+        args.dense_epochs, args.student_epochs, args.max_extensions, args.seeds = 1, 0, 0, 1
+        args.retrain_images = min(args.retrain_images, 256)
         args.epsd_warmup_steps, args.imp_rounds, args.long_epochs, args.long_seeds = 2, 2, 1, 1
     return args
 

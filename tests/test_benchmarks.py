@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,55 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| magnitude |" in report.stdout and "| tgp_fisher |" in report.stdout
+
+
+def test_scratch_stage_gives_epsd_the_dense_students_budget_and_resumes_from_its_checkpoint(tmp_path):
+    data = _tiny_cifar(tmp_path / "cifar")
+    cache = tmp_path / "cache"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "converged.py"),
+        "--smoke",
+        "--stage",
+        "scratch",
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--teacher",
+        "test_resnet",
+        "--student",
+        "test_resnet",
+        "--val-images",
+        "20",
+        "--batch-size",
+        "16",
+        "--ablation-sparsities",
+        "0.9",
+        "--retrain-images",
+        "40",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    smoke = Path(str(cache) + "_smoke")
+    runs_file = smoke / "results" / "runs.jsonl"
+    (record,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    student = json.loads(next(smoke.glob("dense-student-*/training.json")).read_text())
+    assert record["variant"] == "epsd" and record["retrain_epochs"] == student["epochs"]
+    trained_on = int(re.search(r"data: (\d+) train", first.stdout).group(1))
+    assert record["train_images"] == trained_on > 40  # every training image, not the 40 of --retrain-images
+    assert record["learning_rate"] == 0.1 and record["config"]["max_grad_norm"] == 0.0
+    assert record["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3) and record["resumed"] is False
+    checkpoints = list((smoke / "trainer-scratch").glob("*/checkpoint-*/trainer_state.json"))
+    assert len(checkpoints) == 1  # checkpointed every epoch, the newest kept
+
+    runs_file.write_text("")  # as if killed after the last checkpoint, before the record was written
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    (resumed,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert resumed["resumed"] is True and resumed["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert resumed["test_top1"] == record["test_top1"]  # the checkpoint's model, not a retrained one
 
 
 def _write_setup(folder: Path) -> None:
