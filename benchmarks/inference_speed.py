@@ -281,7 +281,7 @@ def bench_model(spec: str, args) -> list[dict]:
                         "sparse_ms": latency[key],
                         "speedup": latency["dense"] / latency[key],
                         "sparse_layers": len(report.sparse_layers),
-                        "kxk_layers": {f: formulations.count(f) for f in ("unfold", "shift")},
+                        "kxk_layers": {f: formulations.count(f) for f in ("unfold", "shift", "direct")},
                         "timed_layers": len(measured),
                         "timed_layers_density": pooled_density(measured),
                         "candidate_layers": len(report.layers),
@@ -311,7 +311,7 @@ def pooled_density(layers) -> float | None:
 
 HEADER = (
     f"{'model':<24} {'sparsity':>8} {'thr':>3} {'batch':>5} {'dense ms':>10} {'folded ms':>10} {'sparse ms':>10} "
-    f"{'speed-up':>8} {'limit':>6} {'FLOP x':>7} {'share':>6} {'sparse/timed/all (unfold,shift)':>31} "
+    f"{'speed-up':>8} {'limit':>6} {'FLOP x':>7} {'share':>6} {'sparse/timed/all (unfold,shift,direct)':>38} "
     f"{'weights MB d/s':>15} {'fwd peak MB d/s':>16}"
 )
 
@@ -322,7 +322,7 @@ def _mb(value) -> str:
 
 def format_row(row: dict) -> str:
     kxk = row["kxk_layers"]
-    layers = f"{row['sparse_layers']}/{row['timed_layers']}/{row['candidate_layers']} ({kxk['unfold']},{kxk['shift']})"
+    layers = f"{row['sparse_layers']}/{row['timed_layers']}/{row['candidate_layers']} ({kxk['unfold']},{kxk['shift']},{kxk.get('direct', 0)})"
     weights = f"{row['dense_weights_mb']:.1f}/{row['sparse_weights_mb']:.1f}"
     peaks = f"{_mb(row['dense_forward_peak_mb'])}/{_mb(row['sparse_forward_peak_mb'])}"
     limit = "-" if row["limit"] is None else f"{row['limit']:.2f}x"

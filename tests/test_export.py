@@ -4,12 +4,16 @@ The layer timings are injected (fake timers) so that every choice is determinist
 """
 
 import copy
+import importlib.util
+import os
+import shutil
 
 import pytest
 import torch
 from torch import nn
 
 from hf_tgprune.core.masking import apply_masks, global_masks, prunable_parameters
+from hf_tgprune.io.direct_conv import direct_kernel_unavailable
 from hf_tgprune.io.export import (
     EXPORT_ATOL,
     EXPORT_RTOL,
@@ -23,8 +27,10 @@ from hf_tgprune.io.export import (
     interleaved_min_seconds,
     max_output_error,
     semi_structured_requirement_error,
+    sparse_candidates,
     sparsify_layers,
     to_dense,
+    to_sparse_module,
 )
 
 # one torch thread inside these tests only: the setting is process-wide
@@ -332,9 +338,11 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("formulation", ["unfold", "shift"])
+@pytest.mark.parametrize("formulation", ["unfold", "shift", "direct"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_sparse_conv2d_matches_the_convolution(case, formulation):
+def test_sparse_conv2d_matches_the_convolution(case, formulation, request):
+    if formulation == "direct":
+        request.getfixturevalue("direct_kernel")
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, **case)
     with torch.no_grad():
@@ -367,6 +375,81 @@ def test_shift_formulation_skips_empty_offsets_and_a_fully_pruned_conv_gives_its
         torch.testing.assert_close(empty(x), conv(x))
 
 
+@pytest.fixture
+def direct_kernel():
+    """Tests of the compiled direct kernel; skipped (with the reason) where it cannot be built."""
+    reason = direct_kernel_unavailable()
+    if reason:
+        pytest.skip(f"the direct convolution kernel is unavailable here: {reason}")
+
+
+def test_direct_kernel_builds_where_a_compiler_and_ninja_exist():
+    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
+        assert direct_kernel_unavailable() == "ninja is not installed (pip install ninja)"
+    elif shutil.which("c++") or shutil.which("g++"):  # the test extras install ninja: the kernel builds in CI
+        path = os.environ.get("PATH")
+        assert direct_kernel_unavailable() is None
+        assert hasattr(torch.ops.hf_tgprune, "direct_conv2d") and os.environ.get("PATH") == path
+    else:
+        assert "no C++ compiler" in direct_kernel_unavailable()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_direct_formulation_of_1x1_convolutions_and_empty_output_channels(stride, batch, direct_kernel):
+    torch.manual_seed(stride)
+    conv = nn.Conv2d(16, 12, 1, stride=stride)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.9).float())
+        conv.weight[:3] = 0  # output channels without any weight give their bias
+    candidates = sparse_candidates(conv)
+    assert set(candidates) == {"csr", "direct"} and isinstance(candidates["direct"], SparseConv2d)
+    x = torch.randn(batch, 16, 9, 7)
+    with torch.inference_mode():
+        out = candidates["direct"](x)
+        torch.testing.assert_close(out, conv(x), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+        torch.testing.assert_close(out[:, :3], conv.bias[:3, None, None].expand(batch, 3, *out.shape[2:]))
+    assert isinstance(to_sparse_module(conv, "direct"), SparseConv2d)
+    assert isinstance(to_sparse_module(conv), SparseConv1x1)
+
+
+def test_direct_formulation_is_chosen_scripted_and_repeated(direct_kernel):
+    model = pruned(OneByOneNet(), include_head=True)
+
+    def direct_wins(modules, inputs, repeats):
+        return [1.0] + [0.2 if getattr(m, "formulation", None) == "direct" else 0.5 for m in modules[1:]]
+
+    exported, report = export_sparse_inference(model, images(1), timer=direct_wins, fold_bn=False)
+    convs = [layer.name for layer in report.layers if layer.kind in ("conv", "conv1x1") and layer.chosen == "sparse"]
+    assert convs and all(report.formulations[name] == "direct" for name in convs)
+    assert report.formulations["head"] == "csr" and report.unavailable_formulations == {}
+    assert "sparse (direct)" in report.format_table()
+    for batch in (1, 3):
+        assert_matches(exported, model, images(batch, seed=batch))
+    assert_matches(torch.jit.script(exported), model, images(2))
+    assert_matches(copy.deepcopy(exported), model, images(2))
+    again = sparsify_layers(to_dense(exported), report.sparse_layers, report.formulations)
+    assert all(dict(again.named_modules())[name].formulation == "direct" for name in convs)
+    assert_matches(again, model, images(2))
+
+
+def test_without_the_direct_kernel_the_export_says_why_and_uses_the_others(monkeypatch):
+    import hf_tgprune.io.export as export
+
+    monkeypatch.setattr(export, "direct_kernel_unavailable", lambda: "no C++ compiler (c++ / g++) on PATH")
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    assert set(sparse_candidates(conv)) == {"unfold", "shift"}
+    assert set(sparse_candidates(nn.Conv2d(4, 4, 1))) == {"csr"}
+    with pytest.raises(RuntimeError, match="direct.*unavailable.*no C\\+\\+ compiler"):
+        SparseConv2d(conv, "direct")
+    model = pruned(OneByOneNet(), include_head=True)
+    exported, report = export_sparse_inference(model, images(1), timer=sparse_wins, fold_bn=False)
+    assert report.unavailable_formulations == {"direct": "no C++ compiler (c++ / g++) on PATH"}
+    assert "formulation 'direct' not offered: no C++ compiler" in report.format_table()
+    assert "direct" not in report.formulations.values()
+    assert_matches(exported, model, images(2))
+
+
 def test_depthwise_and_grouped_convolutions_stay_dense_with_the_reason():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=2))
     model = pruned(model, include_head=True)
@@ -379,17 +462,19 @@ def test_depthwise_and_grouped_convolutions_stay_dense_with_the_reason():
 def test_formulation_is_chosen_per_layer_and_repeated_by_sparsify_layers():
     model = pruned(OneByOneNet(), include_head=True)
 
-    def shift_wins_for_the_stem(modules, inputs, repeats):  # dense, unfold, shift for k×k convolutions
+    def shift_wins_for_the_stem(modules, inputs, repeats):  # dense, then every formulation
         if not isinstance(modules[1], SparseConv2d):
             return [1.0] + [0.5] * (len(modules) - 1)
         stem = modules[0].in_channels == 3
-        return [1.0, 0.8, 0.4] if stem else [1.0, 0.4, 0.8]
+        times = {"unfold": 0.8, "shift": 0.4, "direct": 0.9} if stem else {"unfold": 0.4, "shift": 0.8, "direct": 0.9}
+        return [1.0] + [times[m.formulation] for m in modules[1:]]
 
     exported, report = export_sparse_inference(model, images(1), timer=shift_wins_for_the_stem, fold_bn=False)
     assert report.formulations["stem"] == "shift" and report.formulations["conv3x3"] == "unfold"
     assert exported.stem.formulation == "shift" and exported.conv3x3.formulation == "unfold"
     stem = next(layer for layer in report.layers if layer.name == "stem")
-    assert stem.formulation_us == {"unfold": {1: 0.8e6}, "shift": {1: 0.4e6}} and stem.speedup == 2.5
+    assert {f: stem.formulation_us[f] for f in ("unfold", "shift")} == {"unfold": {1: 0.8e6}, "shift": {1: 0.4e6}}
+    assert stem.speedup == 2.5
     assert "sparse (shift)" in report.format_table()
     again = sparsify_layers(to_dense(exported), report.sparse_layers, report.formulations)
     assert again.stem.formulation == "shift"

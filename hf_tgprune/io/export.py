@@ -1,6 +1,6 @@
 """Inference export of pruned models: sparse kernels where they are measurably faster, and the way back to dense.
 
-CPU (any PyTorch, no new dependency):
+CPU (any PyTorch; the compiled `"direct"` convolution kernel also needs a C++ compiler and `ninja`):
 
     model.eval()
     exported, report = export_sparse_inference(model, example_inputs=torch.randn(1, 3, 224, 224))
@@ -9,10 +9,12 @@ CPU (any PyTorch, no new dependency):
     dense_again = to_dense(exported)     # plain nn.Linear / nn.Conv2d again: save it with save_sparse_model
 
 Every `nn.Linear` and every `nn.Conv2d` with groups 1 that the example forward pass calls is timed on its own input
-shape, dense against `torch.sparse_csr` versions, and replaced only when a sparse version is at least `min_speedup`
+shape, dense against sparse versions, and replaced only when a sparse version is at least `min_speedup`
 times faster at every requested batch size: `SparseLinear` / `SparseConv1x1` (`y = W_csr @ x^T + b`, tokens, pixels
-and images folded into the columns), and for k×k convolutions `SparseConv2d` in the faster of two formulations
-(`"unfold"`: one matmul over the patch matrix; `"shift"`: one matmul per kernel offset, accumulated); Linear layers
+and images folded into the columns), and for convolutions `SparseConv2d` in the fastest formulation
+(`"unfold"`: one matmul over the patch matrix; `"shift"`: one matmul per kernel offset, accumulated; `"direct"`: a
+compiled kernel adding each kept weight's shifted input plane into its output plane, `direct_conv.py`, also timed
+for 1×1 layers; it needs a C++ compiler and `ninja` and is compiled on first use); Linear layers
 are also timed with their input rows in blocks of 64 and 512 (`"csr/64"`, `"csr/512"`: the block stays in cache at
 large batch sizes). Depthwise and
 grouped convolutions stay dense (no sparse formulation). Before timing, every eval-mode BatchNorm that directly
@@ -50,6 +52,7 @@ from torch import nn
 from ..core.kernel_masks import bake_kernel_masks
 from ..core.nm import is_nm_sparse
 from ..core.utils import match_patterns, replace_submodule
+from .direct_conv import direct_kernel_unavailable, stride_phases
 
 # outputs of an exported model match the dense pruned model within these tolerances (torch.testing.assert_close):
 # the sparse kernels sum the same products in another order, a float32 rounding difference
@@ -257,7 +260,7 @@ class SparseConv1x1(_CsrModule):
         )
 
 
-CONV_FORMULATIONS = ("unfold", "shift")
+CONV_FORMULATIONS = ("unfold", "shift", "direct")  # "direct": compiled on first use, offered where it builds
 # one sparse matmul over every input row, or blocks of 64 / 512 rows (for large batches, the block stays in cache)
 LINEAR_FORMULATIONS = ("csr", "csr/64", "csr/512")
 
@@ -283,22 +286,39 @@ class _KernelTap(_CsrModule):
         self.register_buffer("weight", _csr(weight))
 
 
+class _DirectKernel(nn.Module):
+    """Calls the compiled direct sparse convolution (`direct_conv.py`); a submodule, so that TorchScript compiles
+    the call only in the modules that use it."""
+
+    def forward(
+        self, planes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: list[int]
+    ) -> torch.Tensor:
+        kh, kw, sh, sw, dh, dw, out_h, out_w = geometry
+        return torch.ops.hf_tgprune.direct_conv2d(
+            planes, weight.crow_indices(), weight.col_indices(), weight.values(), bias, kh, kw, sh, sw, dh, dw,
+            out_h, out_w,
+        )  # fmt: skip
+
+
 class SparseConv2d(_CsrModule):
-    """A k×k `nn.Conv2d` (groups 1, zero padding, any kernel, stride, padding and dilation) for inference with
-    `torch.sparse_csr` float32 weights, in one of two formulations:
+    """A `nn.Conv2d` (groups 1, zero padding, any kernel, stride, padding and dilation) for inference with
+    `torch.sparse_csr` float32 weights, in one of three formulations:
 
     * `"unfold"`: one CSR matmul `W (out, in·kh·kw) @ unfold(x)`, the patches of every image side by side;
     * `"shift"`: one CSR matmul per kernel offset `(i, j)` that holds any weight, `W[:, :, i, j] (out, in)` times the
       input shifted by that offset, accumulated (no `in·kh·kw`-row patch matrix; offsets pruned to nothing are
-      skipped).
+      skipped);
+    * `"direct"`: a compiled kernel that adds, per kept weight, the shifted input plane into the output plane
+      (`direct_conv.py`; no copy of the input beyond its padding and stride phases). Also offered for 1×1 layers.
+      Needs a C++ compiler and `ninja` at first use; `direct_kernel_unavailable()` says why it is not offered.
 
-    `export_sparse_inference` times both against the dense convolution and keeps the fastest. The module keeps the
+    `export_sparse_inference` times each against the dense convolution and keeps the fastest. The module keeps the
     attributes of the `nn.Conv2d` it replaces (`in_channels`, `out_channels`, `kernel_size`, `stride`, `padding`,
     `dilation`, `groups`, `padding_mode`).
 
     Args:
         conv: the (pruned) convolution to replace.
-        formulation: `"unfold"` or `"shift"`.
+        formulation: `"unfold"`, `"shift"` or `"direct"`.
     """
 
     __jit_unused_properties__ = ["density"]
@@ -310,6 +330,8 @@ class SparseConv2d(_CsrModule):
             raise ValueError(f"SparseConv2d: {reason}")
         if formulation not in CONV_FORMULATIONS:
             raise ValueError(f"formulation must be one of {CONV_FORMULATIONS}, got {formulation!r}")
+        if formulation == "direct" and direct_kernel_unavailable():
+            raise RuntimeError(f'SparseConv2d: formulation "direct" is unavailable: {direct_kernel_unavailable()}')
         self.formulation = formulation
         self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)
         self.kernel_size = (int(conv.kernel_size[0]), int(conv.kernel_size[1]))
@@ -329,6 +351,7 @@ class SparseConv2d(_CsrModule):
                 _KernelTap(i, j, weight[:, :, i, j]) for i in range(kh) for j in range(kw) if weight[:, :, i, j].any()
             ]
         self.taps = nn.ModuleList(taps)
+        self.direct = _DirectKernel() if formulation == "direct" else None
 
     def to_dense_module(self) -> nn.Conv2d:
         """The equivalent `nn.Conv2d` (same device; weight and bias values equal)."""
@@ -350,6 +373,9 @@ class SparseConv2d(_CsrModule):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         out_h = (height - dh * (kh - 1) - 1) // sh + 1
         out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        if self.direct is not None:
+            planes = stride_phases(x, self.stride)
+            return self.direct(planes, self.weight, self.bias, [kh, kw, sh, sw, dh, dw, out_h, out_w])
         if self.formulation == "unfold":
             patches = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (B, C·kh·kw, L)
             columns = patches[0] if batch == 1 else patches.transpose(0, 1).reshape(patches.shape[1], -1)
@@ -473,27 +499,29 @@ def weight_density(module: nn.Module) -> float:
 
 
 def to_sparse_module(module: nn.Module, formulation: str | None = None) -> nn.Module:
-    """The CSR inference module for an `nn.Linear` or an eligible `nn.Conv2d`. `formulation`: for Linear layers
-    `"csr"` (default) or `"csr/<rows>"` (rows per sparse matmul), for k×k convolutions `"unfold"` (default) or
-    `"shift"`."""
+    """The sparse inference module for an `nn.Linear` or an eligible `nn.Conv2d`. `formulation`: for Linear layers
+    `"csr"` (default) or `"csr/<rows>"` (rows per sparse matmul), for 1×1 convolutions `"csr"` (default) or
+    `"direct"`, for k×k convolutions `"unfold"` (default), `"shift"` or `"direct"`."""
     kind = _kind(module)
     if kind == "linear":
         block = int(formulation.split("/")[1]) if formulation and formulation.startswith("csr/") else 0
         return SparseLinear(module.weight, module.bias, row_block=block)
     if kind == "conv1x1":
-        return SparseConv1x1.from_dense(module)
+        return SparseConv2d(module, "direct") if formulation == "direct" else SparseConv1x1.from_dense(module)
     if kind == "conv":
         return SparseConv2d(module, formulation or CONV_FORMULATIONS[0])
     raise TypeError(f"to_sparse_module takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
 
 
 def sparse_candidates(module: nn.Module) -> dict[str, nn.Module]:
-    """Every sparse formulation of `module` worth timing, by formulation name (one for Linear and 1×1 layers)."""
-    if _kind(module) == "conv":
-        return {name: SparseConv2d(module, name) for name in CONV_FORMULATIONS}
+    """Every sparse formulation of `module` worth timing, by formulation name: the CSR ones, and for convolutions
+    the compiled `"direct"` one where it is available (`direct_kernel_unavailable()`)."""
     if _kind(module) == "linear":
         return {name: to_sparse_module(module, name) for name in LINEAR_FORMULATIONS}
-    return {"csr": to_sparse_module(module)}
+    direct = {} if direct_kernel_unavailable() else {"direct": SparseConv2d(module, "direct")}
+    if _kind(module) == "conv":
+        return {name: SparseConv2d(module, name) for name in CONV_FORMULATIONS if name != "direct"} | direct
+    return {"csr": to_sparse_module(module)} | direct
 
 
 def sparsify_layers(
@@ -506,7 +534,8 @@ def sparsify_layers(
     Args:
         model: the model, changed in place and returned.
         names: module names of `nn.Linear` / eligible `nn.Conv2d` layers.
-        formulations: the formulation of each k×k convolution (`"unfold"` or `"shift"`; default `"unfold"`).
+        formulations: the formulation of each layer (`report.formulations`): `"unfold"`, `"shift"` or `"direct"`
+            for convolutions (default `"unfold"`, `"csr"` for 1×1), `"csr"` or `"csr/<rows>"` for Linear layers.
     """
     formulations = dict(formulations or {})
     if not names:
@@ -699,7 +728,7 @@ class LayerExport:
     input_shapes: dict[int, list[tuple]] = field(default_factory=dict)  # batch size -> shapes of the calls
     dense_us: dict[int, float] = field(default_factory=dict)  # batch size -> µs
     sparse_us: dict[int, float] = field(default_factory=dict)  # of the chosen (or best) formulation
-    formulation: str | None = None  # "csr" for Linear / 1x1 layers, "unfold" or "shift" for k×k convolutions
+    formulation: str | None = None  # "csr"/"csr/<rows>" (Linear), "csr" or "direct" (1×1), "unfold"/"shift"/"direct"
     formulation_us: dict[str, dict[int, float]] = field(default_factory=dict)  # every formulation timed
 
     @property
@@ -724,6 +753,8 @@ class ExportReport:
     folded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (convolution, BatchNorm) pairs folded
     # weight-standardised convolutions trained with a kernel mask, now plain convolutions holding that kernel
     baked_kernel_masks: list[str] = field(default_factory=list)
+    # formulations not offered on this machine, with the reason (e.g. "direct" without a C++ compiler)
+    unavailable_formulations: dict[str, str] = field(default_factory=dict)
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -758,7 +789,9 @@ class ExportReport:
         """A plain-text table: layer, weight shape, density, dense µs, sparse µs (first batch size), chosen."""
         b = self.batch_sizes[0]
         header = f"{'layer':<40} {'weight':>18} {'density':>8} {'dense µs':>10} {'sparse µs':>10} {'x':>6}  chosen"
-        lines = [f"batch size {b} (decision over batch sizes {self.batch_sizes}, {self.threads} thread(s))", header]
+        lines = [f"batch size {b} (decision over batch sizes {self.batch_sizes}, {self.threads} thread(s))"]
+        lines += [f"formulation {name!r} not offered: {why}" for name, why in self.unavailable_formulations.items()]
+        lines.append(header)
         for layer in self.layers:
             dense = f"{layer.dense_us[b]:.0f}" if b in layer.dense_us else "-"
             sparse = f"{layer.sparse_us[b]:.0f}" if b in layer.sparse_us else "-"
@@ -966,14 +999,16 @@ def export_sparse_inference(
     verify: bool = True,
     fold_bn: bool = True,
 ) -> tuple[nn.Module, ExportReport]:
-    """Convert a pruned model's Linear / 1×1-conv layers to CSR sparse kernels where that is measurably faster.
+    """Convert a pruned model's Linear and convolution layers to sparse kernels where that is measurably faster.
 
     Weight-standardised convolutions trained with `mask_standardized_kernels` first become plain `nn.Conv2d` layers
     holding the masked kernel they compute with (`report.baked_kernel_masks`), so they are candidates like any
     convolution. One forward pass per batch size records every candidate layer's real input shape (forward pre-hooks); each
     layer whose density is at most `max_density` is then timed alone on random inputs of those shapes, dense and
     sparse interleaved (`repeats` rounds, fastest round), and converted when sparse is at least `min_speedup` times
-    faster at every batch size. Other layers, and the rest of the model, stay as they are.
+    faster at every batch size, in its fastest formulation (`report.formulations`). Other layers, and the rest of
+    the model, stay as they are. The first export in a Python process compiles the `"direct"` convolution kernel
+    (about a minute; cached on disk afterwards); where that is impossible, `report.unavailable_formulations` says why.
 
     Args:
         model: the pruned model, in eval mode (`model.eval()`), float32 weights for the layers to convert.
@@ -1041,6 +1076,7 @@ def export_sparse_inference(
         torch.get_num_threads(),
         folded_batchnorms=folded,
         baked_kernel_masks=baked,
+        unavailable_formulations={"direct": direct_kernel_unavailable()} if direct_kernel_unavailable() else {},
     )
     exported = sparsify_layers(work, report.sparse_layers, report.formulations)
     if verify:
