@@ -413,6 +413,22 @@ def test_direct_formulation_of_1x1_convolutions_and_empty_output_channels(stride
     assert isinstance(to_sparse_module(conv), SparseConv1x1)
 
 
+@pytest.mark.parametrize("shape", [(5, 16), (2, 7, 16), (2, 3, 4, 16), (1, 197, 16)])
+def test_direct_formulation_of_linear_layers_matches_token_major_inputs(shape, direct_kernel):
+    torch.manual_seed(len(shape))
+    linear = nn.Linear(16, 24)
+    with torch.no_grad():
+        linear.weight.mul_((torch.rand_like(linear.weight) > 0.9).float())
+    candidates = sparse_candidates(linear)
+    assert set(candidates) == {"csr", "csr/64", "csr/512", "direct"}
+    direct = candidates["direct"]
+    assert isinstance(direct, SparseLinear) and direct.direct is not None and "direct=True" in repr(direct)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(direct(x), linear(x), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+    assert torch.equal(direct.to_dense_module().weight, linear.weight.detach())
+
+
 def test_direct_formulation_is_chosen_scripted_and_repeated(direct_kernel):
     model = pruned(OneByOneNet(), include_head=True)
 
@@ -440,8 +456,11 @@ def test_without_the_direct_kernel_the_export_says_why_and_uses_the_others(monke
     conv = nn.Conv2d(4, 4, 3, padding=1)
     assert set(sparse_candidates(conv)) == {"unfold", "shift"}
     assert set(sparse_candidates(nn.Conv2d(4, 4, 1))) == {"csr"}
+    assert set(sparse_candidates(nn.Linear(4, 4))) == {"csr", "csr/64", "csr/512"}
     with pytest.raises(RuntimeError, match="direct.*unavailable.*no C\\+\\+ compiler"):
         SparseConv2d(conv, "direct")
+    with pytest.raises(RuntimeError, match="direct=True is unavailable.*no C\\+\\+ compiler"):
+        SparseLinear(torch.randn(4, 4), direct=True)
     model = pruned(OneByOneNet(), include_head=True)
     exported, report = export_sparse_inference(model, images(1), timer=sparse_wins, fold_bn=False)
     assert report.unavailable_formulations == {"direct": "no C++ compiler (c++ / g++) on PATH"}
@@ -554,9 +573,9 @@ def test_sparse_linear_in_row_blocks_matches_dense(row_block):
 def test_linear_row_blocks_are_a_formulation_chosen_by_the_timer():
     model = pruned(tiny_vit())
 
-    def blocks_of_64_win(modules, inputs, repeats):  # dense, csr, csr/64, csr/512 for Linear layers
+    def blocks_of_64_win(modules, inputs, repeats):  # dense, csr, csr/64, csr/512 (and direct) for Linear layers
         if isinstance(modules[1], SparseLinear):
-            return [1.0, 0.9, 0.4, 0.8]
+            return [1.0, 0.9, 0.4, 0.8] + [0.9] * (len(modules) - 4)
         return [1.0] + [2.0] * (len(modules) - 1)
 
     exported, report = export_sparse_inference(model, images(2), timer=blocks_of_64_win)

@@ -2,16 +2,20 @@
 
 The CSR formulations of `export.py` pay for moving the input: `unfold` builds a patch matrix `kh·kw` times the input,
 `shift` copies one shifted window of it per kernel offset. Where the feature maps are large and the channels few (a
-ResNet's first stages), that copying costs as much as the dense convolution. The direct kernel moves nothing: for
-every image and output channel it keeps the output plane in cache and, for every kept weight `w` at input channel `c`
-and offset `(i, j)`, adds `w` times the input plane `c` shifted by `(i, j)` — one contiguous multiply-add over the
-plane per kept weight (Park et al., "Faster CNNs with Direct Sparse Convolutions", ICLR 2017). Strides are handled
-by splitting the padded input into its `sh·sw` phases first, so that every multiply-add reads contiguous memory.
+ResNet's first stages), that copying costs as much as the dense convolution. The direct kernel moves nothing
+(Park et al., "Faster CNNs with Direct Sparse Convolutions", ICLR 2017): an output plane is a sum, over the kept
+weights `w` of its channel at input channel `c` and offset `(i, j)`, of `w` times the input plane `c` shifted by
+`(i, j)`. The kernel computes it 64 output positions at a time, held in vector registers while the channel's kept
+weights stream past, each adding a contiguous stretch of its input plane; a task is one image, one such tile and 64
+output channels, so the tile's input window stays in cache. Strides are handled by splitting the padded input into
+its `sh·sw` phases first, so that every stretch is contiguous. A Linear layer is the 1×1 case with the tokens as the
+plane, computed on tiles of 64 rows transposed in cache, so that the output comes out row-major
+(`SparseLinear(direct=True)`).
 
 It is C++ compiled on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja` are needed;
 the build is cached in torch's extensions folder, one per CPU instruction set). Where it cannot be built,
-`direct_kernel_unavailable()` says why and the export does not offer the formulation. The operator is registered as
-`torch.ops.hf_tgprune.direct_conv2d`, so that TorchScript can call it.
+`direct_kernel_unavailable()` says why and the export does not offer the formulation. The operators are registered
+as `torch.ops.hf_tgprune.direct_conv2d` and `torch.ops.hf_tgprune.direct_linear`, so that TorchScript can call them.
 """
 
 from __future__ import annotations
@@ -30,8 +34,18 @@ _SOURCE = r"""
 #include <algorithm>
 #include <vector>
 
+// 16 floats in one vector register (AVX-512), or split by the compiler into narrower ones on other CPUs
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+constexpr int64_t TILE = 64;     // output positions accumulated in registers while the kept weights stream past
+constexpr int64_t OBLOCK = 64;   // output channels per parallel task
+
 // planes: (N, C*sh*sw, Hq, Wq) float32 contiguous, the padded input split into its stride phases;
 // crow (O+1), col (nnz) int32 and values (nnz) float32: the CSR weight (O, C*kh*kw).
+// Output (N, O, out_h, out_w). Every output plane is computed at the planes' row pitch Wq as one flat vector of
+// `length` positions (columns >= out_w are discarded; the last row stops at out_w, which keeps every read inside
+// its plane), so that a kept weight adds one contiguous, shifted stretch of its input plane.
 at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t out_h, int64_t out_w) {
@@ -40,8 +54,9 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
   TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.scalar_type() == at::kFloat,
               "direct_conv2d: int32 crow/col and float32 values expected");
   const int64_t N = planes.size(0), P = planes.size(1), Hq = planes.size(2), Wq = planes.size(3);
-  const int64_t O = crow.numel() - 1;
+  const int64_t O = crow.numel() - 1, nnz = col.numel();
   TORCH_CHECK(out_h >= 1 && out_w >= 1 && out_w <= Wq && out_h <= Hq, "direct_conv2d: bad output size");
+  TORCH_CHECK(P % (sh * sw) == 0, "direct_conv2d: planes do not match the stride");
   auto out = at::empty({N, O, out_h, out_w}, planes.options());
   const float* xp = planes.data_ptr<float>();
   const int32_t* rp = crow.data_ptr<int32_t>();
@@ -49,30 +64,116 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
   const float* vp = values.data_ptr<float>();
   const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
-  const int64_t plane = Hq * Wq, taps = kh * kw;
-  // the output is computed at the planes' row pitch Wq (columns >= out_w are discarded), so that every weight is one
-  // contiguous multiply-add of `length` floats; the last row stops at out_w, which keeps every read inside its plane
+  const int64_t plane = Hq * Wq, taps = kh * kw, out_plane = out_h * out_w;
   const int64_t length = (out_h - 1) * Wq + out_w;
-  const bool direct = (Wq == out_w);
-  at::parallel_for(0, N * O, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(direct ? 0 : length);
-    for (int64_t no = begin; no < end; ++no) {
-      const int64_t n = no / O, o = no % O;
-      const float* xn = xp + n * P * plane;
-      float* acc = direct ? yp + no * out_h * out_w : scratch.data();
-      const float b = bp ? bp[o] : 0.f;
-      for (int64_t k = 0; k < length; ++k) acc[k] = b;
-      for (int32_t j = rp[o]; j < rp[o + 1]; ++j) {
-        const int64_t c = cp[j] / taps, r = cp[j] % taps;
-        const int64_t ty = (r / kw) * dh, tx = (r % kw) * dw;
-        const float* src = xn + ((c * sh + ty % sh) * sw + tx % sw) * plane + (ty / sh) * Wq + tx / sw;
-        const float w = vp[j];
+  std::vector<int64_t> offset(nnz);  // where each kept weight's input stretch starts in an image's planes
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t c = cp[j] / taps, r = cp[j] % taps;
+    const int64_t ty = (r / kw) * dh, tx = (r % kw) * dw;
+    TORCH_CHECK(c < P / (sh * sw), "direct_conv2d: column index out of range");
+    offset[j] = ((c * sh + ty % sh) * sw + tx % sw) * plane + (ty / sh) * Wq + tx / sw;
+  }
+  const bool pitched = (Wq != out_w);
+  std::vector<int64_t> dest(pitched ? length : 0);  // flat position -> output position (-1: discarded column)
+  for (int64_t q = 0; q < (pitched ? length : 0); ++q) dest[q] = (q % Wq < out_w) ? (q / Wq) * out_w + q % Wq : -1;
+  const int64_t* op = offset.data();
+  const int64_t* dp = dest.data();
+  const int64_t tiles = (length + TILE - 1) / TILE, oblocks = (O + OBLOCK - 1) / OBLOCK;
+  // one task: an image, a tile of output positions, a block of output channels; the tile's input window stays in
+  // cache across the block's channels
+  at::parallel_for(0, N * tiles * oblocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[TILE];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ob = task % oblocks, nt = task / oblocks, n = nt / tiles, t = (nt % tiles) * TILE;
+      const int64_t m = std::min(TILE, length - t);
+      const float* xn = xp + n * P * plane + t;
+      float* yn = yp + n * O * out_plane;
+      for (int64_t o = ob * OBLOCK; o < std::min(O, (ob + 1) * OBLOCK); ++o) {
+        const float b = bp ? bp[o] : 0.f;
+        const int32_t j0 = rp[o], j1 = rp[o + 1];
+        if (m == TILE) {
+          v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          a0 += b; a1 += b; a2 += b; a3 += b;
+          for (int32_t j = j0; j < j1; ++j) {
+            const float* s = xn + op[j];
+            const float w = vp[j];
+            a0 += w * load16(s); a1 += w * load16(s + 16); a2 += w * load16(s + 32); a3 += w * load16(s + 48);
+          }
+          store16(acc, a0); store16(acc + 16, a1); store16(acc + 32, a2); store16(acc + 48, a3);
+        } else {
+          for (int64_t k = 0; k < m; ++k) acc[k] = b;
+          for (int32_t j = j0; j < j1; ++j) {
+            const float* s = xn + op[j];
+            const float w = vp[j];
 #pragma omp simd
-        for (int64_t k = 0; k < length; ++k) acc[k] += w * src[k];
+            for (int64_t k = 0; k < m; ++k) acc[k] += w * s[k];
+          }
+        }
+        float* yo = yn + o * out_plane;
+        if (!pitched) {
+          std::copy(acc, acc + m, yo + t);
+        } else {
+          for (int64_t k = 0; k < m; ++k) if (dp[t + k] >= 0) yo[dp[t + k]] = acc[k];
+        }
       }
-      if (!direct) {
-        float* dst = yp + no * out_h * out_w;
-        for (int64_t y = 0; y < out_h; ++y) std::copy(acc + y * Wq, acc + y * Wq + out_w, dst + y * out_w);
+    }
+  });
+  return out;
+}
+
+// acc[0 : 16·V] = b + sum over the n kept weights of values[j] * xt[col[j]·TILE : col[j]·TILE + 16·V]
+template <int V>
+static inline void accumulate(float* acc, float b, const float* xt, const int32_t* col, const float* values,
+                              int32_t n) {
+  v16 a[V];
+  for (int v = 0; v < V; ++v) { a[v] = v16{}; a[v] += b; }
+  for (int32_t j = 0; j < n; ++j) {
+    const float* s = xt + static_cast<int64_t>(col[j]) * TILE;
+    const float w = values[j];
+    for (int v = 0; v < V; ++v) a[v] += w * load16(s + 16 * v);
+  }
+  for (int v = 0; v < V; ++v) store16(acc + 16 * v, a[v]);
+}
+
+// rows: (R, C) float32 contiguous (tokens × features); the CSR weight (O, C). Output (R, O) contiguous: y = x W^T + b.
+// A task is a tile of 64 rows: transposed into a (C, 64) buffer once, then every output feature accumulates its 64
+// rows in registers from the kept weights' buffer rows, exactly as the convolution does with a plane.
+at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat,
+              "direct_linear: rows must be a contiguous float32 (R, C) tensor");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.scalar_type() == at::kFloat,
+              "direct_linear: int32 crow/col and float32 values expected");
+  const int64_t R = rows.size(0), C = rows.size(1), O = crow.numel() - 1;
+  auto out = at::empty({R, O}, rows.options());
+  const float* xp = rows.data_ptr<float>();
+  const int32_t* rp = crow.data_ptr<int32_t>();
+  const int32_t* cp = col.data_ptr<int32_t>();
+  const float* vp = values.data_ptr<float>();
+  const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
+  float* yp = out.data_ptr<float>();
+  for (int64_t j = 0; j < col.numel(); ++j) TORCH_CHECK(cp[j] < C, "direct_linear: column index out of range");
+  at::parallel_for(0, (R + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(C * TILE);
+    float* xt = buffer.data();
+    alignas(64) float acc[TILE];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t = tile * TILE, m = std::min(TILE, R - t);
+      if (m < TILE) std::fill(buffer.begin(), buffer.end(), 0.f);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* src = xp + (t + r) * C;
+        for (int64_t c = 0; c < C; ++c) xt[c * TILE + r] = src[c];
+      }
+      const int64_t vectors = (m + 15) / 16;  // a last, partial tile only computes the vectors holding its rows
+      for (int64_t o = 0; o < O; ++o) {
+        const float b = bp ? bp[o] : 0.f;
+        switch (vectors) {
+          case 1: accumulate<1>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+          case 2: accumulate<2>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+          case 3: accumulate<3>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+          default: accumulate<4>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]);
+        }
+        for (int64_t r = 0; r < m; ++r) yp[(t + r) * O + o] = acc[r];
       }
     }
   });
@@ -83,6 +184,8 @@ TORCH_LIBRARY(hf_tgprune, m) {
   m.def("direct_conv2d(Tensor planes, Tensor crow, Tensor col, Tensor values, Tensor? bias, int kh, int kw, int sh, "
         "int sw, int dh, int dw, int out_h, int out_w) -> Tensor");
   m.impl("direct_conv2d", c10::DispatchKey::CPU, TORCH_FN(direct_conv2d));
+  m.def("direct_linear(Tensor rows, Tensor crow, Tensor col, Tensor values, Tensor? bias) -> Tensor");
+  m.impl("direct_linear", c10::DispatchKey::CPU, TORCH_FN(direct_linear));
 }
 """
 
@@ -90,7 +193,7 @@ TORCH_LIBRARY(hf_tgprune, m) {
 @functools.cache
 def _build() -> str | None:
     """Compile and load the kernel once per process; the reason it is unavailable, or None when it loaded."""
-    if hasattr(torch.ops.hf_tgprune, "direct_conv2d"):
+    if hasattr(torch.ops.hf_tgprune, "direct_linear"):
         return None
     if shutil.which("c++") is None and shutil.which("g++") is None:
         return "no C++ compiler (c++ / g++) on PATH"

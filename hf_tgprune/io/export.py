@@ -16,7 +16,7 @@ and images folded into the columns), and for convolutions `SparseConv2d` in the 
 compiled kernel adding each kept weight's shifted input plane into its output plane, `direct_conv.py`, also timed
 for 1×1 layers; it needs a C++ compiler and `ninja` and is compiled on first use); Linear layers
 are also timed with their input rows in blocks of 64 and 512 (`"csr/64"`, `"csr/512"`: the block stays in cache at
-large batch sizes). Depthwise and
+large batch sizes) and with the direct kernel (`"direct"`). Depthwise and
 grouped convolutions stay dense (no sparse formulation). Before timing, every eval-mode BatchNorm that directly
 follows a convolution is folded into it (`fold_batchnorm`), so that a sparse convolution does not pay for a separate
 BatchNorm pass. The choice depends on the machine, the thread count (`torch.get_num_threads()`) and the batch size:
@@ -131,31 +131,63 @@ def _filled_module(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor |
     return module
 
 
+class _DirectKernel(nn.Module):
+    """Calls the compiled direct sparse convolution (`direct_conv.py`); a submodule, so that TorchScript compiles
+    the call only in the modules that use it."""
+
+    def forward(
+        self, planes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: list[int]
+    ) -> torch.Tensor:
+        kh, kw, sh, sw, dh, dw, out_h, out_w = geometry
+        return torch.ops.hf_tgprune.direct_conv2d(
+            planes, weight.crow_indices(), weight.col_indices(), weight.values(), bias, kh, kw, sh, sw, dh, dw,
+            out_h, out_w,
+        )  # fmt: skip
+
+
+class _DirectLinearKernel(nn.Module):
+    """Calls the compiled direct sparse Linear kernel (`direct_conv.py`); a submodule, as `_DirectKernel`."""
+
+    def forward(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.hf_tgprune.direct_linear(
+            rows, weight.crow_indices(), weight.col_indices(), weight.values(), bias
+        )
+
+
 class SparseLinear(_CsrModule):
     """`nn.Linear` for inference with a `torch.sparse_csr` float32 weight: `y = (W_csr @ x^T)^T + b`.
 
     Every leading dimension of the input (batch, tokens, height, width) is folded into the columns of the sparse
     matmul, so token-major inputs `(B, N, C)` (ViT MLPs) and `(B, H, W, C)` (ConvNeXt MLPs) work. With `row_block`,
     the input rows are multiplied `row_block` at a time: for large batches the operand block then stays in cache
-    (`export_sparse_inference` times blocks of 64 and 512 rows against one matmul and keeps the fastest). Without it
-    the output is a transposed view of the matmul result (no copy); `.contiguous()` it if you need contiguous memory.
+    (`export_sparse_inference` times blocks of 64 and 512 rows against one matmul and keeps the fastest). The output
+    is row-major like `nn.Linear`'s (a transposed matmul result would send the next operations, e.g. attention, to
+    slower strided paths).
+    With `direct=True` the product is computed by the compiled direct kernel (`direct_conv.py`) instead of torch's
+    CSR matmul, and the output is row-major.
 
     Args:
         weight: the dense weight `(out_features, in_features)`; stored as CSR.
         bias: the bias `(out_features,)` or None.
         row_block: input rows per sparse matmul; 0 for all at once.
+        direct: use the compiled direct kernel (needs it built: `direct_kernel_unavailable()` is None).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_block: int = 0):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_block: int = 0, direct: bool = False
+    ):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
         if row_block < 0:
             raise ValueError(f"row_block must be >= 0 (0: all rows at once), got {row_block}")
+        if direct and direct_kernel_unavailable():
+            raise RuntimeError(f"SparseLinear: direct=True is unavailable: {direct_kernel_unavailable()}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.row_block = int(row_block)
+        self.row_block = 0 if direct else int(row_block)
         self.register_buffer("weight", _csr(weight))
         self.bias = _bias_parameter(bias)
+        self.direct = _DirectLinearKernel() if direct else None
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseLinear:
@@ -172,8 +204,10 @@ class SparseLinear(_CsrModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.row_block <= 0 or rows.shape[0] <= self.row_block:
-            out = _csr_matmul(self.weight, self.bias, rows.t()).t()
+        if self.direct is not None:
+            out = self.direct(rows.float().contiguous(), self.weight, self.bias)
+        elif self.row_block <= 0 or rows.shape[0] <= self.row_block:
+            out = _csr_matmul(self.weight, self.bias, rows.t()).t().contiguous()
         else:
             out = torch.empty(rows.shape[0], self.out_features, device=rows.device, dtype=rows.dtype)
             for start in range(0, rows.shape[0], self.row_block):
@@ -184,7 +218,9 @@ class SparseLinear(_CsrModule):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"density={self.density:.4f}" + (f", row_block={self.row_block}" if self.row_block else "")
+            f"density={self.density:.4f}"
+            + (f", row_block={self.row_block}" if self.row_block else "")
+            + (", direct=True" if self.direct is not None else "")
         )
 
 
@@ -284,20 +320,6 @@ class _KernelTap(_CsrModule):
         super().__init__()
         self.i, self.j = i, j
         self.register_buffer("weight", _csr(weight))
-
-
-class _DirectKernel(nn.Module):
-    """Calls the compiled direct sparse convolution (`direct_conv.py`); a submodule, so that TorchScript compiles
-    the call only in the modules that use it."""
-
-    def forward(
-        self, planes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: list[int]
-    ) -> torch.Tensor:
-        kh, kw, sh, sw, dh, dw, out_h, out_w = geometry
-        return torch.ops.hf_tgprune.direct_conv2d(
-            planes, weight.crow_indices(), weight.col_indices(), weight.values(), bias, kh, kw, sh, sw, dh, dw,
-            out_h, out_w,
-        )  # fmt: skip
 
 
 class SparseConv2d(_CsrModule):
@@ -500,12 +522,12 @@ def weight_density(module: nn.Module) -> float:
 
 def to_sparse_module(module: nn.Module, formulation: str | None = None) -> nn.Module:
     """The sparse inference module for an `nn.Linear` or an eligible `nn.Conv2d`. `formulation`: for Linear layers
-    `"csr"` (default) or `"csr/<rows>"` (rows per sparse matmul), for 1×1 convolutions `"csr"` (default) or
+    `"csr"` (default), `"csr/<rows>"` (rows per sparse matmul) or `"direct"`, for 1×1 convolutions `"csr"` (default) or
     `"direct"`, for k×k convolutions `"unfold"` (default), `"shift"` or `"direct"`."""
     kind = _kind(module)
     if kind == "linear":
         block = int(formulation.split("/")[1]) if formulation and formulation.startswith("csr/") else 0
-        return SparseLinear(module.weight, module.bias, row_block=block)
+        return SparseLinear(module.weight, module.bias, row_block=block, direct=formulation == "direct")
     if kind == "conv1x1":
         return SparseConv2d(module, "direct") if formulation == "direct" else SparseConv1x1.from_dense(module)
     if kind == "conv":
@@ -517,7 +539,8 @@ def sparse_candidates(module: nn.Module) -> dict[str, nn.Module]:
     """Every sparse formulation of `module` worth timing, by formulation name: the CSR ones, and for convolutions
     the compiled `"direct"` one where it is available (`direct_kernel_unavailable()`)."""
     if _kind(module) == "linear":
-        return {name: to_sparse_module(module, name) for name in LINEAR_FORMULATIONS}
+        direct = {} if direct_kernel_unavailable() else {"direct": to_sparse_module(module, "direct")}
+        return {name: to_sparse_module(module, name) for name in LINEAR_FORMULATIONS} | direct
     direct = {} if direct_kernel_unavailable() else {"direct": SparseConv2d(module, "direct")}
     if _kind(module) == "conv":
         return {name: SparseConv2d(module, name) for name in CONV_FORMULATIONS if name != "direct"} | direct
@@ -535,7 +558,8 @@ def sparsify_layers(
         model: the model, changed in place and returned.
         names: module names of `nn.Linear` / eligible `nn.Conv2d` layers.
         formulations: the formulation of each layer (`report.formulations`): `"unfold"`, `"shift"` or `"direct"`
-            for convolutions (default `"unfold"`, `"csr"` for 1×1), `"csr"` or `"csr/<rows>"` for Linear layers.
+            for convolutions (default `"unfold"`, `"csr"` for 1×1), `"csr"`, `"csr/<rows>"` or `"direct"` for Linear
+            layers.
     """
     formulations = dict(formulations or {})
     if not names:
@@ -728,7 +752,9 @@ class LayerExport:
     input_shapes: dict[int, list[tuple]] = field(default_factory=dict)  # batch size -> shapes of the calls
     dense_us: dict[int, float] = field(default_factory=dict)  # batch size -> µs
     sparse_us: dict[int, float] = field(default_factory=dict)  # of the chosen (or best) formulation
-    formulation: str | None = None  # "csr"/"csr/<rows>" (Linear), "csr" or "direct" (1×1), "unfold"/"shift"/"direct"
+    formulation: str | None = (
+        None  # "csr"/"csr/<rows>"/"direct" (Linear), "csr"/"direct" (1×1), "unfold"/"shift"/"direct"
+    )
     formulation_us: dict[str, dict[int, float]] = field(default_factory=dict)  # every formulation timed
 
     @property
