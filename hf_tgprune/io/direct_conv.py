@@ -156,7 +156,8 @@ at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const a
   at::parallel_for(0, (R + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(C * TILE);
     float* xt = buffer.data();
-    alignas(64) float acc[TILE];
+    constexpr int64_t FEATURES = 16;  // output features accumulated before their rows are stored, 16 floats a row
+    alignas(64) float acc[FEATURES][TILE];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t = tile * TILE, m = std::min(TILE, R - t);
       if (m < TILE) std::fill(buffer.begin(), buffer.end(), 0.f);
@@ -165,15 +166,22 @@ at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const a
         for (int64_t c = 0; c < C; ++c) xt[c * TILE + r] = src[c];
       }
       const int64_t vectors = (m + 15) / 16;  // a last, partial tile only computes the vectors holding its rows
-      for (int64_t o = 0; o < O; ++o) {
-        const float b = bp ? bp[o] : 0.f;
-        switch (vectors) {
-          case 1: accumulate<1>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-          case 2: accumulate<2>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-          case 3: accumulate<3>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-          default: accumulate<4>(acc, b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]);
+      for (int64_t o0 = 0; o0 < O; o0 += FEATURES) {
+        const int64_t count = std::min(FEATURES, O - o0);
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t o = o0 + i;
+          const float b = bp ? bp[o] : 0.f;
+          switch (vectors) {
+            case 1: accumulate<1>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            case 2: accumulate<2>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            case 3: accumulate<3>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            default: accumulate<4>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]);
+          }
         }
-        for (int64_t r = 0; r < m; ++r) yp[(t + r) * O + o] = acc[r];
+        for (int64_t r = 0; r < m; ++r) {  // contiguous stores: one store per feature and row was much slower
+          float* dst = yp + (t + r) * O + o0;
+          for (int64_t i = 0; i < count; ++i) dst[i] = acc[i][r];
+        }
       }
     }
   });
