@@ -429,6 +429,30 @@ def test_direct_formulation_of_linear_layers_matches_token_major_inputs(shape, d
     assert torch.equal(direct.to_dense_module().weight, linear.weight.detach())
 
 
+def test_direct_kernels_split_work_over_threads_exactly(direct_kernel):
+    torch.manual_seed(3)
+    linear = nn.Linear(40, 150)  # several feature blocks, the last one partial
+    conv = nn.Conv2d(8, 130, 3, stride=2, padding=1)
+    with torch.no_grad():
+        linear.weight.mul_((torch.rand_like(linear.weight) > 0.8).float())
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.8).float())
+    sparse_linear, sparse_conv = SparseLinear(linear.weight, linear.bias, direct=True), SparseConv2d(conv, "direct")
+    tokens, images_ = torch.randn(3, 70, 40), torch.randn(2, 8, 21, 19)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                outputs.append((sparse_linear(tokens), sparse_conv(images_)))
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        torch.testing.assert_close(outputs[0][0], linear(tokens), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+        torch.testing.assert_close(outputs[0][1], conv(images_), rtol=EXPORT_RTOL, atol=EXPORT_ATOL)
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
 def test_direct_formulation_is_chosen_scripted_and_repeated(direct_kernel):
     model = pruned(OneByOneNet(), include_head=True)
 

@@ -136,8 +136,8 @@ static inline void accumulate(float* acc, float b, const float* xt, const int32_
 }
 
 // rows: (R, C) float32 contiguous (tokens × features); the CSR weight (O, C). Output (R, O) contiguous: y = x W^T + b.
-// A task is a tile of 64 rows: transposed into a (C, 64) buffer once, then every output feature accumulates its 64
-// rows in registers from the kept weights' buffer rows, exactly as the convolution does with a plane.
+// The rows are transposed into (C, 64) tiles first; a task is then one tile and a block of 64 output features, each
+// feature accumulating its 64 rows in registers from the kept weights' tile rows, as the convolution does.
 at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat,
@@ -153,21 +153,32 @@ at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const a
   const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   for (int64_t j = 0; j < col.numel(); ++j) TORCH_CHECK(cp[j] < C, "direct_linear: column index out of range");
-  at::parallel_for(0, (R + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(C * TILE);
-    float* xt = buffer.data();
-    constexpr int64_t FEATURES = 16;  // output features accumulated before their rows are stored, 16 floats a row
-    alignas(64) float acc[FEATURES][TILE];
+  const int64_t tiles = (R + TILE - 1) / TILE;
+  std::vector<float> transposed(tiles * C * TILE);  // tile k: (C, TILE), rows past R zero
+  float* xt_all = transposed.data();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t = tile * TILE, m = std::min(TILE, R - t);
-      if (m < TILE) std::fill(buffer.begin(), buffer.end(), 0.f);
+      float* xt = xt_all + tile * C * TILE;
+      if (m < TILE) std::fill(xt, xt + C * TILE, 0.f);
       for (int64_t r = 0; r < m; ++r) {
         const float* src = xp + (t + r) * C;
         for (int64_t c = 0; c < C; ++c) xt[c * TILE + r] = src[c];
       }
+    }
+  });
+  // one task: a tile of rows and a block of output features (so that two threads share even one tile's work)
+  constexpr int64_t FEATURES = 16;  // output features accumulated before their rows are stored, 16 floats a row
+  const int64_t blocks = (O + OBLOCK - 1) / OBLOCK;
+  at::parallel_for(0, tiles * blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[FEATURES][TILE];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task / blocks, t = tile * TILE, m = std::min(TILE, R - t);
+      const float* xt = xt_all + tile * C * TILE;
       const int64_t vectors = (m + 15) / 16;  // a last, partial tile only computes the vectors holding its rows
-      for (int64_t o0 = 0; o0 < O; o0 += FEATURES) {
-        const int64_t count = std::min(FEATURES, O - o0);
+      const int64_t first = (task % blocks) * OBLOCK, last = std::min(O, first + OBLOCK);
+      for (int64_t o0 = first; o0 < last; o0 += FEATURES) {
+        const int64_t count = std::min(FEATURES, last - o0);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t o = o0 + i;
           const float b = bp ? bp[o] : 0.f;
