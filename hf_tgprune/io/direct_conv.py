@@ -231,7 +231,9 @@ def _build() -> str | None:
         load_inline(
             name=f"hf_tgprune_direct_conv_{capability}_{digest}",
             cpp_sources=_SOURCE,
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            # -fopenmp: at::parallel_for is OpenMP in torch's builds, and runs sequentially without it
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
