@@ -68,35 +68,21 @@ def test_bad_shard_is_refused_naming_the_argument(shard, capsys):
     assert "--shard must be I/N" in capsys.readouterr().err
 
 
+def _smoke_command(data: Path, cache: Path, stage: str, *extra: str) -> list[str]:
+    """`converged.py --smoke` on the tiny data with a tiny timm ResNet as teacher and student, at 90%."""
+    return [
+        sys.executable, str(ROOT / "benchmarks" / "converged.py"), "--smoke", "--stage", stage, "--data", str(data),
+        "--cache-dir", str(cache), "--teacher", "test_resnet", "--student", "test_resnet", "--val-images", "20",
+        "--batch-size", "16", "--ablation-sparsities", "0.9", *extra,
+    ]  # fmt: skip
+
+
 def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
     data = _tiny_cifar(tmp_path / "cifar")
     cache = tmp_path / "cache"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "converged.py"),
-        "--smoke",
-        "--stage",
-        "ablation",
-        "--data",
-        str(data),
-        "--test-data",
-        str(data),
-        "--cache-dir",
-        str(cache),
-        "--teacher",
-        "test_resnet",
-        "--student",
-        "test_resnet",
-        "--val-images",
-        "20",
-        "--batch-size",
-        "16",
-        "--ablation-sparsities",
-        "0.9",
-        "--variants",
-        "magnitude",
-        "tgp_fisher",
-    ]
+    command = _smoke_command(
+        data, cache, "ablation", "--test-data", str(data), "--variants", "magnitude", "tgp_fisher"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -133,29 +119,7 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
 def test_scratch_stage_gives_epsd_the_dense_students_budget_and_resumes_from_its_checkpoint(tmp_path):
     data = _tiny_cifar(tmp_path / "cifar")
     cache = tmp_path / "cache"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "converged.py"),
-        "--smoke",
-        "--stage",
-        "scratch",
-        "--data",
-        str(data),
-        "--cache-dir",
-        str(cache),
-        "--teacher",
-        "test_resnet",
-        "--student",
-        "test_resnet",
-        "--val-images",
-        "20",
-        "--batch-size",
-        "16",
-        "--ablation-sparsities",
-        "0.9",
-        "--retrain-images",
-        "40",
-    ]
+    command = _smoke_command(data, cache, "scratch", "--retrain-images", "40")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
