@@ -453,6 +453,37 @@ def test_direct_kernels_split_work_over_threads_exactly(direct_kernel):
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
 
 
+def test_direct_ops_refuse_malformed_arguments_before_reading_memory(direct_kernel):
+    conv, linear = torch.ops.hf_tgprune.direct_conv2d, torch.ops.hf_tgprune.direct_linear
+    planes, rows = torch.ones(1, 1, 4, 4), torch.ones(3, 2)
+    crow, col, values = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([4], dtype=torch.int32), torch.ones(1)
+    geometry = [3, 3, 1, 1, 1, 1, 2, 2]
+    assert conv(planes, crow, col, values, None, *geometry).shape == (1, 1, 2, 2)  # the well-formed call
+    bad_conv = {
+        "output size does not fit": (planes, crow, col, values, None, 3, 3, 1, 1, 1, 1, 4, 4),
+        "must be >= 1": (planes, crow, col, values, None, 3, 3, 0, 1, 1, 1, 2, 2),
+        "crow must start at 0": (planes, torch.tensor([0, 1000], dtype=torch.int32), col, values, None, *geometry),
+        "as many as col": (planes, crow, col, torch.ones(0), None, *geometry),
+        "column index out of range": (planes, crow, torch.tensor([-5], dtype=torch.int32), values, None, *geometry),
+        "bias must be": (planes, crow, col, values, torch.ones(3), *geometry),
+        "float32": (planes.double(), crow, col, values, None, *geometry),
+    }
+    for message, arguments in bad_conv.items():
+        with pytest.raises(RuntimeError, match=message):
+            conv(*arguments)
+    two = torch.tensor([0, 1, 1], dtype=torch.int32)
+    assert linear(rows, two, torch.tensor([1], dtype=torch.int32), values, None).shape == (3, 2)
+    with pytest.raises(RuntimeError, match="column index out of range"):
+        linear(rows, two, torch.tensor([2], dtype=torch.int32), values, None)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        linear(rows, torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32), values, None)
+    sparse = SparseConv2d(nn.Conv2d(3, 4, 3), "direct")
+    with pytest.raises(RuntimeError, match="channel count"):
+        sparse(torch.randn(1, 5, 8, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        sparse(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
 def test_direct_formulation_is_chosen_scripted_and_repeated(direct_kernel):
     model = pruned(OneByOneNet(), include_head=True)
 

@@ -15,7 +15,9 @@ plane, computed on tiles of 64 rows transposed in cache, so that the output come
 It is C++ compiled on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja` are needed;
 the build is cached in torch's extensions folder, one per CPU instruction set). Where it cannot be built,
 `direct_kernel_unavailable()` says why and the export does not offer the formulation. The operators are registered
-as `torch.ops.hf_tgprune.direct_conv2d` and `torch.ops.hf_tgprune.direct_linear`, so that TorchScript can call them.
+as `torch.ops.hf_tgprune.direct_conv2d` and `torch.ops.hf_tgprune.direct_linear`, so that TorchScript can call them
+(a process that loads a scripted or pickled exported model must load them first: call `direct_kernel_unavailable()`).
+Every call checks its arguments (shapes, index ranges, dtypes) before reading memory, so a malformed call raises.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 
 import torch
@@ -41,6 +44,29 @@ static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v))
 constexpr int64_t TILE = 64;     // output positions accumulated in registers while the kept weights stream past
 constexpr int64_t OBLOCK = 64;   // output channels per parallel task
 
+// The CSR weight (O rows, `columns` columns) and bias are well formed: a bad call raises instead of reading out of
+// bounds. O(O + nnz), before any parallel work.
+static void check_weight(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                         const c10::optional<at::Tensor>& bias, int64_t columns) {
+  TORCH_CHECK(crow.dim() == 1 && col.dim() == 1 && values.dim() == 1 && crow.is_contiguous() && col.is_contiguous() &&
+                  values.is_contiguous() && crow.device().is_cpu() && col.device().is_cpu() && values.device().is_cpu(),
+              op, ": crow, col and values must be 1-D contiguous CPU tensors");
+  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.scalar_type() == at::kFloat,
+              op, ": int32 crow/col and float32 values expected");
+  const int64_t O = crow.numel() - 1, nnz = col.numel();
+  TORCH_CHECK(O >= 0 && values.numel() == nnz, op, ": crow must have O+1 entries and values as many as col");
+  const int32_t* rp = crow.data_ptr<int32_t>();
+  const int32_t* cp = col.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[O] == nnz, op, ": crow must start at 0 and end at the number of kept weights");
+  for (int64_t o = 0; o < O; ++o) TORCH_CHECK(rp[o] <= rp[o + 1], op, ": crow must be non-decreasing");
+  for (int64_t j = 0; j < nnz; ++j) TORCH_CHECK(cp[j] >= 0 && cp[j] < columns, op, ": column index out of range");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == O && bias->is_contiguous() && bias->device().is_cpu() &&
+                    bias->scalar_type() == at::kFloat,
+                op, ": bias must be a contiguous float32 CPU tensor of O entries");
+  }
+}
+
 // planes: (N, C*sh*sw, Hq, Wq) float32 contiguous, the padded input split into its stride phases;
 // crow (O+1), col (nnz) int32 and values (nnz) float32: the CSR weight (O, C*kh*kw).
 // Output (N, O, out_h, out_w). Every output plane is computed at the planes' row pitch Wq as one flat vector of
@@ -49,14 +75,19 @@ constexpr int64_t OBLOCK = 64;   // output channels per parallel task
 at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t out_h, int64_t out_w) {
-  TORCH_CHECK(planes.dim() == 4 && planes.is_contiguous() && planes.scalar_type() == at::kFloat,
-              "direct_conv2d: planes must be a contiguous float32 (N, P, H, W) tensor");
-  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.scalar_type() == at::kFloat,
-              "direct_conv2d: int32 crow/col and float32 values expected");
+  TORCH_CHECK(planes.dim() == 4 && planes.is_contiguous() && planes.scalar_type() == at::kFloat &&
+                  planes.device().is_cpu(),
+              "direct_conv2d: planes must be a contiguous float32 (N, P, H, W) CPU tensor");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1,
+              "direct_conv2d: kernel sizes, strides and dilations must be >= 1");
   const int64_t N = planes.size(0), P = planes.size(1), Hq = planes.size(2), Wq = planes.size(3);
   const int64_t O = crow.numel() - 1, nnz = col.numel();
-  TORCH_CHECK(out_h >= 1 && out_w >= 1 && out_w <= Wq && out_h <= Hq, "direct_conv2d: bad output size");
   TORCH_CHECK(P % (sh * sw) == 0, "direct_conv2d: planes do not match the stride");
+  // the last output row / column reads up to phase row / column (out - 1) + (k - 1)·d / s
+  TORCH_CHECK(out_h >= 1 && out_w >= 1 && out_h - 1 + (kh - 1) * dh / sh <= Hq - 1 &&
+                  out_w - 1 + (kw - 1) * dw / sw <= Wq - 1,
+              "direct_conv2d: the output size does not fit the input planes");
+  check_weight("direct_conv2d", crow, col, values, bias, P / (sh * sw) * kh * kw);
   auto out = at::empty({N, O, out_h, out_w}, planes.options());
   const float* xp = planes.data_ptr<float>();
   const int32_t* rp = crow.data_ptr<int32_t>();
@@ -70,7 +101,6 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t c = cp[j] / taps, r = cp[j] % taps;
     const int64_t ty = (r / kw) * dh, tx = (r % kw) * dw;
-    TORCH_CHECK(c < P / (sh * sw), "direct_conv2d: column index out of range");
     offset[j] = ((c * sh + ty % sh) * sw + tx % sw) * plane + (ty / sh) * Wq + tx / sw;
   }
   const bool pitched = (Wq != out_w);
@@ -140,10 +170,9 @@ static inline void accumulate(float* acc, float b, const float* xt, const int32_
 // feature accumulating its 64 rows in registers from the kept weights' tile rows, as the convolution does.
 at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat,
-              "direct_linear: rows must be a contiguous float32 (R, C) tensor");
-  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt && values.scalar_type() == at::kFloat,
-              "direct_linear: int32 crow/col and float32 values expected");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat && rows.device().is_cpu(),
+              "direct_linear: rows must be a contiguous float32 (R, C) CPU tensor");
+  check_weight("direct_linear", crow, col, values, bias, rows.size(1));
   const int64_t R = rows.size(0), C = rows.size(1), O = crow.numel() - 1;
   auto out = at::empty({R, O}, rows.options());
   const float* xp = rows.data_ptr<float>();
@@ -152,7 +181,6 @@ at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const a
   const float* vp = values.data_ptr<float>();
   const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
-  for (int64_t j = 0; j < col.numel(); ++j) TORCH_CHECK(cp[j] < C, "direct_linear: column index out of range");
   const int64_t tiles = (R + TILE - 1) / TILE;
   std::vector<float> transposed(tiles * C * TILE);  // tile k: (C, TILE), rows past R zero
   float* xt_all = transposed.data();
@@ -209,6 +237,16 @@ TORCH_LIBRARY(hf_tgprune, m) {
 """
 
 
+def _cpu_flags() -> str:
+    """The CPU's model and instruction-set flags (Linux `/proc/cpuinfo`; the platform's description elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
 @functools.cache
 def _build() -> str | None:
     """Compile and load the kernel once per process; the reason it is unavailable, or None when it loaded."""
@@ -226,7 +264,9 @@ def _build() -> str | None:
     from torch.utils.cpp_extension import load_inline
 
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+    # built with -march=native: one build per source and per CPU instruction set (a shared cache must not hand a
+    # build to a CPU that lacks its instructions)
+    digest = hashlib.sha256((_SOURCE + _cpu_flags()).encode()).hexdigest()[:12]
     try:
         load_inline(
             name=f"hf_tgprune_direct_conv_{capability}_{digest}",
@@ -251,9 +291,8 @@ def direct_kernel_unavailable() -> str | None:
 
 def stride_phases(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
     """`x` `(N, C, H, W)` (already padded) as `(N, C·sh·sw, ⌈H/sh⌉, ⌈W/sw⌉)`: channel `c`'s phase `(a, b)` is plane
-    `(c·sh + a)·sw + b`, holding `x[..., a::sh, b::sw]` (zero-filled at the end), contiguous float32."""
+    `(c·sh + a)·sw + b`, holding `x[..., a::sh, b::sw]` (zero-filled at the end), contiguous."""
     sh, sw = stride
-    x = x.float()
     if (sh, sw) == (1, 1):
         return x.contiguous()
     n, c, h, w = x.shape

@@ -205,7 +205,7 @@ class SparseLinear(_CsrModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.direct is not None:
-            out = self.direct(rows.float().contiguous(), self.weight, self.bias)
+            out = self.direct(rows.contiguous(), self.weight, self.bias)
         elif self.row_block <= 0 or rows.shape[0] <= self.row_block:
             out = _csr_matmul(self.weight, self.bias, rows.t()).t().contiguous()
         else:
@@ -396,6 +396,8 @@ class SparseConv2d(_CsrModule):
         out_h = (height - dh * (kh - 1) - 1) // sh + 1
         out_w = (width - dw * (kw - 1) - 1) // sw + 1
         if self.direct is not None:
+            if channels != self.in_channels:  # the kernel reads the channels its weights name; others must fail
+                raise RuntimeError("SparseConv2d: the input's channel count differs from in_channels")
             planes = stride_phases(x, self.stride)
             return self.direct(planes, self.weight, self.bias, [kh, kw, sh, sw, dh, dw, out_h, out_w])
         if self.formulation == "unfold":
