@@ -44,6 +44,29 @@ static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v))
 constexpr int64_t TILE = 64;     // output positions accumulated in registers while the kept weights stream past
 constexpr int64_t OBLOCK = 64;   // output channels per parallel task
 
+// SETS accumulator sets, kept weight j going to set j % SETS, added at the end: a quarter of the sequential rounding of
+// one running sum over hundreds of products (the result stays within the export's tolerance of the dense layer's
+// blocked sums through deep networks), and four times the independent multiply-add chains.
+constexpr int SETS = 4;
+template <int V>
+static inline void accumulate(float* acc, float b, const float* xt, const int32_t* col, const float* values,
+                              int32_t n) {
+  v16 a[SETS][V] = {};
+  int32_t j = 0;
+  for (; j + SETS <= n; j += SETS) {
+    for (int k = 0; k < SETS; ++k) {
+      const float* s = xt + static_cast<int64_t>(col[j + k]) * TILE;
+      const float w = values[j + k];
+      for (int v = 0; v < V; ++v) a[k][v] += w * load16(s + 16 * v);
+    }
+  }
+  for (int k = 0; j < n; ++j, ++k) {
+    const float* s = xt + static_cast<int64_t>(col[j]) * TILE;
+    for (int v = 0; v < V; ++v) a[k][v] += values[j] * load16(s + 16 * v);
+  }
+  for (int v = 0; v < V; ++v) store16(acc + 16 * v, ((a[0][v] + a[1][v]) + (a[2][v] + a[3][v])) + b);
+}
+
 // The CSR weight (O rows, `columns` columns) and bias are well formed: a bad call raises instead of reading out of
 // bounds. O(O + nnz), before any parallel work.
 static void check_weight(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
@@ -121,23 +144,32 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
       for (int64_t o = ob * OBLOCK; o < std::min(O, (ob + 1) * OBLOCK); ++o) {
         const float b = bp ? bp[o] : 0.f;
         const int32_t j0 = rp[o], j1 = rp[o + 1];
-        if (m == TILE) {
-          v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-          a0 += b; a1 += b; a2 += b; a3 += b;
-          for (int32_t j = j0; j < j1; ++j) {
-            const float* s = xn + op[j];
-            const float w = vp[j];
-            a0 += w * load16(s); a1 += w * load16(s + 16); a2 += w * load16(s + 32); a3 += w * load16(s + 48);
+        if (m == TILE) {  // SETS accumulator sets, as in `accumulate`
+          v16 a[SETS][4] = {};
+          int32_t j = j0;
+          for (; j + SETS <= j1; j += SETS) {
+            for (int k = 0; k < SETS; ++k) {
+              const float* s = xn + op[j + k];
+              const float w = vp[j + k];
+              for (int v = 0; v < 4; ++v) a[k][v] += w * load16(s + 16 * v);
+            }
           }
-          store16(acc, a0); store16(acc + 16, a1); store16(acc + 32, a2); store16(acc + 48, a3);
+          for (int k = 0; j < j1; ++j, ++k) {
+            const float* s = xn + op[j];
+            for (int v = 0; v < 4; ++v) a[k][v] += vp[j] * load16(s + 16 * v);
+          }
+          for (int v = 0; v < 4; ++v) store16(acc + 16 * v, ((a[0][v] + a[1][v]) + (a[2][v] + a[3][v])) + b);
         } else {
-          for (int64_t k = 0; k < m; ++k) acc[k] = b;
+          float part[SETS][TILE];
+          for (int k = 0; k < SETS; ++k) std::fill(part[k], part[k] + m, 0.f);
           for (int32_t j = j0; j < j1; ++j) {
             const float* s = xn + op[j];
             const float w = vp[j];
+            float* d = part[(j - j0) % SETS];
 #pragma omp simd
-            for (int64_t k = 0; k < m; ++k) acc[k] += w * s[k];
+            for (int64_t k = 0; k < m; ++k) d[k] += w * s[k];
           }
+          for (int64_t k = 0; k < m; ++k) acc[k] = ((part[0][k] + part[1][k]) + (part[2][k] + part[3][k])) + b;
         }
         float* yo = yn + o * out_plane;
         if (!pitched) {
@@ -152,19 +184,6 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
 }
 
 // acc[0 : 16·V] = b + sum over the n kept weights of values[j] * xt[col[j]·TILE : col[j]·TILE + 16·V]
-template <int V>
-static inline void accumulate(float* acc, float b, const float* xt, const int32_t* col, const float* values,
-                              int32_t n) {
-  v16 a[V];
-  for (int v = 0; v < V; ++v) { a[v] = v16{}; a[v] += b; }
-  for (int32_t j = 0; j < n; ++j) {
-    const float* s = xt + static_cast<int64_t>(col[j]) * TILE;
-    const float w = values[j];
-    for (int v = 0; v < V; ++v) a[v] += w * load16(s + 16 * v);
-  }
-  for (int v = 0; v < V; ++v) store16(acc + 16 * v, a[v]);
-}
-
 // rows: (R, C) float32 contiguous (tokens × features); the CSR weight (O, C). Output (R, O) contiguous: y = x W^T + b.
 // The rows are transposed into (C, 64) tiles first; a task is then one tile and a block of 64 output features, each
 // feature accumulating its 64 rows in registers from the kept weights' tile rows, as the convolution does.
