@@ -26,6 +26,7 @@ from hf_tgprune.io.export import (
     export_sparse_inference,
     interleaved_min_seconds,
     max_output_error,
+    output_tolerance,
     semi_structured_requirement_error,
     sparse_candidates,
     sparsify_layers,
@@ -282,6 +283,27 @@ def test_verification_catches_a_wrong_export():
         reference = model(images(1))
     with pytest.raises(AssertionError):
         max_output_error(exported, reference, images(1))
+
+
+def test_verification_tolerance_scales_with_the_output_magnitude():
+    class Fixed(nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.register_buffer("values", torch.tensor(values))
+
+        def forward(self, x):
+            return self.values
+
+    reference = torch.tensor([5000.0, 0.5])
+    assert (
+        output_tolerance(reference) == pytest.approx(EXPORT_ATOL * 5000)
+        and output_tolerance(reference[1:]) == EXPORT_ATOL
+    )
+    assert max_output_error(Fixed([5000.0, 0.5002]), reference, torch.zeros(1)) == pytest.approx(2e-4, rel=1e-3)
+    with pytest.raises(AssertionError):  # beyond EXPORT_ATOL times the largest magnitude
+        max_output_error(Fixed([5000.0, 0.6]), reference, torch.zeros(1))
+    with pytest.raises(AssertionError):  # a small output keeps the absolute tolerance
+        max_output_error(Fixed([0.5, 0.5002]), torch.tensor([0.5, 0.5]), torch.zeros(1))
 
 
 def test_bad_arguments_raise_clearly():
