@@ -538,12 +538,11 @@ def to_sparse_module(module: nn.Module, formulation: str | None = None) -> nn.Mo
 
 
 def sparse_candidates(module: nn.Module) -> dict[str, nn.Module]:
-    """Every sparse formulation of `module` worth timing, by formulation name: the CSR ones, and for convolutions
-    the compiled `"direct"` one where it is available (`direct_kernel_unavailable()`)."""
+    """Every sparse formulation of `module` worth timing, by formulation name: the CSR ones, and the compiled
+    `"direct"` one where it is available (`direct_kernel_unavailable()`)."""
+    direct = {} if direct_kernel_unavailable() else {"direct": to_sparse_module(module, "direct")}
     if _kind(module) == "linear":
-        direct = {} if direct_kernel_unavailable() else {"direct": to_sparse_module(module, "direct")}
         return {name: to_sparse_module(module, name) for name in LINEAR_FORMULATIONS} | direct
-    direct = {} if direct_kernel_unavailable() else {"direct": SparseConv2d(module, "direct")}
     if _kind(module) == "conv":
         return {name: SparseConv2d(module, name) for name in CONV_FORMULATIONS if name != "direct"} | direct
     return {"csr": to_sparse_module(module)} | direct
