@@ -428,8 +428,8 @@ class TensorImages(torch.utils.data.Dataset):
         return {"pixel_values": self.normalize(image[None])[0], "labels": self.labels[i]}
 
 
-# Variants: name -> (pruning_method, config overrides). One scoring round unless named; library defaults otherwise (at
-# the commit that ran them).
+# Variants: name -> (pruning_method, config overrides). One scoring round and eval-mode BatchNorm while scoring unless
+# named; library defaults otherwise (at the commit that ran them).
 VARIANTS = {
     "magnitude": ("magnitude", {}),
     "snip": ("snip", {}),
@@ -510,7 +510,9 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
 
     method, overrides = VARIANTS[variant]
-    overrides = {"pruning_rounds": 1, **overrides}  # a variant names its rounds (the library default is per method)
+    # a variant names its rounds (the library default is per method) and its BatchNorm mode while scoring (eval unless
+    # named "train-mode BN"), so that a name means what it measured whatever the library's defaults become
+    overrides = {"pruning_rounds": 1, "scoring_bn_mode": "eval", **overrides}
     scratch = args.stage == "scratch"  # the dense student's own budget: every training image, its lr and decay
     torch.manual_seed(seed)
     teacher, _ = load_dense(Path(info["teacher_dir"]))

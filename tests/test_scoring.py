@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,15 @@ def _batches(n_batches=3, batch_size=6, seed=0):
     ]
 
 
-def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, criterion="wg"):
-    """|θ·∂L/∂θ| written out from scratch with loss.backward() and F.kl_div."""
+def _independent_scores(student, teacher, batches, alpha, beta, T, aggregation, criterion="wg", train_bn=False):
+    """|θ·∂L/∂θ| written out from scratch with loss.backward() and F.kl_div. `train_bn`: BatchNorm layers normalise
+    with batch statistics (on a copy of the student, whose running statistics that changes)."""
     student.eval()
+    if train_bn:
+        student = copy.deepcopy(student)
+        for module in student.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.train()
     names = list(prunable_parameters(student))
     params = dict(student.named_parameters())
     total = {n: torch.zeros_like(params[n]) for n in names}
@@ -73,23 +81,41 @@ def test_scores_match_independent_autograd(aggregation, method, alpha, criterion
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
 @pytest.mark.parametrize("name", ["timm_resnet", "hf_resnet", "timm_vit"])
-def test_scoring_changes_no_parameter_or_buffer(name):
+def test_scoring_changes_no_parameter_buffer_or_module_mode(name, bn_mode):
     student, teacher = make_model(name), make_model("timm_resnet", seed=3)
     student.train()
+    modules = list(student.modules())
+    modules[len(modules) // 2].eval()  # a frozen part (e.g. frozen BatchNorm) keeps its own mode
+    modes = [module.training for module in modules]
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    compute_importance_scores(student, _batches(), method="tgp", teacher=teacher)
+    compute_importance_scores(student, _batches(), method="tgp", teacher=teacher, bn_mode=bn_mode)
     after = student.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics included
     assert all(p.grad is None for p in student.parameters())
-    assert student.training  # mode restored
+    assert [module.training for module in modules] == modes
 
 
-def test_train_bn_mode_updates_running_stats():
+def test_train_bn_mode_scores_with_batch_statistics_and_dropout_off():
+    """bn_mode="train": BatchNorm normalises with each batch's statistics (an independent computation with BatchNorm
+    in train mode), dropout stays off (two passes give the same scores), and the scores differ from eval mode's."""
     student, teacher = make_model("timm_resnet"), make_model("timm_resnet", seed=3)
-    before = {k: v.clone() for k, v in student.state_dict().items() if "running_mean" in k}
-    compute_importance_scores(student, _batches(), method="tgp", teacher=teacher, bn_mode="train")
-    assert any(not torch.equal(before[k], student.state_dict()[k]) for k in before)
+    student.fc = torch.nn.Sequential(torch.nn.Dropout(0.5), student.fc)
+    batches = _batches()
+    options = ScoringOptions(alpha=0.7, beta=0.5, temperature=3.0)
+    train = compute_importance_scores(
+        student, batches, method="tgp", teacher=teacher, options=options, bn_mode="train"
+    )
+    again = compute_importance_scores(
+        student, batches, method="tgp", teacher=teacher, options=options, bn_mode="train"
+    )
+    evaluated = compute_importance_scores(student, batches, method="tgp", teacher=teacher, options=options)
+    expected = _independent_scores(student, teacher, batches, 0.7, 0.5, 3.0, "ema", train_bn=True)
+    for name in expected:
+        torch.testing.assert_close(train[name], expected[name], rtol=1e-4, atol=1e-7)
+        assert torch.equal(train[name], again[name])
+    assert any(not torch.allclose(train[n], evaluated[n], rtol=1e-3) for n in train)
 
 
 def test_data_free_methods():

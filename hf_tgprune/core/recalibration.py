@@ -105,6 +105,34 @@ def recalibrate_batchnorm(
 
 
 @contextmanager
+def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_BatchNorm]]:
+    """Within the context every module of `model` is in eval mode, except with `bn_mode="train"` the BatchNorm layers
+    that track running statistics, which normalise with the statistics of each batch (yielded, so a caller can put
+    them back to eval mode for a batch they cannot normalise). Dropout and drop-path stay off in both modes, so a
+    scoring pass is deterministic and does not depend on how a batch is split over processes. On exit every module's
+    mode and every BatchNorm running statistic is as it was: scoring changes nothing in the model."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    modules = list(unwrap_model(model).modules())
+    modes = [module.training for module in modules]
+    layers = list(batchnorm_layers(model).values()) if bn_mode == "train" else []
+    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)} for layer in layers]
+    for module in modules:
+        module.training = False
+    for layer in layers:
+        layer.training = True
+    try:
+        yield layers
+    finally:
+        for module, mode in zip(modules, modes):
+            module.training = mode
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved):
+                for name, value in buffers.items():
+                    getattr(layer, name).copy_(value)
+
+
+@contextmanager
 def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     """Within the context, every BatchNorm layer of `model` in train mode normalises with the mean and variance of the
     *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow

@@ -22,11 +22,13 @@ layer (`layer_allocation="magnitude"` by default), since a global ranking of the
 are registered next to them (`register_scoring_method`).
 
 The scoring pass takes no optimizer step and never writes `.grad`: gradients come from `torch.autograd.grad`
-with respect to the prunable weights only. With BatchNorm in eval mode (the default) no parameter or buffer of
-the student changes. Under several processes each rank sums the per-sample losses of its shard of every
-calibration batch, gradients and sample counts are all-reduced, and the result equals a single process seeing
-the whole batch: the mask does not depend on the number of processes. With BatchNorm in train mode
-(`bn_mode="train"`) every BatchNorm layer then normalises with the statistics of the global batch
+with respect to the prunable weights only. Every module is in eval mode while scoring (dropout and drop-path off),
+except with `bn_mode="train"` the BatchNorm layers, which normalise with the statistics of each calibration batch;
+their running statistics and every module's mode are put back afterwards, so no parameter or buffer of the student
+changes (`hf_tgprune.core.recalibration.scoring_mode`). Under several processes each rank sums the per-sample losses
+of its shard of every calibration batch, gradients and sample counts are all-reduced, and the result equals a single
+process seeing the whole batch: the mask does not depend on the number of processes. With BatchNorm in train mode
+every BatchNorm layer then normalises with the statistics of the global batch
 (`hf_tgprune.core.recalibration.global_batch_statistics`), for the same reason.
 """
 
@@ -45,7 +47,7 @@ from .adapters import teacher_logits as forward_teacher
 from .dtensor import fsdp_mesh, is_sharded, like, local, reshard, sum_over_mesh
 from .losses import check_finite_logits, teacher_guided_loss
 from .masking import prunable_parameters
-from .recalibration import global_batch_statistics
+from .recalibration import global_batch_statistics, scoring_mode
 from .registry import Registry
 
 
@@ -255,15 +257,13 @@ def compute_importance_scores(
     device = weights[0].device
     scores = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in zip(names, weights)}
     student = unwrap_model(model)
-    was_training = student.training
-    student.train(bn_mode == "train")
     if teacher is not None:
         teacher.eval()
     # train-mode BatchNorm over several processes: normalise with each global batch's statistics, as one process would
     synchronized = bn_mode == "train" and (mesh is not None or (all_reduce is not None and _several_processes()))
     group = mesh.get_group() if mesh is not None else None
     steps = 0
-    try:
+    with scoring_mode(student, bn_mode) as train_mode_layers:
         with global_batch_statistics(student, group) if synchronized else nullcontext():
             for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
                 if mesh is not None:  # FSDP2 has already summed the gradients into this rank's shards
@@ -271,7 +271,7 @@ def compute_importance_scores(
                     count = sum_over_mesh(count.reshape(1), mesh)[0]
                 else:
                     grads, count = _shard_gradients(
-                        student, teacher, batch, spec, options, weights, device, synchronized
+                        student, teacher, batch, spec, options, weights, device, synchronized, train_mode_layers
                     )
                 if mesh is None and all_reduce is not None:
                     flat = all_reduce(torch.cat([g.reshape(-1) for g in grads] + [count.reshape(1)]))
@@ -288,8 +288,6 @@ def compute_importance_scores(
                     torch._foreach_lerp_(list(scores.values()), batch_scores, 1.0 - ema_momentum)
                 else:
                     torch._foreach_add_(list(scores.values()), batch_scores)
-    finally:
-        student.train(was_training)
     if steps == 0:
         raise ValueError("The calibration set is empty: no batch was scored.")
     if aggregation == "ema":
@@ -304,9 +302,10 @@ def _several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _shard_gradients(student, teacher, batch, spec, options, weights, device, synchronized=False):
+def _shard_gradients(student, teacher, batch, spec, options, weights, device, synchronized=False, train_mode=()):
     """Gradients of the summed per-sample loss of this rank's shard, and the shard's sample count. `synchronized`:
-    BatchNorm takes global-batch statistics, so every rank runs every batch (zero-length for an empty shard)."""
+    BatchNorm takes global-batch statistics, so every rank runs every batch (zero-length for an empty shard).
+    `train_mode`: the BatchNorm layers in train mode."""
     if batch is None and synchronized:
         raise ValueError(
             "With scoring_bn_mode='train' over several processes every process must run every calibration batch; "
@@ -320,14 +319,14 @@ def _shard_gradients(student, teacher, batch, spec, options, weights, device, sy
     if "labels" not in batch:
         raise ValueError("Calibration batches need `labels`; add a labels column to the calibration dataset.")
     # (synchronized, the global batch decides: BatchNorm normalises with running statistics when it has one image)
-    single_in_train_mode = student.training and not synchronized and batch["pixel_values"].shape[0] == 1
-    if single_in_train_mode:  # train-mode BatchNorm cannot normalise one image: score it with running statistics
-        student.eval()
+    single = bool(train_mode) and not synchronized and batch["pixel_values"].shape[0] == 1
+    for layer in train_mode if single else ():  # BatchNorm cannot normalise one image: use the running statistics
+        layer.training = False
     try:
         losses = spec.batch_loss(student, teacher, batch, options)
     finally:
-        if single_in_train_mode:
-            student.train()
+        for layer in train_mode if single else ():
+            layer.training = True
     grads = torch.autograd.grad(losses.sum(), weights, allow_unused=True)
     grads = [torch.zeros_like(w, dtype=torch.float32) if g is None else g.float() for w, g in zip(weights, grads)]
     return grads, torch.tensor(float(losses.numel()), device=device)

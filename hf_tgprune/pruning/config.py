@@ -101,9 +101,10 @@ class PruningArguments:
     scoring_bn_mode: str = field(
         default="eval",
         metadata={
-            "help": "BatchNorm/dropout mode while scoring: 'eval' (changes nothing in the student) or 'train' "
-            "(the authors' code; updates BatchNorm running statistics). Over several processes, train-mode BatchNorm "
-            "normalises with the statistics of each global batch, so the masks do not depend on the process count."
+            "help": "BatchNorm mode while scoring: 'eval' (running statistics) or 'train' (the statistics of each "
+            "calibration batch, as in the authors' code; over several processes, of each global batch, so the masks "
+            "do not depend on the process count). Dropout and drop-path are off and the running statistics are "
+            "left as they were in both modes."
         },
     )
     scoring_epochs: int = field(
