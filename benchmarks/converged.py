@@ -545,17 +545,19 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     recalibrate = overrides.pop("recalibrate_bn", True)
     key = f"{variant}|{sparsity}|{seed}|e{retrain_epochs}"
     output_dir = Path(args.cache_dir) / "trainer"
-    if scratch:  # hours of training: checkpointed every epoch, and resumed from the newest checkpoint
-        output_dir = output_dir.with_name("trainer-scratch") / model_dir(args, info, key).name
+    # hours of training: checkpointed every epoch, and resumed from the newest checkpoint
+    checkpointed = scratch or args.stage == "long"
+    if checkpointed:
+        output_dir = output_dir.with_name(f"trainer-{args.stage}") / model_dir(args, info, key).name
+        extra.update(save_strategy="epoch", save_total_limit=1)
+    if scratch:
         extra.update(
-            save_strategy="epoch",
-            save_total_limit=1,
             warmup_steps=math.ceil(len(train_set) / args.batch_size),  # one epoch, as the dense schedule
             weight_decay=args.dense_weight_decay,
             optim_args="momentum=0.9,nesterov=True",
             max_grad_norm=0.0,  # the dense schedule does not clip
         )
-    resume = scratch and any(output_dir.glob("checkpoint-*/trainer_state.json"))
+    resume = checkpointed and any(output_dir.glob("checkpoint-*/trainer_state.json"))
     config = dict(
         output_dir=str(output_dir),
         sparsity=sparsity,
@@ -598,7 +600,8 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         scores = load_file(str(Path(info["student_dir"]) / MOVEMENT_FILE))
     if not resume:  # a resumed run takes its masks from the checkpoint
         trainer.prune(scores=scores)
-    one_shot = trainer.method.one_shot  # the others prune during training: no single "right after pruning" point
+    # the others prune during training: no single "right after pruning" point (nor for a run resumed after it)
+    one_shot = trainer.method.one_shot and not resume
     after = {}
     if one_shot:
         counter.enabled = False
@@ -654,8 +657,10 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "teacher": info["teacher"]["architecture"] if uses_teacher else None,
         "student": info["student"]["architecture"] if method == "epsd" else Path(info["student_dir"]).name,
     }
+    if checkpointed:  # a resumed run's times and image counts cover its last part only
+        record["resumed"] = bool(resume)
     if scratch:
-        record.update(train_images=len(train_set), learning_rate=args.dense_lr, resumed=bool(resume))
+        record.update(train_images=len(train_set), learning_rate=args.dense_lr)
     if "extra_test" in splits:
         record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
     return record

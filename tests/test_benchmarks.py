@@ -143,6 +143,29 @@ def test_scratch_stage_gives_epsd_the_dense_students_budget_and_resumes_from_its
     assert resumed["test_top1"] == record["test_top1"]  # the checkpoint's model, not a retrained one
 
 
+def test_long_stage_checkpoints_every_epoch_and_resumes_without_pruning_again(tmp_path):
+    data = _tiny_cifar(tmp_path / "cifar")
+    cache = tmp_path / "cache"
+    command = _smoke_command(data, cache, "long", "--variants", "tgp_fisher", "--retrain-images", "40")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    smoke = Path(str(cache) + "_smoke")
+    runs_file = smoke / "results" / "runs.jsonl"
+    (record,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert record["resumed"] is False and "after_prune_recal_test_top1" in record
+    assert len(list((smoke / "trainer-long").glob("*/checkpoint-*/trainer_state.json"))) == 1
+
+    runs_file.write_text("")  # as if killed after the last checkpoint, before the record was written
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    (resumed,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert resumed["resumed"] is True and resumed["prune_backward_images"] == 0  # the checkpoint's masks, no scoring
+    assert "after_prune_recal_test_top1" not in resumed  # no "right after pruning" point in a resumed run
+    assert resumed["prunable_sparsity"] == record["prunable_sparsity"] == pytest.approx(0.98, abs=1e-3)
+    assert resumed["test_top1"] == record["test_top1"]  # the checkpoint's model, not a retrained one
+
+
 def _write_setup(folder: Path) -> None:
     setup = {
         "machine": "m",
