@@ -116,54 +116,45 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
     assert "| magnitude |" in report.stdout and "| tgp_fisher |" in report.stdout
 
 
-def test_scratch_stage_gives_epsd_the_dense_students_budget_and_resumes_from_its_checkpoint(tmp_path):
+def _run_killed_after_its_checkpoint_and_resumed(tmp_path, stage: str, *extra: str):
+    """Run a checkpointed stage of the smoke benchmark once, then again as if killed after its last checkpoint and
+    before its record was written; returns the first run's stdout, the cache folder and both records."""
     data = _tiny_cifar(tmp_path / "cifar")
     cache = tmp_path / "cache"
-    command = _smoke_command(data, cache, "scratch", "--retrain-images", "40")
+    command = _smoke_command(data, cache, stage, "--retrain-images", "40", *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     smoke = Path(str(cache) + "_smoke")
     runs_file = smoke / "results" / "runs.jsonl"
     (record,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    student = json.loads(next(smoke.glob("dense-student-*/training.json")).read_text())
-    assert record["variant"] == "epsd" and record["retrain_epochs"] == student["epochs"]
-    trained_on = int(re.search(r"data: (\d+) train", first.stdout).group(1))
-    assert record["train_images"] == trained_on > 40  # every training image, not the 40 of --retrain-images
-    assert record["learning_rate"] == 0.1 and record["config"]["max_grad_norm"] == 0.0
-    assert record["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3) and record["resumed"] is False
-    checkpoints = list((smoke / "trainer-scratch").glob("*/checkpoint-*/trainer_state.json"))
+    checkpoints = list((smoke / f"trainer-{stage}").glob("*/checkpoint-*/trainer_state.json"))
     assert len(checkpoints) == 1  # checkpointed every epoch, the newest kept
-
-    runs_file.write_text("")  # as if killed after the last checkpoint, before the record was written
+    runs_file.write_text("")
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     (resumed,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    assert resumed["resumed"] is True and resumed["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert record["resumed"] is False and resumed["resumed"] is True
+    assert resumed["prunable_sparsity"] == record["prunable_sparsity"]
     assert resumed["test_top1"] == record["test_top1"]  # the checkpoint's model, not a retrained one
+    return first.stdout, smoke, record, resumed
+
+
+def test_scratch_stage_gives_epsd_the_dense_students_budget_and_resumes_from_its_checkpoint(tmp_path):
+    stdout, smoke, record, _ = _run_killed_after_its_checkpoint_and_resumed(tmp_path, "scratch")
+    student = json.loads(next(smoke.glob("dense-student-*/training.json")).read_text())
+    assert record["variant"] == "epsd" and record["retrain_epochs"] == student["epochs"]
+    trained_on = int(re.search(r"data: (\d+) train", stdout).group(1))
+    assert record["train_images"] == trained_on > 40  # every training image, not the 40 of --retrain-images
+    assert record["learning_rate"] == 0.1 and record["config"]["max_grad_norm"] == 0.0
+    assert record["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
 def test_long_stage_checkpoints_every_epoch_and_resumes_without_pruning_again(tmp_path):
-    data = _tiny_cifar(tmp_path / "cifar")
-    cache = tmp_path / "cache"
-    command = _smoke_command(data, cache, "long", "--variants", "tgp_fisher", "--retrain-images", "40")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    smoke = Path(str(cache) + "_smoke")
-    runs_file = smoke / "results" / "runs.jsonl"
-    (record,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    assert record["resumed"] is False and "after_prune_recal_test_top1" in record
-    assert len(list((smoke / "trainer-long").glob("*/checkpoint-*/trainer_state.json"))) == 1
-
-    runs_file.write_text("")  # as if killed after the last checkpoint, before the record was written
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    (resumed,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    assert resumed["resumed"] is True and resumed["prune_backward_images"] == 0  # the checkpoint's masks, no scoring
-    assert "after_prune_recal_test_top1" not in resumed  # no "right after pruning" point in a resumed run
-    assert resumed["prunable_sparsity"] == record["prunable_sparsity"] == pytest.approx(0.98, abs=1e-3)
-    assert resumed["test_top1"] == record["test_top1"]  # the checkpoint's model, not a retrained one
+    _, _, record, resumed = _run_killed_after_its_checkpoint_and_resumed(tmp_path, "long", "--variants", "tgp_fisher")
+    assert record["prunable_sparsity"] == pytest.approx(0.98, abs=1e-3) and record["prune_backward_images"] > 0
+    assert resumed["prune_backward_images"] == 0  # the checkpoint's masks: no second scoring pass
+    assert "after_prune_recal_test_top1" in record and "after_prune_recal_test_top1" not in resumed
 
 
 def _write_setup(folder: Path) -> None:
