@@ -7,9 +7,9 @@
 Stages (each timed in results.json, each reused by `--resume_from_checkpoint True` once finished):
   1. teacher       load a trained teacher (--teacher_name_or_path), or train one and save it in <output_dir>/teacher;
   2. student       load the student; optional KD warm-up (--student_warmup_epochs) saved in <output_dir>/dense-student;
-  3. scoring       the default tgp_fisher scores each sparsity in its own 5 rounds, in its prune step; a one-shot
-                   method with one scoring round (magnitude, tgp, snip) makes one pass (`trainer.compute_scores()`),
-                   shared by every sparsity;
+  3. scoring       the default tgp_fisher (train-mode BatchNorm) scores each sparsity in its own 5 rounds, in its
+                   prune step; a one-shot method with one scoring round (magnitude, tgp, snip) makes one pass
+                   (`trainer.compute_scores()`), shared by every sparsity;
   4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
                    evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
                    with --export_sparse_inference, its dense vs sparse-exported CPU latency is measured first and

@@ -25,8 +25,9 @@ CASES = {  # name -> pruning settings; sparsity 0.8 throughout
     "tgp": {"pruning_method": "tgp", "pruning_rounds": 1},
     "tgp_fisher": {"pruning_method": "tgp_fisher"},  # 5 rounds, BatchNorm recalibrated between them
     "tgp_fisher 2:4": {"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"},
-    # BatchNorm in train mode while scoring: each global batch's statistics (the parts of every process)
+    # BatchNorm in train mode while scoring (the default): each global batch's statistics (the parts of every process)
     "tgp_fisher train-mode BN": {"pruning_method": "tgp_fisher", "pruning_rounds": 2, "scoring_bn_mode": "train"},
+    "tgp eval-mode BN": {"pruning_method": "tgp", "scoring_bn_mode": "eval"},  # running statistics
 }
 
 

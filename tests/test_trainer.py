@@ -352,22 +352,23 @@ def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path, rounds):
 
 
 @pytest.mark.parametrize(
-    "overrides,method,rounds",
+    "overrides,method,rounds,bn_mode",
     [
-        ({}, "tgp_fisher", 5),  # the library default: the mask that loses least across both measured regimes
-        ({"pruning_method": "magnitude"}, "magnitude", 1),  # global magnitude is one option away
-        ({"pruning_method": "tgp"}, "tgp", 1),  # the paper's criterion is one option away
-        ({"pruning_method": "imp"}, "imp", 1),  # methods with a schedule of their own score once
-        ({"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"}, "tgp_fisher", 1),  # N:M: rounds do not apply
-        ({"pruning_method": "tgp", "pruning_rounds": 3}, "tgp", 3),
-        ({"pruning_method": "tgp_fisher", "pruning_rounds": 2}, "tgp_fisher", 2),
+        # the library default: the mask that loses least across both measured regimes, BatchNorm batch statistics
+        ({}, "tgp_fisher", 5, "train"),
+        ({"pruning_method": "magnitude"}, "magnitude", 1, "train"),  # global magnitude is one option away
+        ({"pruning_method": "tgp"}, "tgp", 1, "train"),  # the paper's criterion is one option away
+        ({"pruning_method": "imp"}, "imp", 1, "train"),  # methods with a schedule of their own score once
+        ({"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"}, "tgp_fisher", 1, "train"),  # N:M: no rounds
+        ({"pruning_method": "tgp", "pruning_rounds": 3}, "tgp", 3, "train"),
+        ({"pruning_method": "tgp_fisher", "pruning_rounds": 2, "scoring_bn_mode": "eval"}, "tgp_fisher", 2, "eval"),
     ],
 )
-def test_default_method_and_rounds(tmp_path, overrides, method, rounds):
+def test_default_method_rounds_and_batchnorm_mode(tmp_path, overrides, method, rounds, bn_mode):
     from hf_tgprune import TeacherGuidedPruningConfig
 
     args = TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
-    assert (args.pruning_method, args.pruning_rounds) == (method, rounds)
+    assert (args.pruning_method, args.pruning_rounds, args.scoring_bn_mode) == (method, rounds, bn_mode)
 
 
 @pytest.mark.parametrize("method", ["tgp", "tgp_fisher", "magnitude"])
@@ -399,9 +400,11 @@ def test_round_masks_do_not_depend_on_recalibrate_bn(tmp_path):
 
 def test_iterative_rounds_rescore_the_pruned_network(tmp_path):
     """Round 2 scores the network with round 1's mask applied, so 2 rounds differ from one-shot for tgp."""
-    # 95%: on this tiny network the plain global threshold at 90% happens to pick the same weights either way
-    one = _trainer(tmp_path / "a", sparsity=0.95, pruning_method="tgp", pruning_rounds=1).prune()
-    two = _trainer(tmp_path / "b", sparsity=0.95, pruning_method="tgp", pruning_rounds=2).prune()
+    # the untrained tiny network's scores keep or empty whole layers but one; with eval-mode BatchNorm at 95% round 2
+    # cuts that layer differently (at 90%, or with train-mode BatchNorm, it happens to pick the same weights)
+    settings = dict(sparsity=0.95, pruning_method="tgp", scoring_bn_mode="eval")
+    one = _trainer(tmp_path / "a", pruning_rounds=1, **settings).prune()
+    two = _trainer(tmp_path / "b", pruning_rounds=2, **settings).prune()
     assert one["pruned_by_mask"] == two["pruned_by_mask"]
     assert one["mask_sha256"] != two["mask_sha256"]
 

@@ -99,11 +99,11 @@ class PruningArguments:
         },
     )
     scoring_bn_mode: str = field(
-        default="eval",
+        default="train",
         metadata={
-            "help": "BatchNorm mode while scoring: 'eval' (running statistics) or 'train' (the statistics of each "
-            "calibration batch, as in the authors' code; over several processes, of each global batch, so the masks "
-            "do not depend on the process count). Dropout and drop-path are off and the running statistics are "
+            "help": "BatchNorm mode while scoring: 'train' (the statistics of each calibration batch, as in the "
+            "authors' code; over several processes, of each global batch, so the masks do not depend on the process "
+            "count) or 'eval' (running statistics). Dropout and drop-path are off and the running statistics are "
             "left as they were in both modes."
         },
     )
@@ -112,7 +112,7 @@ class PruningArguments:
         metadata={
             "help": "0: score on `num_calibration_samples` un-augmented images. > 0: the authors' regime, score over "
             "this many whole epochs of `train_dataset` (with its transforms, reshuffled each epoch by `seed`); "
-            "combine with scoring_bn_mode='train' and calibration_batch_size=128 to match their code."
+            "with calibration_batch_size=128 (and the default scoring_bn_mode='train') it matches their code."
         },
     )
     pruning_rounds: int | None = field(
