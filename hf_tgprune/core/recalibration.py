@@ -107,10 +107,11 @@ def recalibrate_batchnorm(
 @contextmanager
 def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_BatchNorm]]:
     """Within the context every module of `model` is in eval mode, except with `bn_mode="train"` the BatchNorm layers
-    that track running statistics, which normalise with the statistics of each batch (yielded, so a caller can put
-    them back to eval mode for a batch they cannot normalise). Dropout and drop-path stay off in both modes, so a
-    scoring pass is deterministic and does not depend on how a batch is split over processes. On exit every module's
-    mode and every BatchNorm running statistic is as it was: scoring changes nothing in the model."""
+    that track running statistics, which normalise with the statistics of each batch without updating their running
+    statistics (yielded, so a caller can put them back to eval mode for a batch they cannot normalise: they then use
+    the running statistics). Dropout and drop-path stay off in both modes, so a scoring pass is deterministic and does
+    not depend on how a batch is split over processes. On exit every module's mode and every BatchNorm running
+    statistic is as it was: scoring changes nothing in the model."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     modules = list(unwrap_model(model).modules())
@@ -120,12 +121,14 @@ def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_Batc
     for module in modules:
         module.training = False
     for layer in layers:
-        layer.training = True
+        layer.training, layer.track_running_stats = True, False
     try:
         yield layers
     finally:
         for module, mode in zip(modules, modes):
             module.training = mode
+        for layer in layers:
+            layer.track_running_stats = True
         with torch.no_grad():
             for layer, buffers in zip(layers, saved):
                 for name, value in buffers.items():
@@ -176,11 +179,11 @@ class _SumOverProcesses(torch.autograd.Function):
 
 def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BatchNorm over the global batch whose part `x` this process holds: normalise with the mean and
-    (biased) variance of every process's part, and update the running statistics with them (variance unbiased; a
-    cumulative average for `momentum=None`, as BatchNorm does). A global batch of one image is normalised with the
-    running statistics and leaves them unchanged, as one process does (recalibration skips it; scoring runs it in eval
-    mode)."""
-    if not layer.training and layer.track_running_stats:
+    (biased) variance of every process's part, and, if it tracks them, update the running statistics with them
+    (variance unbiased; a cumulative average for `momentum=None`, as BatchNorm does). A global batch of one image is
+    normalised with the running statistics and leaves them unchanged, as one process does (recalibration skips it;
+    scoring runs it in eval mode)."""
+    if not layer.training and layer.running_mean is not None:
         return type(layer).forward(layer, x)
     channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
@@ -188,7 +191,7 @@ def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.
     sizes = torch.tensor([x.shape[0], x.numel() / channels], dtype=values.dtype, device=x.device)
     first = all_reduce(torch.cat([values.sum(dims), sizes]))
     images, count = int(first[-2].detach()), float(first[-1].detach())
-    if images < 2 and layer.track_running_stats:
+    if images < 2 and layer.running_mean is not None:
         return nn.functional.batch_norm(
             x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
         )
