@@ -228,9 +228,20 @@ def test_goal_check_pairs_seeds_and_compares_compute_with_imp():
 
 def test_long_table_averages_seeds_and_pairs_them_with_magnitude(tmp_path):
     _write_setup(tmp_path)
+    setup = json.loads((tmp_path / "setup.json").read_text())
+    setup["student"]["extra_test_top1"] = 75.0  # the dense student on the held-out set
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
     base = {"sparsity": 0.98, "retrain_epochs": 10, "seconds": 1, "forward_images": 1, "backward_images": 1}
     records = [
-        {**base, "key": f"{v}{seed}", "variant": v, "seed": seed, "val_top1": 70.0 + seed, "test_top1": top1}
+        {
+            **base,
+            "key": f"{v}{seed}",
+            "variant": v,
+            "seed": seed,
+            "val_top1": 70.0 + seed,
+            "test_top1": top1,
+            "extra_test_top1": top1 - 1.0,
+        }  # fmt: skip
         for v, tops in (("magnitude", (70.0, 71.0, 72.0)), ("tgp", (71.0, 71.5, 71.0)))
         for seed, top1 in enumerate(tops)
     ]
@@ -238,7 +249,8 @@ def test_long_table_averages_seeds_and_pairs_them_with_magnitude(tmp_path):
     text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
     (row,) = [line for line in text.splitlines() if line.startswith("| tgp | 0.98 | 10 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3:] == ["3", "71.00 ± 1.00", "71.17 ± 0.29", "71.00, 71.50, 71.00", "+0.17"]
+    held_out = ["70.17 ± 0.29", "-4.83"]  # mean held-out top-1, and its distance to the dense student's 75.0
+    assert cells[3:] == ["3", "71.00 ± 1.00", "71.17 ± 0.29", "71.00, 71.50, 71.00", *held_out, "+0.17"]
 
 
 def test_saved_models_of_other_stages_pairs_or_runs_never_collide(tmp_path):
