@@ -139,8 +139,8 @@ def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_Batc
 def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     """Within the context, every BatchNorm layer of `model` in train mode normalises with the mean and variance of the
     *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow
-    through them as in one process seeing the whole batch) and updates its running statistics with them. Layers in
-    eval mode are unchanged. Every process must run every forward (a zero-length batch for an empty part)."""
+    through them as in one process seeing the whole batch) and, if it tracks running statistics (not while scoring),
+    updates them with these. Layers in eval mode are unchanged. Every process must run every forward (a zero-length batch for an empty part)."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return _SumOverProcesses.apply(tensor, group)
