@@ -659,8 +659,9 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     }
     if checkpointed:  # a resumed run's times and image counts cover its last part only
         record["resumed"] = bool(resume)
+    record["train_images"] = len(train_set)  # retraining images per epoch (every training image for scratch)
     if scratch:
-        record.update(train_images=len(train_set), learning_rate=args.dense_lr)
+        record["learning_rate"] = args.dense_lr
     if "extra_test" in splits:
         record["extra_test_top1"] = evaluate(student, splits["extra_test"], normalize)
     return record
