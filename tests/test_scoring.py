@@ -97,6 +97,12 @@ def test_scoring_changes_no_parameter_buffer_or_module_mode(name, bn_mode):
     assert [module.training for module in modules] == modes
 
 
+def test_an_unknown_batchnorm_mode_is_refused_before_scoring():
+    student, teacher = make_model("timm_resnet"), make_model("timm_resnet", seed=3)
+    with pytest.raises(ValueError, match=r"scoring_bn_mode must be 'eval' or 'train', got 'batch'"):
+        compute_importance_scores(student, _batches(), method="tgp", teacher=teacher, bn_mode="batch")
+
+
 def test_train_bn_mode_scores_with_batch_statistics_and_dropout_off():
     """bn_mode="train": BatchNorm normalises with each batch's statistics (an independent computation with BatchNorm
     in train mode), dropout stays off (two passes give the same scores), and the scores differ from eval mode's."""

@@ -110,14 +110,13 @@ def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_Batc
     that track running statistics, which normalise with the statistics of each batch without updating their running
     statistics (yielded, so a caller can put them back to eval mode for a batch they cannot normalise: they then use
     the running statistics). Dropout and drop-path stay off in both modes, so a scoring pass is deterministic and does
-    not depend on how a batch is split over processes. On exit every module's mode and every BatchNorm running
-    statistic is as it was: scoring changes nothing in the model."""
+    not depend on how a batch is split over processes. On exit every module's mode is as it was, and the running
+    statistics were never written: scoring changes nothing in the model."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     modules = list(unwrap_model(model).modules())
     modes = [module.training for module in modules]
     layers = list(batchnorm_layers(model).values()) if bn_mode == "train" else []
-    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)} for layer in layers]
     for module in modules:
         module.training = False
     for layer in layers:
@@ -129,10 +128,6 @@ def scoring_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[list[_Batc
             module.training = mode
         for layer in layers:
             layer.track_running_stats = True
-        with torch.no_grad():
-            for layer, buffers in zip(layers, saved):
-                for name, value in buffers.items():
-                    getattr(layer, name).copy_(value)
 
 
 @contextmanager
@@ -140,7 +135,8 @@ def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     """Within the context, every BatchNorm layer of `model` in train mode normalises with the mean and variance of the
     *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow
     through them as in one process seeing the whole batch) and, if it tracks running statistics (not while scoring),
-    updates them with these. Layers in eval mode are unchanged. Every process must run every forward (a zero-length batch for an empty part)."""
+    updates them with these. Layers in eval mode are unchanged. Every process must run every forward (a zero-length
+    batch for an empty part)."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return _SumOverProcesses.apply(tensor, group)

@@ -236,8 +236,6 @@ def compute_importance_scores(
     aggregation = spec.aggregation or aggregation
     if aggregation not in ("ema", "sum"):
         raise ValueError(f"score_aggregation must be 'ema' or 'sum', got {aggregation!r}")
-    if bn_mode not in ("eval", "train"):
-        raise ValueError(f"scoring_bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     if params is None:
         params = prunable_parameters(model)
     names, sharded_weights = list(params), list(params.values())
