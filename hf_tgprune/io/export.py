@@ -951,7 +951,6 @@ def _output_tensors(output) -> list[torch.Tensor]:
     return []
 
 
-@torch.inference_mode()
 def output_tolerance(reference: torch.Tensor, atol: float = EXPORT_ATOL) -> float:
     """The absolute tolerance for an exported model's output: `atol` times the reference's largest magnitude (at
     least `atol`). Sparse kernels sum the same products in another order; the float32 rounding difference that leaves
@@ -960,6 +959,7 @@ def output_tolerance(reference: torch.Tensor, atol: float = EXPORT_ATOL) -> floa
     return atol * max(1.0, float(reference.detach().abs().max())) if reference.numel() else atol
 
 
+@torch.inference_mode()
 def max_output_error(model: nn.Module, reference_outputs, example_inputs, rtol=EXPORT_RTOL, atol=EXPORT_ATOL) -> float:
     """Run `model` on `example_inputs`, check its outputs against `reference_outputs`, return the max abs error.
 
