@@ -23,7 +23,8 @@ from hf_tgprune.core.sharded import process_group_all_reduce
 CASES = {  # name -> pruning settings; sparsity 0.8 throughout
     "magnitude": {"pruning_method": "magnitude"},
     "tgp": {"pruning_method": "tgp", "pruning_rounds": 1},
-    "tgp_fisher": {"pruning_method": "tgp_fisher"},  # 5 rounds, BatchNorm recalibrated between them
+    # 5 rounds scoring with the running statistics, so BatchNorm is recalibrated between them
+    "tgp_fisher": {"pruning_method": "tgp_fisher", "scoring_bn_mode": "eval"},
     "tgp_fisher 2:4": {"pruning_method": "tgp_fisher", "sparsity_pattern": "2:4"},
     # BatchNorm in train mode while scoring (the default): each global batch's statistics (the parts of every process)
     "tgp_fisher train-mode BN": {"pruning_method": "tgp_fisher", "pruning_rounds": 2, "scoring_bn_mode": "train"},

@@ -371,9 +371,20 @@ def test_default_method_rounds_and_batchnorm_mode(tmp_path, overrides, method, r
     assert (args.pruning_method, args.pruning_rounds, args.scoring_bn_mode) == (method, rounds, bn_mode)
 
 
-@pytest.mark.parametrize("method", ["tgp", "tgp_fisher", "magnitude"])
-def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, monkeypatch):
-    trainer = _trainer(tmp_path, pruning_method=method, pruning_rounds=3, sparsity=0.95)
+@pytest.mark.parametrize(
+    "method,bn_mode,expected",
+    [
+        # eval-mode scoring reads the running statistics: re-estimated between rounds (2) and after the final mask (1)
+        ("tgp", "eval", 3),
+        ("tgp_fisher", "eval", 3),
+        # train-mode scoring normalises with each batch's statistics, magnitude reads no image: only the final one
+        ("tgp", "train", 1),
+        ("tgp_fisher", "train", 1),
+        ("magnitude", "eval", 1),
+    ],
+)
+def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, bn_mode, expected, monkeypatch):
+    trainer = _trainer(tmp_path, pruning_method=method, pruning_rounds=3, sparsity=0.95, scoring_bn_mode=bn_mode)
     calls = []
     pruner = trainer.pruner
     original = pruner.compute_scores
@@ -383,18 +394,39 @@ def test_iterative_rounds_exact_count_and_k_scoring_passes(tmp_path, method, mon
     monkeypatch.setattr(pruner, "recalibrate_batchnorm", lambda: recalibrations.append(1) or original_recal())
     report = trainer.prune()
     assert len(calls) == 3  # one scoring pass per round
-    assert len(recalibrations) == 3  # between rounds (2) and after the final mask (1)
+    assert len(recalibrations) == expected
     n = report["prunable"]["numel"]
     assert report["pruned_by_mask"] == round(0.95 * n)
     assert report["pruning_rounds"] == 3
 
 
+@pytest.mark.parametrize("samples,expected", [(32, 1), (17, 3)])  # 17 images: batches of 16 and of 1
+def test_train_mode_rounds_recalibrate_only_for_a_one_image_batch(tmp_path, samples, expected, monkeypatch):
+    """With train-mode BatchNorm scoring the rounds skip the recalibration between them (each batch normalises with
+    its own statistics) and give the masks that recalibrating would give; a one-image batch normalises with the
+    running statistics, so then the rounds recalibrate."""
+    from hf_tgprune.pruning.pruner import Pruner
+
+    settings = dict(
+        pruning_method="tgp_fisher", pruning_rounds=3, sparsity=0.9, scoring_bn_mode="train",
+        num_calibration_samples=samples, calibration_batch_size=16,
+    )  # fmt: skip
+    calls = []
+    original = Pruner.recalibrate_batchnorm
+    monkeypatch.setattr(Pruner, "recalibrate_batchnorm", lambda self: calls.append(1) or original(self))
+    report = _trainer(tmp_path / "a", **settings).prune()
+    assert len(calls) == expected
+    monkeypatch.setattr(Pruner, "scoring_reads_running_statistics", lambda self: True)
+    forced = _trainer(tmp_path / "b", **settings).prune()
+    assert len(calls) == expected + 3
+    assert report["mask_sha256"] == forced["mask_sha256"]
+
+
 def test_round_masks_do_not_depend_on_recalibrate_bn(tmp_path):
-    """Rounds always recalibrate between them; recalibrate_bn only decides whether the final statistics are kept."""
-    reports = [
-        _trainer(tmp_path / str(flag), sparsity=0.95, pruning_method="tgp_fisher", recalibrate_bn=flag).prune()
-        for flag in (True, False)
-    ]
+    """Rounds scoring with eval-mode BatchNorm recalibrate between them whatever recalibrate_bn says; it only decides
+    whether the final statistics are kept."""
+    settings = dict(sparsity=0.95, pruning_method="tgp_fisher", scoring_bn_mode="eval")
+    reports = [_trainer(tmp_path / str(flag), recalibrate_bn=flag, **settings).prune() for flag in (True, False)]
     assert reports[0]["pruning_rounds"] == 5 and reports[0]["mask_sha256"] == reports[1]["mask_sha256"]
 
 

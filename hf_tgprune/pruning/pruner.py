@@ -502,20 +502,23 @@ class Pruner:
         """Masks at `sparsity` from `pruning_rounds` scoring passes of the method's criterion (one-shot when 1).
 
         Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
-        before the next round, applies the mask and recalibrates BatchNorm. Weights that are already zero are pruned
-        first, so the masks are nested and the final count is exact. The masks do not depend on `recalibrate_bn`:
-        with `recalibrate_bn=False` the statistics the rounds re-estimated are put back afterwards.
+        before the next round, applies the mask and, when the next scoring pass reads them
+        (`scoring_reads_running_statistics`), recalibrates the BatchNorm running statistics. Weights that are already
+        zero are pruned first, so the masks are nested and the final count is exact. The masks do not depend on
+        `recalibrate_bn`: with `recalibrate_bn=False` the statistics the rounds re-estimated are put back afterwards.
         """
         args = self.args
         levels = imp_sparsities(args.sparsity, args.pruning_rounds) if args.sparsity > 0 else [0.0]
-        layers = list(batchnorm_layers(self.model).values()) if len(levels) > 1 and not args.recalibrate_bn else []
+        recalibrate = len(levels) > 1 and self.scoring_reads_running_statistics()
+        layers = list(batchnorm_layers(self.model).values()) if recalibrate and not args.recalibrate_bn else []
         saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
         masks = None
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
                 self.sync_kernel_masks(masks)  # the next round scores the function that will be trained
-                self.recalibrate_batchnorm()
+                if recalibrate:
+                    self.recalibrate_batchnorm()
             scores = self.compute_scores(method=self.method.criterion)
             masks = self.select_masks(scores, level)
             del scores
@@ -524,6 +527,20 @@ class Pruner:
         for layer, state in zip(layers, saved):
             layer.load_state_dict(state)
         return masks
+
+    def scoring_reads_running_statistics(self) -> bool:
+        """Whether a scoring pass of the method's criterion normalises with the BatchNorm running statistics, which
+        pruning rounds must then re-estimate after each mask. It does with `scoring_bn_mode="eval"`; with "train" it
+        does only for a calibration batch of one image (BatchNorm cannot normalise one image alone). Data-free
+        criteria and models without BatchNorm read none, so their rounds skip the recalibration: the masks are the
+        same and each round saves `recalibration_samples` forward passes."""
+        criterion = self.method.criterion
+        if criterion is None or get_scoring_method(criterion).data_free or not batchnorm_layers(self.model):
+            return False
+        if self.args.scoring_bn_mode == "eval":
+            return True
+        batches = self.calibration_batches(epochs=self.args.scoring_epochs)
+        return any(len(indices) == 1 for indices in batches.global_batches)
 
     # --- pruning ------------------------------------------------------------------------------------------------
     def prune(self, scores: Mapping[str, torch.Tensor] | None = None) -> dict | None:
