@@ -472,6 +472,11 @@ VARIANTS = {
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
     "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
     "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
+    # the default scoring on half the calibration images: a third of IMP's images in the transfer regime
+    "tgp_fisher rounds=5 train-mode BN 512 images": (
+        "tgp_fisher",
+        {"pruning_rounds": 5, "scoring_bn_mode": "train", "num_calibration_samples": 512},
+    ),
     # what a user without a teacher gets: the Fisher of the cross-entropy (alpha=0) and CE retraining
     "tgp_fisher rounds=5 no teacher": (
         "tgp_fisher",
