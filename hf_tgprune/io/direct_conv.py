@@ -48,20 +48,20 @@ constexpr int64_t OBLOCK = 64;   // output channels per parallel task
 // one running sum over hundreds of products (the result stays within the export's tolerance of the dense layer's
 // blocked sums through deep networks), and four times the independent multiply-add chains.
 constexpr int SETS = 4;
-template <int V>
-static inline void accumulate(float* acc, float b, const float* xt, const int32_t* col, const float* values,
-                              int32_t n) {
+// acc[0 : 16·V] = b + sum over the n kept weights of values[j] * x[at[j]·STEP : at[j]·STEP + 16·V]
+template <int V, int64_t STEP, typename Index>
+static inline void accumulate(float* acc, float b, const float* x, const Index* at, const float* values, int32_t n) {
   v16 a[SETS][V] = {};
   int32_t j = 0;
   for (; j + SETS <= n; j += SETS) {
     for (int k = 0; k < SETS; ++k) {
-      const float* s = xt + static_cast<int64_t>(col[j + k]) * TILE;
+      const float* s = x + static_cast<int64_t>(at[j + k]) * STEP;
       const float w = values[j + k];
       for (int v = 0; v < V; ++v) a[k][v] += w * load16(s + 16 * v);
     }
   }
   for (int k = 0; j < n; ++j, ++k) {
-    const float* s = xt + static_cast<int64_t>(col[j]) * TILE;
+    const float* s = x + static_cast<int64_t>(at[j]) * STEP;
     for (int v = 0; v < V; ++v) a[k][v] += values[j] * load16(s + 16 * v);
   }
   for (int v = 0; v < V; ++v) store16(acc + 16 * v, ((a[0][v] + a[1][v]) + (a[2][v] + a[3][v])) + b);
@@ -144,21 +144,8 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
       for (int64_t o = ob * OBLOCK; o < std::min(O, (ob + 1) * OBLOCK); ++o) {
         const float b = bp ? bp[o] : 0.f;
         const int32_t j0 = rp[o], j1 = rp[o + 1];
-        if (m == TILE) {  // SETS accumulator sets, as in `accumulate`
-          v16 a[SETS][4] = {};
-          int32_t j = j0;
-          for (; j + SETS <= j1; j += SETS) {
-            for (int k = 0; k < SETS; ++k) {
-              const float* s = xn + op[j + k];
-              const float w = vp[j + k];
-              for (int v = 0; v < 4; ++v) a[k][v] += w * load16(s + 16 * v);
-            }
-          }
-          for (int k = 0; j < j1; ++j, ++k) {
-            const float* s = xn + op[j];
-            for (int v = 0; v < 4; ++v) a[k][v] += vp[j] * load16(s + 16 * v);
-          }
-          for (int v = 0; v < 4; ++v) store16(acc + 16 * v, ((a[0][v] + a[1][v]) + (a[2][v] + a[3][v])) + b);
+        if (m == TILE) {  // each kept weight's stretch starts at its precomputed offset
+          accumulate<4, 1>(acc, b, xn, op + j0, vp + j0, j1 - j0);
         } else {
           float part[SETS][TILE];
           for (int k = 0; k < SETS; ++k) std::fill(part[k], part[k] + m, 0.f);
@@ -183,7 +170,6 @@ at::Tensor direct_conv2d(const at::Tensor& planes, const at::Tensor& crow, const
   return out;
 }
 
-// acc[0 : 16·V] = b + sum over the n kept weights of values[j] * xt[col[j]·TILE : col[j]·TILE + 16·V]
 // rows: (R, C) float32 contiguous (tokens × features); the CSR weight (O, C). Output (R, O) contiguous: y = x W^T + b.
 // The rows are transposed into (C, 64) tiles first; a task is then one tile and a block of 64 output features, each
 // feature accumulating its 64 rows in registers from the kept weights' tile rows, as the convolution does.
@@ -229,11 +215,12 @@ at::Tensor direct_linear(const at::Tensor& rows, const at::Tensor& crow, const a
         for (int64_t i = 0; i < count; ++i) {
           const int64_t o = o0 + i;
           const float b = bp ? bp[o] : 0.f;
+          // kept weight j reads row col[j] of the transposed tile, TILE floats a row
           switch (vectors) {
-            case 1: accumulate<1>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-            case 2: accumulate<2>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-            case 3: accumulate<3>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
-            default: accumulate<4>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]);
+            case 1: accumulate<1, TILE>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            case 2: accumulate<2, TILE>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            case 3: accumulate<3, TILE>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]); break;
+            default: accumulate<4, TILE>(acc[i], b, xt, cp + rp[o], vp + rp[o], rp[o + 1] - rp[o]);
           }
         }
         for (int64_t r = 0; r < m; ++r) {  // contiguous stores: one store per feature and row was much slower
