@@ -167,7 +167,7 @@ def test_single_image_batches_are_refused_before_the_model_is_touched(tmp_path):
 
 
 def test_a_failed_prune_leaves_the_model_exactly_as_it_was(monkeypatch):
-    pruner = _pruner("tgp_fisher", pruning_rounds=2)
+    pruner = _pruner("tgp_fisher", pruning_rounds=2, scoring_bn_mode="eval")  # eval mode: recalibrated between rounds
     before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
     calls = []
     original = pruner.recalibrate_batchnorm
