@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from hf_tgprune import Pruner, PruningArguments
@@ -40,14 +41,14 @@ class Net(nn.Module):
         self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, 12, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(12)
+        self.bn2 = BatchNormAct2d(12)  # timm's norm-act layer: its ReLU is inside its forward
         self.conv3 = nn.Conv2d(12, 3, 1)
         self.fc = nn.Linear(3 * 4 * 4, 8)
         self.head = nn.Linear(8, classes)
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.bn2(self.conv2(x))
         x = nn.functional.adaptive_avg_pool2d(self.conv3(x), 4).flatten(1)
         return self.head(torch.relu(self.fc(x)))
 

@@ -152,6 +152,16 @@ def test_bad_settings_are_refused_before_any_work():
         Pruner(make_model("timm_resnet"), PruningArguments(pruning_method="snip"), calibration_dataset=RandomImages(0))
 
 
+def test_magnitude_rounds_without_recalibration_need_no_calibration_images():
+    """Data-free rounds read no images (nor BatchNorm statistics between rounds): with recalibrate_bn=False even
+    no calibration data at all is fine, and the rounds reach the exact count."""
+    args = PruningArguments(pruning_method="magnitude", pruning_rounds=3, recalibrate_bn=False, sparsity=0.9)
+    pruner = Pruner(make_model("timm_resnet"), args)
+    report = pruner.prune()
+    assert report["pruned_by_mask"] == round(0.9 * report["prunable"]["numel"])
+    assert report["bn_recalibration_images"] == 0
+
+
 def test_single_image_batches_are_refused_before_the_model_is_touched(tmp_path):
     model = make_model("timm_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}

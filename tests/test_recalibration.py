@@ -141,3 +141,42 @@ def test_global_batch_norm_of_one_process_is_train_mode_batchnorm(momentum, dtyp
     torch.testing.assert_close(_global_batch_norm(layer, lambda t: t, one), reference.eval()(one))
     for key, value in before.items():
         assert torch.equal(getattr(layer, key), value)
+
+
+def test_global_batch_norm_keeps_what_a_timm_norm_act_layer_adds():
+    """timm's BatchNormAct2d (EfficientNet, RegNet, ...) applies its activation inside its forward: normalising it with
+    global-batch statistics keeps that activation, in train mode and for a one-image batch."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_tgprune.core.recalibration import _global_batch_norm, after_normalisation
+
+    torch.manual_seed(0)
+    reference = BatchNormAct2d(5, act_layer=torch.nn.ReLU, inplace=False)
+    with torch.no_grad():
+        reference.bias.uniform_(-0.5, 0.5)
+    layer = copy.deepcopy(reference)
+    post = after_normalisation(layer)
+    x = torch.randn(6, 5, 4, 3)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, ours = reference(x_ref), _global_batch_norm(layer, lambda t: t, x_ours, post=post)
+    assert (expected == 0).any()  # the activation cut something
+    torch.testing.assert_close(ours, expected)
+    expected.square().sum().backward()
+    ours.square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    one = torch.randn(1, 5, 4, 3)
+    torch.testing.assert_close(_global_batch_norm(layer, lambda t: t, one, post=post), reference.eval()(one))
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_refused_by_global_batch_statistics():
+    from hf_tgprune.core.recalibration import global_batch_statistics
+
+    class Doubled(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), Doubled(4))
+    with pytest.raises(TypeError, match="Doubled overrides BatchNorm's forward.*scoring_bn_mode='eval'"):
+        with global_batch_statistics(model):
+            pass
+    assert all("forward" not in vars(module) for module in model.modules())  # nothing was replaced

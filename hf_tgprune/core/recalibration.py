@@ -136,14 +136,16 @@ def global_batch_statistics(model: nn.Module, group=None) -> Iterator[None]:
     *global* batch (the parts of all processes of `group`, summed with a differentiable all-reduce, so gradients flow
     through them as in one process seeing the whole batch) and, if it tracks running statistics (not while scoring),
     updates them with these. Layers in eval mode are unchanged. Every process must run every forward (a zero-length
-    batch for an empty part)."""
+    batch for an empty part). What a layer's own forward adds after normalising (timm's norm-act layers: dropout and
+    activation) is kept; a BatchNorm subclass whose forward is unknown is refused on entry."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return _SumOverProcesses.apply(tensor, group)
 
     layers = [module for module in unwrap_model(model).modules() if isinstance(module, _BatchNorm)]
-    for layer in layers:
-        layer.forward = partial(_global_batch_norm, layer, reduce)
+    after = [after_normalisation(layer) for layer in layers]  # refuses an unknown layer before any forward
+    for layer, post in zip(layers, after):
+        layer.forward = partial(_global_batch_norm, layer, reduce, post=post)
     try:
         yield
     finally:
@@ -173,12 +175,42 @@ class _SumOverProcesses(torch.autograd.Function):
         return grad, None
 
 
-def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.Tensor:
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def after_normalisation(layer: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What `layer`'s own forward applies to the normalised tensor: nothing for torch's BatchNorm classes, the dropout
+    then activation of timm's norm-act layers (`BatchNormAct2d`, `SyncBatchNormAct`). Any other BatchNorm subclass
+    that overrides `forward` is refused: normalising it with global-batch statistics would skip what it adds."""
+    cls = type(layer)
+    if cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return _identity
+    if cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct"):
+        steps = [getattr(layer, name, None) for name in ("drop", "act")]
+        steps = [step for step in steps if isinstance(step, nn.Module)]
+
+        def post(x: torch.Tensor) -> torch.Tensor:
+            for step in steps:
+                x = step(x)
+            return x
+
+        return post
+    raise TypeError(
+        f"{cls.__module__}.{cls.__name__} overrides BatchNorm's forward, so hf_tgprune cannot normalise it with the "
+        "statistics of the global batch (train-mode scoring over several processes, BatchNorm recalibration of an "
+        "FSDP2-sharded model) without skipping what it adds. Score with scoring_bn_mode='eval' (and, for an FSDP2 "
+        "model, set recalibrate_bn=False), or use torch's BatchNorm followed by its own activation module."
+    )
+
+
+def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor, post=_identity) -> torch.Tensor:
     """Train-mode BatchNorm over the global batch whose part `x` this process holds: normalise with the mean and
     (biased) variance of every process's part, and, if it tracks them, update the running statistics with them
-    (variance unbiased; a cumulative average for `momentum=None`, as BatchNorm does). A global batch of one image is
-    normalised with the running statistics and leaves them unchanged, as one process does (recalibration skips it;
-    scoring runs it in eval mode)."""
+    (variance unbiased; a cumulative average for `momentum=None`, as BatchNorm does), then apply `post` (what the
+    layer's own forward adds after normalising, `after_normalisation`). A global batch of one image is normalised
+    with the running statistics and leaves them unchanged, as one process does (recalibration skips it; scoring runs it
+    in eval mode)."""
     if not layer.training and layer.running_mean is not None:
         return type(layer).forward(layer, x)
     channels = x.shape[1]
@@ -188,8 +220,10 @@ def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.
     first = all_reduce(torch.cat([values.sum(dims), sizes]))
     images, count = int(first[-2].detach()), float(first[-1].detach())
     if images < 2 and layer.running_mean is not None:
-        return nn.functional.batch_norm(
-            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+        return post(
+            nn.functional.batch_norm(
+                x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+            )
         )
     if count < 2:
         raise ValueError(
@@ -208,7 +242,7 @@ def _global_batch_norm(layer: _BatchNorm, all_reduce, x: torch.Tensor) -> torch.
     out = centred * torch.rsqrt(var + layer.eps).view(shape)
     if layer.affine:
         out = out * layer.weight.view(shape) + layer.bias.view(shape)
-    return out.to(x.dtype)
+    return post(out.to(x.dtype))
 
 
 def _average_over_processes(layers: Mapping[str, _BatchNorm], seen: int, all_reduce) -> None:

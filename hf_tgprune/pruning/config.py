@@ -120,7 +120,8 @@ class PruningArguments:
         metadata={
             "help": "Iterative one-shot: k rounds of score -> prune to 1-(1-sparsity)^(r/k) -> rescore, on the same "
             "calibration data and without weight updates; costs k scoring passes (and a BatchNorm recalibration "
-            "between rounds when scoring_bn_mode='eval', whose scoring reads the running statistics). The "
+            "between rounds when the scoring reads the running statistics: scoring_bn_mode='eval', or a calibration "
+            "batch of one image). The "
             "final count is exact. 1 = one-shot. None (default): the method's own `default_rounds` (5 for "
             "'tgp_fisher', 1 for every other method and for an N:M sparsity_pattern)."
         },

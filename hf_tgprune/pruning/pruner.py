@@ -164,7 +164,14 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
         and args.sparsity > 0
         and bool(batchnorm_layers(model))
     )
-    rounds = prunes and method.one_shot and args.pruning_rounds > 1 and bool(batchnorm_layers(model))
+    rounds = (  # rounds recalibrate between them only for a criterion that reads images (see compute_masks)
+        prunes
+        and method.one_shot
+        and args.pruning_rounds > 1
+        and criterion is not None
+        and not criterion.data_free
+        and bool(batchnorm_layers(model))
+    )
     if not (scoring or recalibration or rounds):
         return
     source, argument = (
