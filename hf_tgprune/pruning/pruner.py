@@ -125,6 +125,13 @@ class ShardedBatches:
                 yield None
 
 
+def scores_through_batchnorm(model: nn.Module, method: PruningMethod) -> bool:
+    """Whether `method`'s criterion forwards images through BatchNorm layers of `model` (a data-dependent criterion
+    and a model with BatchNorm), so that its scoring may read their running statistics."""
+    criterion = method.criterion
+    return criterion is not None and not get_scoring_method(criterion).data_free and bool(batchnorm_layers(model))
+
+
 def validate_inputs(model, teacher, args, method, train_dataset, calibration_dataset, prunes=True) -> None:
     """Refuse, before any work, what pruning `model` with `method` cannot run on (each error names the fix)."""
     wrapped = sorted(
@@ -164,14 +171,8 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
         and args.sparsity > 0
         and bool(batchnorm_layers(model))
     )
-    rounds = (  # rounds recalibrate between them only for a criterion that reads images (see compute_masks)
-        prunes
-        and method.one_shot
-        and args.pruning_rounds > 1
-        and criterion is not None
-        and not criterion.data_free
-        and bool(batchnorm_layers(model))
-    )
+    # rounds recalibrate between them only for a criterion that reads images (see Pruner.compute_masks)
+    rounds = prunes and method.one_shot and args.pruning_rounds > 1 and scores_through_batchnorm(model, method)
     if not (scoring or recalibration or rounds):
         return
     source, argument = (
@@ -541,8 +542,7 @@ class Pruner:
         does only for a calibration batch of one image (BatchNorm cannot normalise one image alone). Data-free
         criteria and models without BatchNorm read none, so their rounds skip the recalibration: the masks are the
         same and each round saves `recalibration_samples` forward passes."""
-        criterion = self.method.criterion
-        if criterion is None or get_scoring_method(criterion).data_free or not batchnorm_layers(self.model):
+        if not scores_through_batchnorm(self.model, self.method):
             return False
         if self.args.scoring_bn_mode == "eval":
             return True
