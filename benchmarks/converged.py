@@ -477,6 +477,8 @@ VARIANTS = {
         "tgp_fisher",
         {"pruning_rounds": 5, "scoring_bn_mode": "train", "num_calibration_samples": 512},
     ),
+    # one round fewer: with the teacher's logits reused across rounds, under a third of IMP's images in transfer
+    "tgp_fisher rounds=4 train-mode BN": ("tgp_fisher", {"pruning_rounds": 4, "scoring_bn_mode": "train"}),
     # what a user without a teacher gets: the Fisher of the cross-entropy (alpha=0) and CE retraining
     "tgp_fisher rounds=5 no teacher": (
         "tgp_fisher",

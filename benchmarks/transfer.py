@@ -50,6 +50,7 @@ ROLES = ("teacher", "student-short", "student-full", "student-short-clip")
 TRANSFER_MAIN = [
     "magnitude", "tgp_fisher rounds=5", "tgp_fisher rounds=5 no teacher", "movement", "tgp_taylor", "snip", "tgp",
     "tgp_fisher rounds=5 train-mode BN", "tgp_fisher rounds=5 train-mode BN 512 images",
+    "tgp_fisher rounds=4 train-mode BN",
 ]  # fmt: skip
 TRANSFER_ABLATION = ["magnitude", "magnitude clip=1", "tgp_fisher rounds=5", "tgp_fisher rounds=5 clip=1"]
 

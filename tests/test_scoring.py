@@ -205,3 +205,40 @@ def test_signed_taylor_scores_match_independent_autograd(alpha):
     assert any(bool((score < 0).any()) for score in got.values())  # signed: removing some weights lowers the loss
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_memo_reuses_the_teachers_logits_only_for_the_same_images():
+    """A `TeacherLogitMemo` runs the teacher once per batch position and reuses its logits on a later pass only where
+    the pixel values are equal: the scores are those of a pass without the memo (exact), and a changed image (a random
+    transform) runs the teacher again."""
+    from hf_tgprune.core.scoring import TeacherLogitMemo
+
+    student, teacher = make_model("timm_resnet", seed=0), make_model("hf_resnet", seed=1)
+    forwards = []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+    batches = _batches()
+    memo = TeacherLogitMemo()
+
+    def scores(batches, memo=None):
+        return compute_importance_scores(student, batches, method="tgp_fisher", teacher=teacher, teacher_memo=memo)
+
+    def assert_equal(a, b):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+    assert_equal(scores(batches, memo), scores(batches))
+    assert (len(forwards), memo.forwards) == (6, 3)  # 3 with the memo, 3 without
+    with torch.no_grad():  # the next round scores another student (a pruned one) on the same images
+        next(iter(prunable_parameters(student).values())).mul_(0.5)
+    forwards.clear()
+    assert_equal(scores(batches, memo), scores(batches))
+    assert (len(forwards), memo.forwards) == (3, 3)  # the memo ran no teacher forward
+    changed = [batches[0], {**batches[1], "pixel_values": batches[1]["pixel_values"].flip(-1)}, batches[2]]
+    forwards.clear()
+    assert_equal(scores(changed, memo), scores(changed))
+    assert (len(forwards), memo.forwards) == (4, 4)  # the flipped batch ran the teacher again
+    # the logits do come from the memo: with another teacher the memo's scores stay the first teacher's
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(-1)
+    assert_equal(scores(changed, memo), memorised := scores(changed, memo))
+    assert any(not torch.equal(memorised[n], s) for n, s in scores(changed).items())

@@ -538,3 +538,22 @@ def test_library_does_not_clip_gradients_unless_asked(tmp_path):
     assert TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none").max_grad_norm == 0.0
     clipped = TeacherGuidedPruningConfig(output_dir=str(tmp_path), report_to="none", max_grad_norm=1.0)
     assert clipped.max_grad_norm == 1.0
+
+
+def test_pruning_rounds_run_the_teacher_once_and_keep_the_masks(tmp_path, monkeypatch):
+    """Rounds score the same calibration images with the frozen teacher: its logits come from the first round
+    (`TeacherLogitMemo`), and the masks are those of rounds that run the teacher every time."""
+    from hf_tgprune.pruning import pruner as pruner_module
+
+    def prune(name):
+        settings = dict(pruning_method="tgp_fisher", pruning_rounds=3, sparsity=0.95, calibration_batch_size=8)
+        trainer = _trainer(tmp_path / name, **settings)
+        forwards = []
+        trainer.teacher_model.register_forward_hook(lambda *_: forwards.append(1))
+        batches = len(trainer.pruner.calibration_batches())
+        return trainer.prune()["mask_sha256"], len(forwards), batches
+
+    memorised, forwards, batches = prune("memo")
+    assert batches > 1 and forwards == batches  # one pass over the calibration images
+    monkeypatch.setattr(pruner_module, "TeacherLogitMemo", lambda: None)
+    assert prune("no memo") == (memorised, 3 * batches, batches)

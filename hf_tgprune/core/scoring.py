@@ -35,7 +35,8 @@ every BatchNorm layer then normalises with the statistics of the global batch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +102,68 @@ def get_scoring_method(name: str) -> ScoringMethod:
     return SCORING_METHODS.get(name)
 
 
+# --- the teacher's logits, reused across passes over the same images ---------------------------------------------
+class TeacherLogitMemo:
+    """The teacher's logits on the calibration batches of one scoring pass, reused by later passes over the same
+    batches: pruning rounds score the same images with the same frozen teacher, so only the first round needs the
+    teacher's forward passes (`Pruner.compute_masks` keeps one across its rounds).
+
+    Batches are matched by their position in the pass and a logit is reused only when the batch's pixel values are
+    equal to the ones it was computed on (a calibration set with random transforms gets fresh forwards, so the
+    scores are exactly those without the memo). The images of the last pass stay in CPU memory meanwhile
+    (`num_calibration_samples` of them). `forwards` counts the batches the teacher actually ran.
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.position = 0
+        self.forwards = 0
+
+    def start_pass(self) -> None:
+        self.position = 0
+
+    def __call__(self, teacher: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        index, self.position = self.position, self.position + 1
+        pixels = pixel_values.detach().cpu()
+        if index < len(self.entries):
+            seen, logits = self.entries[index]
+            if seen.shape == pixels.shape and seen.dtype == pixels.dtype and torch.equal(seen, pixels):
+                return logits
+        logits = forward_teacher(teacher, pixel_values)
+        self.forwards += 1
+        if index < len(self.entries):
+            self.entries[index] = (pixels, logits)
+        else:
+            self.entries.append((pixels, logits))
+        return logits
+
+
+_ACTIVE_MEMO: ContextVar[TeacherLogitMemo | None] = ContextVar("teacher_logit_memo", default=None)
+
+
+@contextmanager
+def reusing_teacher_logits(memo: TeacherLogitMemo | None):
+    """Within it, `teacher_guided_batch_loss` takes the teacher's logits from `memo` (a no-op for None)."""
+    if memo is None:
+        yield
+        return
+    memo.start_pass()
+    token = _ACTIVE_MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _ACTIVE_MEMO.reset(token)
+
+
 # --- losses and saliencies --------------------------------------------------------------------------------------
 def teacher_guided_batch_loss(model, teacher, batch, options: ScoringOptions) -> torch.Tensor:
     logits = forward_logits(model, batch["pixel_values"])
     check_finite_logits(logits, "student", model)  # a NaN weight anywhere makes every score NaN: name it here
     teacher_logits = None
     if options.alpha != 0:
+        memo = _ACTIVE_MEMO.get()
         with torch.no_grad():
-            teacher_logits = forward_teacher(teacher, batch["pixel_values"])
+            teacher_logits = (memo or forward_teacher)(teacher, batch["pixel_values"])
         reshard(teacher)  # FSDP2 keeps a root's weights gathered after a forward without backward
         check_finite_logits(teacher_logits, "teacher", teacher)
     return teacher_guided_loss(
@@ -224,12 +279,15 @@ def compute_importance_scores(
     seed: int = 0,
     progress: bool = False,
     total: int | None = None,
+    teacher_memo: TeacherLogitMemo | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score every prunable weight of `model` (float32 tensors keyed like `params`).
 
     `batches` yields `{"pixel_values", "labels"}` dicts (or `None` for a rank whose shard of a batch is empty);
     `all_reduce` sums a tensor over processes (omit it in a single process). Data-free methods ignore `batches`.
-    A method that prescribes its aggregation (`tgp_fisher` sums) overrides `aggregation`.
+    A method that prescribes its aggregation (`tgp_fisher` sums) overrides `aggregation`. `teacher_memo` reuses the
+    teacher's logits of an earlier pass with the same memo over the same images (`TeacherLogitMemo`); a teacher
+    sharded by FSDP2 always runs (its forward is collective, and whether a rank's images repeat is its own).
     """
     spec = get_scoring_method(method)
     options = options or ScoringOptions()
@@ -257,11 +315,13 @@ def compute_importance_scores(
     student = unwrap_model(model)
     if teacher is not None:
         teacher.eval()
+        if any(is_sharded(p) for p in teacher.parameters()):
+            teacher_memo = None
     # train-mode BatchNorm over several processes: normalise with each global batch's statistics, as one process would
     synchronized = bn_mode == "train" and (mesh is not None or (all_reduce is not None and _several_processes()))
     group = mesh.get_group() if mesh is not None else None
     steps = 0
-    with scoring_mode(student, bn_mode) as train_mode_layers:
+    with scoring_mode(student, bn_mode) as train_mode_layers, reusing_teacher_logits(teacher_memo):
         with global_batch_statistics(student, group) if synchronized else nullcontext():
             for batch in tqdm(batches, total=total, desc="Scoring weights", disable=not progress):
                 if mesh is not None:  # FSDP2 has already summed the gradients into this rank's shards

@@ -56,7 +56,7 @@ from ..core.masking import (
 )
 from ..core.nm import nm_incompatible_layers, nm_masks
 from ..core.recalibration import batchnorm_layers, recalibrate_batchnorm
-from ..core.scoring import ScoringOptions, compute_importance_scores, get_scoring_method
+from ..core.scoring import ScoringOptions, TeacherLogitMemo, compute_importance_scores, get_scoring_method
 from ..core.sharded import process_group_all_reduce, select_sharded_masks
 from ..data.collate import check_labelled, collate_fn
 from ..data.splits import deterministic_sample
@@ -427,10 +427,16 @@ class Pruner:
             zero_length_empty=self.mesh is not None or (self.world_size > 1 and self.args.scoring_bn_mode == "train"),
         )
 
-    def compute_scores(self, method: str | None = None, options: ScoringOptions | None = None) -> dict:
+    def compute_scores(
+        self,
+        method: str | None = None,
+        options: ScoringOptions | None = None,
+        teacher_memo: TeacherLogitMemo | None = None,
+    ) -> dict:
         """Run the scoring pass (all-reduced across processes) and return float32 scores per prunable weight.
 
-        `method` / `options` override the method's criterion and the options built from the settings (EPSD uses it).
+        `method` / `options` override the method's criterion and the options built from the settings (EPSD uses it);
+        `teacher_memo` reuses the teacher's logits of an earlier pass over the same images (pruning rounds do).
         """
         args = self.args
         name = method or self.method.criterion
@@ -454,6 +460,7 @@ class Pruner:
                 seed=args.seed,
                 progress=self.progress,
                 total=None if batches is None else len(batches),
+                teacher_memo=teacher_memo,
             )
 
     def recalibrate_batchnorm(self) -> int:
@@ -511,8 +518,10 @@ class Pruner:
 
         Round r of k scores the current (already partly pruned) weights, prunes to `1 - (1 - sparsity)^(r/k)` and,
         before the next round, applies the mask and, when the next scoring pass reads them
-        (`scoring_reads_running_statistics`), recalibrates the BatchNorm running statistics. Weights that are already
-        zero are pruned first, so the masks are nested and the final count is exact. The masks do not depend on
+        (`scoring_reads_running_statistics`), recalibrates the BatchNorm running statistics. The teacher is frozen and
+        every round scores the same calibration images, so its logits come from the first round (`TeacherLogitMemo`;
+        a round whose images differ, through random transforms, runs the teacher again). Weights that are already zero
+        are pruned first, so the masks are nested and the final count is exact. The masks do not depend on
         `recalibrate_bn`: with `recalibrate_bn=False` the statistics the rounds re-estimated are put back afterwards.
         """
         args = self.args
@@ -521,13 +530,14 @@ class Pruner:
         layers = list(batchnorm_layers(self.model).values()) if recalibrate and not args.recalibrate_bn else []
         saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
         masks = None
+        memo = TeacherLogitMemo() if len(levels) > 1 else None
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
                 self.sync_kernel_masks(masks)  # the next round scores the function that will be trained
                 if recalibrate:
                     self.recalibrate_batchnorm()
-            scores = self.compute_scores(method=self.method.criterion)
+            scores = self.compute_scores(method=self.method.criterion, teacher_memo=memo)
             masks = self.select_masks(scores, level)
             del scores
             if len(levels) > 1:
