@@ -240,5 +240,16 @@ def test_teacher_memo_reuses_the_teachers_logits_only_for_the_same_images():
     with torch.no_grad():
         for p in teacher.parameters():
             p.mul_(-1)
-    assert_equal(scores(changed, memo), memorised := scores(changed, memo))
-    assert any(not torch.equal(memorised[n], s) for n, s in scores(changed).items())
+    memorised = scores(changed, memo)
+    assert memo.forwards == 4 and any(not torch.equal(memorised[n], s) for n, s in scores(changed).items())
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(-1)
+    # images refilled in place are new images: the memo kept a copy of the old ones, so the teacher runs again
+    batches[2]["pixel_values"].mul_(-1)
+    assert_equal(scores(batches, memo), scores(batches))
+    assert memo.forwards == 6  # batches 1 (unflipped again) and 2 (refilled)
+    # a teacher that shares the student's weights changes with its masks: it always runs
+    shared = TeacherLogitMemo()
+    compute_importance_scores(student, batches, method="tgp_fisher", teacher=student, teacher_memo=shared)
+    assert shared.forwards == 0 and not shared.entries

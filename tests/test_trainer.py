@@ -545,15 +545,17 @@ def test_pruning_rounds_run_the_teacher_once_and_keep_the_masks(tmp_path, monkey
     (`TeacherLogitMemo`), and the masks are those of rounds that run the teacher every time."""
     from hf_tgprune.pruning import pruner as pruner_module
 
-    def prune(name):
+    def prune(name, **overrides):
         settings = dict(pruning_method="tgp_fisher", pruning_rounds=3, sparsity=0.95, calibration_batch_size=8)
-        trainer = _trainer(tmp_path / name, **settings)
+        trainer = _trainer(tmp_path / name, **settings, **overrides)
         forwards = []
         trainer.teacher_model.register_forward_hook(lambda *_: forwards.append(1))
-        batches = len(trainer.pruner.calibration_batches())
+        batches = len(trainer.pruner.calibration_batches(epochs=trainer.pruner.args.scoring_epochs))
         return trainer.prune()["mask_sha256"], len(forwards), batches
 
     memorised, forwards, batches = prune("memo")
     assert batches > 1 and forwards == batches  # one pass over the calibration images
+    # scoring over whole training epochs (reshuffled each round, no image seen twice) keeps no memo
+    assert prune("epochs", scoring_epochs=1)[1:] == (3 * 32 // 8, 32 // 8)
     monkeypatch.setattr(pruner_module, "TeacherLogitMemo", lambda: None)
     assert prune("no memo") == (memorised, 3 * batches, batches)

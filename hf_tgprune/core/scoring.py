@@ -124,7 +124,7 @@ class TeacherLogitMemo:
 
     def __call__(self, teacher: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         index, self.position = self.position, self.position + 1
-        pixels = pixel_values.detach().cpu()
+        pixels = pixel_values.detach().to("cpu", copy=True)  # a copy: a caller may refill its buffer in place
         if index < len(self.entries):
             seen, logits = self.entries[index]
             if seen.shape == pixels.shape and seen.dtype == pixels.dtype and torch.equal(seen, pixels):
@@ -143,11 +143,9 @@ _ACTIVE_MEMO: ContextVar[TeacherLogitMemo | None] = ContextVar("teacher_logit_me
 
 @contextmanager
 def reusing_teacher_logits(memo: TeacherLogitMemo | None):
-    """Within it, `teacher_guided_batch_loss` takes the teacher's logits from `memo` (a no-op for None)."""
-    if memo is None:
-        yield
-        return
-    memo.start_pass()
+    """Within it, `teacher_guided_batch_loss` takes the teacher's logits from `memo` (None: from the teacher)."""
+    if memo is not None:
+        memo.start_pass()
     token = _ACTIVE_MEMO.set(memo)
     try:
         yield
@@ -287,7 +285,8 @@ def compute_importance_scores(
     `all_reduce` sums a tensor over processes (omit it in a single process). Data-free methods ignore `batches`.
     A method that prescribes its aggregation (`tgp_fisher` sums) overrides `aggregation`. `teacher_memo` reuses the
     teacher's logits of an earlier pass with the same memo over the same images (`TeacherLogitMemo`); a teacher
-    sharded by FSDP2 always runs (its forward is collective, and whether a rank's images repeat is its own).
+    sharded by FSDP2 always runs (its forward is collective, and whether a rank's images repeat is its own), and so
+    does one that shares weights with the student.
     """
     spec = get_scoring_method(method)
     options = options or ScoringOptions()
@@ -315,8 +314,9 @@ def compute_importance_scores(
     student = unwrap_model(model)
     if teacher is not None:
         teacher.eval()
-        if any(is_sharded(p) for p in teacher.parameters()):
-            teacher_memo = None
+        student_parameters = {id(p) for p in student.parameters()}
+        if any(is_sharded(p) or id(p) in student_parameters for p in teacher.parameters()):
+            teacher_memo = None  # a teacher that shares the student's weights changes with its masks
     # train-mode BatchNorm over several processes: normalise with each global batch's statistics, as one process would
     synchronized = bn_mode == "train" and (mesh is not None or (all_reduce is not None and _several_processes()))
     group = mesh.get_group() if mesh is not None else None

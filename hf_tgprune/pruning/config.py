@@ -119,11 +119,11 @@ class PruningArguments:
         default=None,
         metadata={
             "help": "Iterative one-shot: k rounds of score -> prune to 1-(1-sparsity)^(r/k) -> rescore, on the same "
-            "calibration data and without weight updates; costs k scoring passes (and a BatchNorm recalibration "
-            "between rounds when the scoring reads the running statistics: scoring_bn_mode='eval', or a calibration "
-            "batch of one image). The "
-            "final count is exact. 1 = one-shot. None (default): the method's own `default_rounds` (5 for "
-            "'tgp_fisher', 1 for every other method and for an N:M sparsity_pattern)."
+            "calibration data and without weight updates; costs k passes of the student (forward and backward) and "
+            "one of the teacher (its logits are reused: the images and the teacher do not change), and a BatchNorm "
+            "recalibration between rounds when the scoring reads the running statistics (scoring_bn_mode='eval', or "
+            "a calibration batch of one image). The final count is exact. 1 = one-shot. None (default): the method's "
+            "own `default_rounds` (5 for 'tgp_fisher', 1 for every other method and for an N:M sparsity_pattern)."
         },
     )
     layer_allocation: str | None = field(

@@ -530,7 +530,8 @@ class Pruner:
         layers = list(batchnorm_layers(self.model).values()) if recalibrate and not args.recalibrate_bn else []
         saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
         masks = None
-        memo = TeacherLogitMemo() if len(levels) > 1 else None
+        # rounds over whole reshuffled training epochs (scoring_epochs > 0) never see an image twice: no memo
+        memo = TeacherLogitMemo() if len(levels) > 1 and args.scoring_epochs == 0 else None
         for index, level in enumerate(levels):
             if masks is not None:
                 apply_masks(self.model, masks)
