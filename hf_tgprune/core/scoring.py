@@ -115,7 +115,7 @@ class TeacherLogitMemo:
     """
 
     def __init__(self):
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (pixel values, logits)
         self.position = 0
         self.forwards = 0
 
@@ -125,16 +125,17 @@ class TeacherLogitMemo:
     def __call__(self, teacher: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         index, self.position = self.position, self.position + 1
         pixels = pixel_values.detach().to("cpu", copy=True)  # a copy: a caller may refill its buffer in place
-        if index < len(self.entries):
-            seen, logits = self.entries[index]
-            if seen.shape == pixels.shape and seen.dtype == pixels.dtype and torch.equal(seen, pixels):
-                return logits
+        seen, logits = self.entries.get(index, (None, None))
+        if (
+            seen is not None
+            and seen.shape == pixels.shape
+            and seen.dtype == pixels.dtype
+            and torch.equal(seen, pixels)
+        ):
+            return logits
         logits = forward_teacher(teacher, pixel_values)
         self.forwards += 1
-        if index < len(self.entries):
-            self.entries[index] = (pixels, logits)
-        else:
-            self.entries.append((pixels, logits))
+        self.entries[index] = (pixels, logits)
         return logits
 
 
@@ -314,9 +315,10 @@ def compute_importance_scores(
     student = unwrap_model(model)
     if teacher is not None:
         teacher.eval()
+    if teacher_memo is not None and teacher is not None:
         student_parameters = {id(p) for p in student.parameters()}
         if any(is_sharded(p) or id(p) in student_parameters for p in teacher.parameters()):
-            teacher_memo = None  # a teacher that shares the student's weights changes with its masks
+            teacher_memo = None  # a sharded teacher runs collectively; one sharing the student's weights is pruned
     # train-mode BatchNorm over several processes: normalise with each global batch's statistics, as one process would
     synchronized = bn_mode == "train" and (mesh is not None or (all_reduce is not None and _several_processes()))
     group = mesh.get_group() if mesh is not None else None
