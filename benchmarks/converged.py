@@ -484,6 +484,11 @@ VARIANTS = {
         "tgp_fisher",
         {"pruning_rounds": 5, "alpha": 0.0, "retrain_with_kd": False},
     ),
+    # the library's default scoring (train-mode BatchNorm) without a teacher: prunes with no teacher at hand
+    "tgp_fisher rounds=5 train-mode BN no teacher": (
+        "tgp_fisher",
+        {"pruning_rounds": 5, "scoring_bn_mode": "train", "alpha": 0.0, "retrain_with_kd": False},
+    ),
     # signed criteria, compared inside each layer (magnitude allocation, their default)
     "tgp_taylor": ("tgp_taylor", {}),
     "movement": ("movement", {}),

@@ -28,6 +28,7 @@ go to `benchmarks/results/transfer-<budget>/`.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.util
 import json
@@ -188,7 +189,8 @@ def setup(args, splits) -> dict | None:
     return info
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The converged benchmark's options with this regime's defaults and its own (other scripts add theirs)."""
     parser = converged.build_parser(__doc__.split("\n")[0])
     parser.add_argument("--student-budget", default="short", choices=["short", "full"], help="the student to prune")
     parser.add_argument("--teacher-epochs", type=int, default=10, help="teacher's first cosine schedule (epochs)")
@@ -209,6 +211,11 @@ def parse_args(argv=None):
         out=None,
         cache_dir=os.path.expanduser("~/.cache/hf_tgprune_bench/transfer"),
     )
+    return parser
+
+
+def parse_args(argv=None, parser=None):
+    parser = parser or build_parser()
     stage_variants = {"main": TRANSFER_MAIN, "ablation": TRANSFER_ABLATION, "long": TRANSFER_MAIN[:2]}
     args = converged.finish_args(parser, argv, stage_variants)
     unknown = sorted(set(args.roles) - set(ROLES))

@@ -559,3 +559,33 @@ def test_pruning_rounds_run_the_teacher_once_and_keep_the_masks(tmp_path, monkey
     assert prune("epochs", scoring_epochs=1)[1:] == (3 * 32 // 8, 32 // 8)
     monkeypatch.setattr(pruner_module, "TeacherLogitMemo", lambda: None)
     assert prune("no memo") == (memorised, 3 * batches, batches)
+
+
+def test_retraining_does_not_read_the_recalibrated_batchnorm_statistics(tmp_path):
+    """Train-mode BatchNorm normalises every training batch with its own statistics: the retrained weights are the
+    same whatever the recalibration before training (8 or 24 images, or none), and training overwrites the running
+    statistics it started from (each step keeps (1 - momentum) of them)."""
+    from hf_tgprune.core.recalibration import batchnorm_layers
+
+    steps, runs = 4, {}
+    for samples in (8, 24, 0):
+        trainer = _trainer(
+            tmp_path / str(samples), max_steps=steps, recalibrate_bn=samples > 0, recalibration_samples=samples or 8
+        )
+        assert trainer.prune()["bn_recalibration_images"] == samples
+        layers = batchnorm_layers(trainer.model)
+        assert layers and all(layer.momentum is not None for layer in layers.values())
+        before = {name: layer.running_mean.clone() for name, layer in layers.items()}
+        trainer.train()
+        after = {name: layer.running_mean.clone() for name, layer in layers.items()}
+        parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        runs[samples] = before, after, parameters, {name: layer.momentum for name, layer in layers.items()}
+    before8, after8, parameters8, momenta = runs[8]
+    for samples in (24, 0):
+        before, after, parameters, _ = runs[samples]
+        assert parameters.keys() == parameters8.keys()
+        assert all(torch.equal(parameters[name], parameters8[name]) for name in parameters8)
+        assert any(not torch.equal(before[name], before8[name]) for name in before8)  # they did start apart
+        for name, momentum in momenta.items():
+            decay = (1 - momentum) ** steps
+            torch.testing.assert_close(after[name] - after8[name], decay * (before[name] - before8[name]))

@@ -131,3 +131,31 @@ def test_dense_records_gain_their_held_out_accuracy_once(tmp_path):
     mtime = record_path.stat().st_mtime_ns
     assert transfer.held_out_accuracy(record_path, splits)["extra_test_top1"] == expected
     assert record_path.stat().st_mtime_ns == mtime  # stored, not recomputed
+
+
+def test_recalibration_study_records_each_sample_once_and_reports_them(tmp_path):
+    import recalibration
+
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(48) % 10
+    splits = {"train": (images, labels), "val": (images[:8], labels[:8]), "test": (images[:16], labels[:16])}
+    argv = ["--cache-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--student", "test_resnet"]
+    argv += ["--variants", "magnitude", "--sparsities", "0.5", "--samples", "8", "16", "--calibration-seeds", "0", "1"]
+    args = recalibration.parse_args(argv)
+    schedule = converged.DenseSchedule(epochs=1, lr=0.01, weight_decay=0.0, batch_size=8, to_plateau=False)
+    converged.fit_dense(
+        transfer.role_folder(args, "student-short"), "student-short", "test_resnet",
+        lambda: timm.create_model("test_resnet", num_classes=10), splits, schedule,
+    )  # fmt: skip
+    recalibration.run(args, splits)
+    path = tmp_path / "out" / recalibration.RECORDS
+    records = recalibration.load_jsonl(path)
+    by_key = {r["key"]: r for r in records}
+    assert len(by_key) == len(records) == 1 + 1 + 2 * 2  # dense, no recalibration, 2 sizes x 2 seeds
+    assert by_key["magnitude|0.5|0|None"]["recalibration_images"] == 0
+    counts = [by_key[f"magnitude|0.5|{n}|{seed}"]["recalibration_images"] for n in (8, 16) for seed in (0, 1)]
+    assert counts == [8, 8, 16, 16]
+    recalibration.run(args, splits)  # resumed: every record is there, none is written again
+    assert path.read_text().count("\n") == len(records)
+    table = recalibration.report(args)
+    assert "| magnitude | 0.5 |" in table and "Dense student" in table
