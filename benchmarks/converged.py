@@ -511,7 +511,7 @@ SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
     "calibration_batch_size", "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
-    "max_grad_norm",
+    "max_grad_norm", "recalibration_samples",
 )  # fmt: skip
 
 

@@ -155,8 +155,13 @@ class PruningArguments:
         },
     )
     recalibration_samples: int = field(
-        default=1024,
-        metadata={"help": "Images for BatchNorm recalibration (the same seeded, un-augmented calibration sample)."},
+        default=512,
+        metadata={
+            "help": "Images for BatchNorm recalibration, drawn un-augmented with the seed of the scoring images (a "
+            "subset of them when `num_calibration_samples` is at least as large). The statistics serve a pruned network "
+            "evaluated or used before retraining; retraining does not read them (train-mode BatchNorm normalises each "
+            "batch with its own statistics) and overwrites them as it trains, so they do not change the retrained weights."
+        },
     )
     prune_include: list[str] | None = field(
         default=None,
