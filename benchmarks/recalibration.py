@@ -71,7 +71,7 @@ def run(args, splits) -> None:
     path = Path(args.out) / RECORDS
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {record["key"] for record in load_jsonl(path)}
-    if "dense" not in done and args.shard.startswith("0/"):
+    if "dense" not in done and converged.parse_shard(args.shard)[0] == 0:  # one process records the dense student
         student, _ = converged.load_dense(transfer.role_folder(args, f"student-{args.student_budget}"))
         record = {"key": "dense", **accuracies(student, splits, converged.normalizer_for(student))}
         with path.open("a") as file:
@@ -92,6 +92,7 @@ def run(args, splits) -> None:
                 continue
             images = 0
             if samples:  # 0: the dense network's statistics, no recalibration
+                # the masks are installed: the settings now only choose the recalibration's images
                 pruner.args.recalibration_samples, pruner.args.seed = samples, seed
                 images = pruner.recalibrate_batchnorm()
             record = {
@@ -110,7 +111,8 @@ def run(args, splits) -> None:
 
 
 def report(args) -> str:
-    """Mean ± std over calibration seeds of top-1 after recalibration, by variant, sparsity and sample size."""
+    """Mean ± std over calibration seeds of top-1 after recalibration, by variant, sparsity and sample size (every
+    record of the file, whatever the options of this call)."""
     records = load_jsonl(Path(args.out) / RECORDS)
     dense = next((r for r in records if r["key"] == "dense"), None)
     records = [r for r in records if r["key"] != "dense"]
@@ -125,7 +127,8 @@ def report(args) -> str:
         "|---|---|" + "---|" * len(samples),
     ]
     if dense is not None:
-        lines.insert(1, f"Dense student: {dense.get(metric):.2f} ({dense['test_top1']:.2f} test).")
+        held_out = f"{dense[metric]:.2f} ({dense['test_top1']:.2f} test)" if metric in dense else "—"
+        lines.insert(1, f"Dense student: {held_out}.")
     for variant in dict.fromkeys(r["variant"] for r in records):
         for sparsity in sorted({r["sparsity"] for r in records if r["variant"] == variant}):
             cells = []

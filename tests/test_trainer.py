@@ -561,28 +561,47 @@ def test_pruning_rounds_run_the_teacher_once_and_keep_the_masks(tmp_path, monkey
     assert prune("no memo") == (memorised, 3 * batches, batches)
 
 
-def test_retraining_does_not_read_the_recalibrated_batchnorm_statistics(tmp_path):
-    """Train-mode BatchNorm normalises every training batch with its own statistics: the retrained weights are the
-    same whatever the recalibration before training (8 or 24 images, or none), and training overwrites the running
-    statistics it started from (each step keeps (1 - momentum) of them)."""
+class _NoisyImages(RandomImages):
+    """Training images with noise drawn from the global random generator (as random augmentations draw theirs)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return {**item, "pixel_values": item["pixel_values"] + 0.1 * torch.randn_like(item["pixel_values"])}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pruning_method": "tgp_fisher", "pruning_rounds": None}])  # None: 5 rounds
+def test_retraining_does_not_read_the_recalibrated_batchnorm_statistics(tmp_path, overrides):
+    """Train-mode BatchNorm normalises every training batch with its own statistics, and the recalibration leaves the
+    global random state as it found it: the retrained weights are the same whatever the final recalibration (8 or 24
+    images, or none), and training overwrites the running statistics it started from (each step keeps
+    (1 - momentum) of them)."""
     from hf_tgprune.core.recalibration import batchnorm_layers
 
     steps, runs = 4, {}
     for samples in (8, 24, 0):
-        trainer = _trainer(
-            tmp_path / str(samples), max_steps=steps, recalibrate_bn=samples > 0, recalibration_samples=samples or 8
+        settings = dict(recalibrate_bn=samples > 0, recalibration_samples=samples or 8, **overrides)
+        trainer = TeacherGuidedPruningTrainer(
+            model=make_model("timm_resnet", seed=0),
+            teacher_model=make_model("hf_resnet", seed=1),
+            args=_config(tmp_path / str(samples), max_steps=steps, **settings),
+            train_dataset=_NoisyImages(32),
         )
-        assert trainer.prune()["bn_recalibration_images"] == samples
+        report = trainer.prune()
+        assert report["bn_recalibration_images"] == samples
         layers = batchnorm_layers(trainer.model)
         assert layers and all(layer.momentum is not None for layer in layers.values())
         before = {name: layer.running_mean.clone() for name, layer in layers.items()}
+        pruned = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
         trainer.train()
         after = {name: layer.running_mean.clone() for name, layer in layers.items()}
         parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-        runs[samples] = before, after, parameters, {name: layer.momentum for name, layer in layers.items()}
-    before8, after8, parameters8, momenta = runs[8]
+        assert any(not torch.equal(parameters[name], pruned[name]) for name in pruned)  # it trained
+        momenta = {name: layer.momentum for name, layer in layers.items()}
+        runs[samples] = report["mask_sha256"], before, after, parameters, momenta
+    masks8, before8, after8, parameters8, momenta = runs[8]
     for samples in (24, 0):
-        before, after, parameters, _ = runs[samples]
+        masks, before, after, parameters, _ = runs[samples]
+        assert masks == masks8
         assert parameters.keys() == parameters8.keys()
         assert all(torch.equal(parameters[name], parameters8[name]) for name in parameters8)
         assert any(not torch.equal(before[name], before8[name]) for name in before8)  # they did start apart

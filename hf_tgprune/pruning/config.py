@@ -158,9 +158,11 @@ class PruningArguments:
         default=512,
         metadata={
             "help": "Images for BatchNorm recalibration, drawn un-augmented with the seed of the scoring images (a "
-            "subset of them when `num_calibration_samples` is at least as large). The statistics serve a pruned network "
-            "evaluated or used before retraining; retraining does not read them (train-mode BatchNorm normalises each "
-            "batch with its own statistics) and overwrites them as it trains, so they do not change the retrained weights."
+            "subset of them when `num_calibration_samples` is at least as large). The final recalibration serves a "
+            "pruned network evaluated or used before retraining; retraining does not read its statistics (train-mode "
+            "BatchNorm normalises each batch with its own) and overwrites them as it trains, so they do not change the "
+            "retrained weights. Rounds that recalibrate between them (`scoring_bn_mode='eval'`) use this count too, "
+            "and there it changes the masks."
         },
     )
     prune_include: list[str] | None = field(
