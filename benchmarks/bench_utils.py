@@ -35,3 +35,9 @@ class PassCounter:
 def load_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file (one finished run per line); none when it does not exist."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Add one finished run to a JSON-lines file, so that a killed stage resumes after the last run it finished."""
+    with path.open("a") as file:
+        file.write(json.dumps(record) + "\n")

@@ -53,7 +53,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_utils import PassCounter  # noqa: E402
+from bench_utils import PassCounter, append_jsonl, load_jsonl  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
@@ -312,7 +312,7 @@ def run_one(args, splits, models, method: str, sparsity: float, seed: int, overr
     counter = PassCounter()
     handles = [counter.attach(student)] + ([counter.attach(teacher)] if uses_teacher else [])
     start = time.perf_counter()
-    report = trainer.prune()
+    trainer.prune()
     prune_seconds = time.perf_counter() - start
     counter.enabled = False
     after_prune = evaluate(student, splits["test"]) if method not in ("dg2pf", "imp") else None
@@ -338,7 +338,7 @@ def run_one(args, splits, models, method: str, sparsity: float, seed: int, overr
         "val_top1": evaluate(student, splits["val"]),
         "after_prune_test_top1": after_prune,
         "prunable_sparsity": pruned / numel,
-        "total_sparsity": report["total"]["sparsity"] if method not in ("dg2pf", "imp") else None,
+        "total_sparsity": trainer.pruning_report["total"]["sparsity"],  # after training: every method has pruned
         "prune_seconds": prune_seconds,
         "train_seconds": train_seconds,
         "seconds": prune_seconds + train_seconds,
@@ -351,14 +351,7 @@ def run_one(args, splits, models, method: str, sparsity: float, seed: int, overr
 
 
 def _done(path: Path) -> set:
-    if not path.exists():
-        return set()
-    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
-
-
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    return {record["key"] for record in load_jsonl(path)}
 
 
 def main_runs(args):
@@ -448,10 +441,6 @@ def kd_warmed_student(args, splits, models, log=print):
 
 
 # --- report --------------------------------------------------------------------------------------------------------
-def _load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _fmt(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -463,7 +452,7 @@ def _fmt(values) -> str:
 
 def report(args) -> str:
     out = Path(args.out)
-    records = _load(out / "main.jsonl")
+    records = load_jsonl(out / "main.jsonl")
     setup = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
     lines = []
     if setup:
@@ -492,7 +481,7 @@ def report(args) -> str:
         fwd = statistics.mean(r["forward_images"] for r in rows)
         bwd = statistics.mean(r["backward_images"] for r in rows)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} | {fwd:,.0f} | {bwd:,.0f} |")
-    ablation = _load(out / "ablation.jsonl")
+    ablation = load_jsonl(out / "ablation.jsonl")
     if ablation:
         lines += ["", "| variant | sparsity | val top-1 | test top-1 | after prune (test) | wall time (s) |"]
         lines.append("|---|---|---|---|---|---|")
@@ -567,7 +556,7 @@ def parse_args(argv=None):
         args.out = str(Path(args.cache_dir) / "results")
         args.teacher_epochs = args.student_epochs = 1
         args.retrain_images, args.epsd_warmup_steps, args.seeds = 256, 2, 1
-        args.ablation_sparsities, args.ablation_variants = [0.95], ["tgp (defaults)", "tgp + KD warm-up"]
+        args.ablation_sparsities, args.ablation_variants = [0.95], ["tgp (no layer guard)", "tgp + KD warm-up"]
     return args
 
 
@@ -603,7 +592,7 @@ def main(argv=None):
                 continue
             record = run_one(args, splits, models, method, sparsity, seed)
             record["key"] = key
-            _append(path, record)
+            append_jsonl(path, record)
             log(
                 f"{method:9s} {sparsity:.2f} seed {seed}: test {record['test_top1']:.2f} "
                 f"(after prune {record['after_prune_test_top1']}) {record['seconds']:.0f} s"
@@ -619,9 +608,9 @@ def main(argv=None):
                 if key in done:
                     continue
                 method, overrides, warm = ABLATION[variant]
-                main = {r["key"]: r for r in _load(out / "main.jsonl")}.get(f"{method}|{sparsity}|0")
+                main = {r["key"]: r for r in load_jsonl(out / "main.jsonl")}.get(f"{method}|{sparsity}|0")
                 if not overrides and not warm and main is not None:  # the same run as the main table's seed 0
-                    _append(path, dict(main, key=key, variant=variant, kd_warmup=False))
+                    append_jsonl(path, dict(main, key=key, variant=variant, kd_warmup=False))
                     continue
                 student = None
                 if warm:
@@ -631,7 +620,7 @@ def main(argv=None):
                 record.update(key=key, variant=variant, kd_warmup=warm)
                 if warm:
                     record["warmup_seconds"] = warmed["seconds"]
-                _append(path, record)
+                append_jsonl(path, record)
                 log(
                     f"ablation {variant:32s} {sparsity:.2f}: val {record['val_top1']:.2f} test {record['test_top1']:.2f}"
                 )

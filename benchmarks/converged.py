@@ -44,7 +44,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_utils import PassCounter, load_jsonl  # noqa: E402
+from bench_utils import PassCounter, append_jsonl, load_jsonl  # noqa: E402
 from torch import nn  # noqa: E402
 
 PLATEAU_EPOCHS = 5
@@ -726,8 +726,7 @@ def run_stage(args, splits, info) -> None:
         if key in done:
             continue
         record = run_one(args, splits, info, variant, sparsity, seed, epochs)
-        with path.open("a") as f:  # one line per finished run: a killed stage resumes after the last one
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(path, record)
         log(
             f"{variant:36s} {sparsity:.2f} seed {seed} e{epochs}: val {record['val_top1']:.2f} "
             f"test {record['test_top1']:.2f} (after prune {record.get('after_prune_test_top1')}, recal "

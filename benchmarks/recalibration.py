@@ -17,7 +17,6 @@ and it is evaluated on the test split and on `--test-data`. Records are written 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import converged  # noqa: E402  (sets up sys.path, offline mode and logging for the library)
 import torch  # noqa: E402
 import transfer  # noqa: E402
-from bench_utils import load_jsonl  # noqa: E402
+from bench_utils import append_jsonl, load_jsonl  # noqa: E402
 
 RECORDS = "recalibration.jsonl"
 
@@ -73,9 +72,8 @@ def run(args, splits) -> None:
     done = {record["key"] for record in load_jsonl(path)}
     if "dense" not in done and converged.parse_shard(args.shard)[0] == 0:  # one process records the dense student
         student, _ = converged.load_dense(transfer.role_folder(args, f"student-{args.student_budget}"))
-        record = {"key": "dense", **accuracies(student, splits, converged.normalizer_for(student))}
-        with path.open("a") as file:
-            file.write(json.dumps({**record, "commit": converged.git_commit()}) + "\n")
+        accuracy = accuracies(student, splits, converged.normalizer_for(student))
+        append_jsonl(path, {"key": "dense", **accuracy, "commit": converged.git_commit()})
     pairs = [(variant, sparsity) for variant in args.variants for sparsity in args.sparsities]
     for variant, sparsity in converged.shard_of(pairs, args.shard):
         keys = {
@@ -106,8 +104,7 @@ def run(args, splits) -> None:
                 "commit": converged.git_commit(),
             }
             converged.log(f"{key}: {record}")
-            with path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+            append_jsonl(path, record)
 
 
 def report(args) -> str:
