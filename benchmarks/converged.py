@@ -515,16 +515,21 @@ RECORDED_FIELDS = (
 )  # fmt: skip
 
 
+def variant_settings(variant: str) -> tuple[str, dict]:
+    """(pruning_method, config overrides) of a variant. A variant names its rounds (the library default is per method)
+    and its BatchNorm mode while scoring (eval unless named "train-mode BN"), so that a name means what it measured
+    whatever the library's defaults become."""
+    method, overrides = VARIANTS[variant]
+    return method, {"pruning_rounds": 1, "scoring_bn_mode": "eval", **overrides}
+
+
 def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrain_epochs: int) -> dict:
     """Prune the converged student with `variant`, retrain it, evaluate it, save it; returns the run's record."""
     import timm
 
     from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
 
-    method, overrides = VARIANTS[variant]
-    # a variant names its rounds (the library default is per method) and its BatchNorm mode while scoring (eval unless
-    # named "train-mode BN"), so that a name means what it measured whatever the library's defaults become
-    overrides = {"pruning_rounds": 1, "scoring_bn_mode": "eval", **overrides}
+    method, overrides = variant_settings(variant)
     scratch = args.stage == "scratch"  # the dense student's own budget: every training image, its lr and decay
     torch.manual_seed(seed)
     teacher, _ = load_dense(Path(info["teacher_dir"]))

@@ -42,8 +42,7 @@ def pruned_student(args, splits, variant: str, sparsity: float):
     """The dense student pruned by `variant` (no recalibration), and its pruner."""
     from hf_tgprune import Pruner, PruningArguments
 
-    method, overrides = converged.VARIANTS[variant]
-    overrides = {"pruning_rounds": 1, "scoring_bn_mode": "eval", **overrides}  # as converged.run_one reads a name
+    method, overrides = converged.variant_settings(variant)
     fields = {field.name for field in dataclasses.fields(PruningArguments)}
     settings = {key: value for key, value in overrides.items() if key in fields}
     student, _ = converged.load_dense(transfer.role_folder(args, f"student-{args.student_budget}"))
