@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -71,8 +72,6 @@ def atomic_torch_save(obj, path: Path) -> None:
 # --- data ---------------------------------------------------------------------------------------------------------
 def load_split_uint8(path: str, split: str, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """A split of an image-classification folder in the Hub layout as (uint8 N×3×H×W images, int64 labels)."""
-    import hashlib
-
     key = hashlib.sha256(f"{Path(path).resolve()}|{split}".encode()).hexdigest()[:16]
     cache = cache_dir / f"data_{key}.pt"
     if cache.exists():
@@ -369,6 +368,20 @@ def git_commit() -> str | None:
     except OSError:
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
+def dense_fingerprints(info: dict) -> dict:
+    """The first 16 hex digits of the SHA-256 of each dense role's weights file: a teacher or student fine-tuned again
+    with the same command (on another machine, another torch) gets another fingerprint, so that the report can keep
+    its runs apart from those of the setup it shows."""
+    prints = {}
+    for role in ("teacher", "student"):
+        digest = hashlib.sha256()
+        with open(Path(info[f"{role}_dir"]) / "model.safetensors", "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+        prints[role] = digest.hexdigest()[:16]
+    return prints
 
 
 def machine_description(args) -> str:
@@ -671,6 +684,10 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
         "saved_model": str(saved),
         "config": {k: getattr(trainer.args, k) for k in RECORDED_FIELDS},  # effective, defaults included
         "commit": info.get("commit"),
+        "dense_sha256": {
+            "teacher": info["dense_sha256"]["teacher"] if uses_teacher else None,
+            "student": None if method == "epsd" else info["dense_sha256"]["student"],
+        },
         "teacher": info["teacher"]["architecture"] if uses_teacher else None,
         "student": info["student"]["architecture"] if method == "epsd" else Path(info["student_dir"]).name,
     }
@@ -976,12 +993,20 @@ def report(args) -> str:
         teacher = setup_info["teacher"]["architecture"]
         students = (setup_info["student"]["architecture"], Path(setup_info["student_dir"]).name)
 
+        prints = setup_info.get("dense_sha256", {})
+
         def belongs(r):
-            return r.get("teacher") in (None, teacher) and r.get("student", students[0]) in students
+            same = r.get("teacher") in (None, teacher) and r.get("student", students[0]) in students
+            recorded = r.get("dense_sha256") or {}  # records written before fingerprints were kept have none
+            return same and all(recorded.get(k) in (None, prints.get(k, recorded.get(k))) for k in recorded)
 
         stale = [r["key"] for r in records if not belongs(r)]
         if stale:  # a record distilled from another teacher or pruned from another student is not of this table
-            lines += [f"Left out ({len(stale)}): runs with another teacher or dense student than this setup's.", ""]
+            lines += [
+                f"Left out ({len(stale)}): runs with another teacher or dense student than this setup's (another "
+                "network, or the same one fine-tuned again: `dense_sha256`).",
+                "",
+            ]
             records = [r for r in records if belongs(r)]
     epochs = args.retrain_epochs
     variants = [v for v in VARIANTS if any(r["variant"] == v and r["retrain_epochs"] == epochs for r in records)]
@@ -1082,6 +1107,7 @@ def main(argv=None, parse=parse_args, setup=setup):
     info = setup(args, splits)
     if info is None:
         return
+    info["dense_sha256"] = dense_fingerprints(info)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "setup.json", json.dumps(info, indent=1))
     if args.stage != "setup":

@@ -1,5 +1,6 @@
 """benchmarks/converged.py: the run plan, sharding, resumability, --test-data and the report (tiny models and data)."""
 
+import hashlib
 import json
 import os
 import re
@@ -96,6 +97,11 @@ def test_smoke_runs_end_to_end_resumes_and_reports(tmp_path):
         assert record["teacher"] == "test_resnet" and "after_prune_recal_test_top1" in record
         assert record["config"]["layer_allocation"] == "global"  # the effective settings, defaults included
         assert record["config"]["pruning_rounds"] == 1  # a variant names its rounds, whatever the method's default
+    setup = json.loads((runs_file.parent / "setup.json").read_text())
+    for role in ("teacher", "student"):  # the weights each run used, as the setup fingerprints them
+        weights = Path(setup[f"{role}_dir"]) / "model.safetensors"
+        assert setup["dense_sha256"][role] == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        assert all(r["dense_sha256"][role] == setup["dense_sha256"][role] for r in records)
 
     dense = sorted(Path(str(cache) + "_smoke").glob("dense-*/training.json"))
     assert len(dense) == 2
@@ -175,6 +181,7 @@ def _write_setup(folder: Path) -> None:
         },
     }
     setup["student_dir"] = "/cache/dense-student-resnet18-e15"
+    setup["dense_sha256"] = {"teacher": "t1", "student": "s1"}
     (folder / "setup.json").write_text(json.dumps(setup))
 
 
@@ -189,11 +196,16 @@ def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
         {**base, "key": "d", "variant": "snip", "student": "dense-student-resnet18-e30", "test_top1": 44.0},
         {**base, "key": "e", "variant": "epsd", "teacher": None, "student": "resnet18", "test_top1": 55.0},
         {**base, "key": "f", "variant": "imp", "student": "dense-student-resnet18-e15", "test_top1": 66.0},
+        # the same networks fine-tuned again (another fingerprint), and this setup's own (or none recorded)
+        {**base, "key": "g", "variant": "snip", "dense_sha256": {"teacher": "t2", "student": "s1"}, "test_top1": 71.25},
+        {**base, "key": "h", "variant": "tgp", "dense_sha256": {"teacher": "t1", "student": "s2"}, "test_top1": 72.25},
+        {**base, "key": "i", "variant": "tgp", "dense_sha256": {"teacher": "t1", "student": "s1"}, "test_top1": 78.5},
+        {**base, "key": "j", "variant": "tgp_fisher", "dense_sha256": {"teacher": None, "student": "s1"}, "test_top1": 88.5},
     ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
-    assert "Left out (2)" in text and "11.00" not in text and "44.00" not in text
-    assert all(f"{v}.00" in text for v in (22, 33, 55, 66))
+    assert "Left out (4)" in text and all(v not in text for v in ("11.00", "44.00", "71.25", "72.25"))
+    assert all(v in text for v in ("22.00", "33.00", "55.00", "66.00", "78.50", "88.50"))
 
 
 def test_goal_check_pairs_seeds_and_compares_compute_with_imp():
