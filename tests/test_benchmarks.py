@@ -197,10 +197,22 @@ def test_report_leaves_out_runs_from_another_teacher_or_student(tmp_path):
         {**base, "key": "e", "variant": "epsd", "teacher": None, "student": "resnet18", "test_top1": 55.0},
         {**base, "key": "f", "variant": "imp", "student": "dense-student-resnet18-e15", "test_top1": 66.0},
         # the same networks fine-tuned again (another fingerprint), and this setup's own (or none recorded)
-        {**base, "key": "g", "variant": "snip", "dense_sha256": {"teacher": "t2", "student": "s1"}, "test_top1": 71.25},
+        {
+            **base,
+            "key": "g",
+            "variant": "snip",
+            "dense_sha256": {"teacher": "t2", "student": "s1"},
+            "test_top1": 71.25,
+        },
         {**base, "key": "h", "variant": "tgp", "dense_sha256": {"teacher": "t1", "student": "s2"}, "test_top1": 72.25},
         {**base, "key": "i", "variant": "tgp", "dense_sha256": {"teacher": "t1", "student": "s1"}, "test_top1": 78.5},
-        {**base, "key": "j", "variant": "tgp_fisher", "dense_sha256": {"teacher": None, "student": "s1"}, "test_top1": 88.5},
+        {
+            **base,
+            "key": "j",
+            "variant": "tgp_fisher",
+            "dense_sha256": {"teacher": None, "student": "s1"},
+            "test_top1": 88.5,
+        },
     ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = converged.report(converged.parse_args(["--stage", "report", "--out", str(tmp_path)]))
