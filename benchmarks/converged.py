@@ -578,7 +578,10 @@ def run_one(args, splits, info, variant: str, sparsity: float, seed: int, retrai
     # hours of training: checkpointed every epoch, and resumed from the newest checkpoint
     checkpointed = scratch or args.stage == "long"
     if checkpointed:
-        output_dir = output_dir.with_name(f"trainer-{args.stage}") / model_dir(args, info, key).name
+        # one folder per results folder and dense weights: never resumed from a checkpoint of other networks
+        weights = "-".join(info["dense_sha256"][role] for role in ("teacher", "student"))
+        output_dir = output_dir.with_name(f"trainer-{args.stage}") / Path(args.out).name / weights
+        output_dir = output_dir / model_dir(args, info, key).name
         extra.update(save_strategy="epoch", save_total_limit=1)
     if scratch:
         extra.update(

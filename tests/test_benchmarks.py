@@ -134,8 +134,10 @@ def _run_killed_after_its_checkpoint_and_resumed(tmp_path, stage: str, *extra: s
     smoke = Path(str(cache) + "_smoke")
     runs_file = smoke / "results" / "runs.jsonl"
     (record,) = [json.loads(line) for line in runs_file.read_text().splitlines()]
-    checkpoints = list((smoke / f"trainer-{stage}").glob("*/checkpoint-*/trainer_state.json"))
+    checkpoints = list((smoke / f"trainer-{stage}").glob("*/*/*/checkpoint-*/trainer_state.json"))
     assert len(checkpoints) == 1  # checkpointed every epoch, the newest kept
+    prints = json.loads((runs_file.parent / "setup.json").read_text())["dense_sha256"]  # a folder per dense pair
+    assert checkpoints[0].parents[2].name == f"{prints['teacher']}-{prints['student']}"
     runs_file.write_text("")
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
