@@ -995,13 +995,12 @@ def report(args) -> str:
         lines.append("")
         teacher = setup_info["teacher"]["architecture"]
         students = (setup_info["student"]["architecture"], Path(setup_info["student_dir"]).name)
-
         prints = setup_info.get("dense_sha256", {})
 
         def belongs(r):
             same = r.get("teacher") in (None, teacher) and r.get("student", students[0]) in students
             recorded = r.get("dense_sha256") or {}  # records written before fingerprints were kept have none
-            return same and all(recorded.get(k) in (None, prints.get(k, recorded.get(k))) for k in recorded)
+            return same and all(v is None or prints.get(k, v) == v for k, v in recorded.items())
 
         stale = [r["key"] for r in records if not belongs(r)]
         if stale:  # a record distilled from another teacher or pruned from another student is not of this table
