@@ -505,6 +505,15 @@ VARIANTS = {
     # signed criteria, compared inside each layer (magnitude allocation, their default)
     "tgp_taylor": ("tgp_taylor", {}),
     "movement": ("movement", {}),
+    # the default with another retraining learning rate (the benchmarks' --retrain-lr, the recipe's: 0.01)
+    **{
+        f"tgp_fisher rounds=5 train-mode BN lr={lr:g}": (
+            "tgp_fisher",
+            {"pruning_rounds": 5, "scoring_bn_mode": "train", "learning_rate": lr},
+        )
+        for lr in (0.003, 0.03, 0.1)
+    },
+    "magnitude lr=0.03": ("magnitude", {"learning_rate": 0.03}),
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),
@@ -524,7 +533,7 @@ SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",
     "calibration_batch_size", "scoring_epochs", "scoring_bn_mode", "retrain_with_kd", "alpha", "temperature",
-    "max_grad_norm", "recalibration_samples",
+    "max_grad_norm", "recalibration_samples", "learning_rate",
 )  # fmt: skip
 
 
