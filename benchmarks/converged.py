@@ -513,7 +513,7 @@ VARIANTS = {
         )
         for lr in (0.003, 0.03, 0.1)
     },
-    "magnitude lr=0.03": ("magnitude", {"learning_rate": 0.03}),
+    **{f"magnitude lr={lr:g}": ("magnitude", {"learning_rate": lr}) for lr in (0.03, 0.1)},
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),
