@@ -514,6 +514,12 @@ VARIANTS = {
         for lr in (0.003, 0.03, 0.1)
     },
     **{f"magnitude lr={lr:g}": ("magnitude", {"learning_rate": lr}) for lr in (0.03, 0.1)},
+    # gradual pruning during the KD retraining (cubic schedule), Fisher of the training loss unless named
+    "gradual": ("gradual", {}),
+    "gradual end=0.75": ("gradual", {"pruning_method_args": {"end_fraction": 0.75}}),
+    "gradual end=0.3": ("gradual", {"pruning_method_args": {"end_fraction": 0.3}}),
+    "gradual steps=20": ("gradual", {"pruning_method_args": {"pruning_steps": 20}}),
+    "gradual magnitude": ("gradual", {"pruning_method_args": {"criterion": "magnitude"}}),
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),

@@ -279,3 +279,108 @@ class ScheduledMaskCallback(GlobalMaskCallback):
             )
             self._finalize(model, optimizer, hooks=False)
         super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
+
+
+class GradualMaskCallback(GlobalMaskCallback):
+    """A `GlobalMaskCallback` whose sparsity rises in steps during training (hard masks: a pruned weight stays pruned).
+
+    Args:
+        masks: the mask source (a `hf_tgprune.Pruner`); every new set of masks is recorded there.
+        schedule: `schedule(max_steps)` returns {optimizer step: sparsity}, the mask updates of a run of `max_steps`
+            steps (the last one at the target); it may raise ValueError when the run is too short for it.
+        select: `select(scores, sparsity)` returns masks pruning exactly `round(sparsity·N)` weights, the weights that
+            are already zero first (`Pruner.select_masks`), so the masks are nested.
+        score_fn: `score_fn(weights, fisher)` returns the scores of each update from the current weights and, with
+            `accumulate`, the summed squared gradients since the previous update (None otherwise).
+        target: the final sparsity.
+        accumulate: sum `grad²` of every masked weight at each optimizer step — after clipping and the all-reduce of
+            several processes, so every process holds the same sums — and reset the sums at each update: the empirical
+            Fisher of the training loss, with no pass of its own.
+
+    An update runs at the end of its optimizer step, before that step's checkpoint is written. `state_dict()` /
+    `load_state_dict()` hold the updates applied, whether the schedule finished, and the sums, so a resumed run
+    continues exactly.
+    """
+
+    def __init__(self, masks, schedule, select, score_fn, target, *, accumulate: bool):
+        super().__init__(masks)
+        self.schedule = schedule
+        self.select = select
+        self.score_fn = score_fn
+        self.target = target
+        self.accumulate = accumulate
+        self.events: dict[int, float] = {}
+        self.applied: set[int] = set()
+        self.finished = False
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self._named: dict[str, torch.nn.Parameter] = {}
+
+    def state_dict(self) -> dict:
+        state = {"applied": sorted(self.applied), "finished": self.finished}
+        if self.fisher is not None:
+            state["tensors"] = {f"fisher.{name}": value.detach().cpu() for name, value in self.fisher.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.applied = {int(step) for step in state.get("applied", [])}
+        self.finished = bool(state.get("finished", False))
+        tensors = state.get("tensors") or {}
+        fisher = {name[len("fisher.") :]: t for name, t in tensors.items() if name.startswith("fisher.")}
+        self.fisher = fisher or None
+
+    def _reset_fisher(self) -> None:
+        self.fisher = {name: torch.zeros_like(self._named[name], dtype=torch.float32) for name in self.masks}
+
+    @torch.no_grad()
+    def _update(self, sparsity: float, model, optimizer) -> None:
+        weights = {name: self._named[name] for name in self.masks}
+        masks = self.select(self.score_fn(weights, self.fisher if self.accumulate else None), sparsity)
+        self.source.set_masks(masks)
+        self.start(model, optimizer)
+        self.source.log_report()
+        if self.accumulate:
+            self._reset_fisher()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.events = self.schedule(state.max_steps)
+        self._named = dict(unwrap_model(model).named_parameters())
+        super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
+        if self.accumulate and not self.finished:
+            if self.fisher is None:
+                self._reset_fisher()
+            else:  # restored from a checkpoint
+                self.fisher = {name: value.to(self._named[name].device) for name, value in self.fisher.items()}
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.accumulate or self.finished:
+            return
+        sums, grads = [], []
+        for name, total in self.fisher.items():
+            grad = self._named[name].grad
+            if grad is not None:
+                sums.append(total)
+                grads.append(grad.float())
+        if sums:
+            torch._foreach_addcmul_(sums, grads, grads)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        if self.finished or step not in self.events or step in self.applied:
+            return
+        self.applied.add(step)
+        self._update(self.events[step], model, optimizer)
+        self.finished = step >= max(self.events)
+        if self.finished:
+            self.fisher = None
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.finished:
+            logger.warning(
+                "Training ended before the pruning schedule did: masks completed at the target sparsity %.4f now, "
+                "without retraining. Train for more steps.",
+                self.target,
+            )
+            self._update(self.target, model, optimizer)
+            self.finished, self.fisher = True, None
+        super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
