@@ -53,7 +53,7 @@ class _Spy(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "method", ["tgp", "tgp_fisher", "snip", "grad", "magnitude", "random", "epsd", "dg2pf", "imp", "dense"]
+    "method", ["tgp", "tgp_fisher", "snip", "grad", "magnitude", "random", "epsd", "dg2pf", "imp", "gradual", "dense"]
 )
 def test_config_accepts_every_registered_method(tmp_path, method):
     assert _config(tmp_path, pruning_method=method).pruning_method == method

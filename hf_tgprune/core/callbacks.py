@@ -338,7 +338,7 @@ class GradualMaskCallback(GlobalMaskCallback):
         self.source.set_masks(masks)
         self.start(model, optimizer)
         self.source.log_report()
-        if self.accumulate:
+        if self.accumulate and not self.finished:
             self._reset_fisher()
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -369,8 +369,8 @@ class GradualMaskCallback(GlobalMaskCallback):
         if self.finished or step not in self.events or step in self.applied:
             return
         self.applied.add(step)
+        self.finished = step >= max(self.events)  # before the update, whose report records it
         self._update(self.events[step], model, optimizer)
-        self.finished = step >= max(self.events)
         if self.finished:
             self.fisher = None
 
@@ -381,6 +381,7 @@ class GradualMaskCallback(GlobalMaskCallback):
                 "without retraining. Train for more steps.",
                 self.target,
             )
+            self.finished = True
             self._update(self.target, model, optimizer)
-            self.finished, self.fisher = True, None
+            self.fisher = None
         super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)

@@ -56,7 +56,8 @@ class PruningArguments:
             "(global |θ|), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), 'tgp_taylor' "
             "(teacher-guided signed second-order change of the loss −θ·ḡ + ½·F·θ²), 'movement' (−Σ_t θ·g accumulated "
             "over fine-tuning, hf_tgprune.methods.movement.MovementScores), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), "
-            "'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
+            "'random'; 'gradual' (pruning in steps during retraining, by the Fisher of the training loss); the seed "
+            "baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
         },
     )
     pruning_method_args: dict | str | None = field(
