@@ -27,6 +27,15 @@ from .adapters import unwrap_model
 logger = logging.getLogger(__name__)
 
 
+def _warn_unfinished(target: float, unit: str) -> None:
+    logger.warning(
+        "Training ended before the pruning schedule did: masks completed at the target sparsity %.4f now, without "
+        "retraining. Train for more %s.",
+        target,
+        unit,
+    )
+
+
 class _GradientMask:
     """Post-accumulate-grad hook: multiply `param.grad` by the 0/1 mask in place."""
 
@@ -272,11 +281,7 @@ class ScheduledMaskCallback(GlobalMaskCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.finished:
-            logger.warning(
-                "Training ended before the pruning schedule did: masks completed at the target sparsity %.4f now, "
-                "without retraining. Train for more epochs.",
-                self.target,
-            )
+            _warn_unfinished(self.target, "epochs")
             self._finalize(model, optimizer, hooks=False)
         super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
 
@@ -376,11 +381,7 @@ class GradualMaskCallback(GlobalMaskCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.finished:
-            logger.warning(
-                "Training ended before the pruning schedule did: masks completed at the target sparsity %.4f now, "
-                "without retraining. Train for more steps.",
-                self.target,
-            )
+            _warn_unfinished(self.target, "steps")
             self.finished = True
             self._update(self.target, model, optimizer)
             self.fisher = None
