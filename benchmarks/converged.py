@@ -514,8 +514,9 @@ VARIANTS = {
         for lr in (0.003, 0.03, 0.1)
     },
     **{f"magnitude lr={lr:g}": ("magnitude", {"learning_rate": lr}) for lr in (0.03, 0.1)},
-    # gradual pruning during the KD retraining (cubic schedule), Fisher of the training loss unless named
-    "gradual": ("gradual", {}),
+    # gradual pruning during the KD retraining (cubic schedule, 10 updates unless named), Fisher of the training loss
+    # unless named; "gradual" spreads the updates over half of training, the others say over how much
+    "gradual": ("gradual", {"pruning_method_args": {"end_fraction": 0.5}}),
     "gradual end=0.75": ("gradual", {"pruning_method_args": {"end_fraction": 0.75}}),
     "gradual end=0.3": ("gradual", {"pruning_method_args": {"end_fraction": 0.3}}),
     "gradual steps=20": ("gradual", {"pruning_method_args": {"pruning_steps": 20}}),

@@ -41,7 +41,7 @@ class GradualConfig(MethodConfig):
         default=10, metadata={"help": "Number n of mask updates (the k-th prunes to sparsity·(1-(1-k/n)³))."}
     )
     end_fraction: float = field(
-        default=0.5,
+        default=0.3,
         metadata={
             "help": "Fraction of the training steps over which the updates are spread, in (0, 1]; the last update "
             "reaches the target there and the remaining steps retrain the final mask."
