@@ -140,7 +140,7 @@ def test_fisher_scores_are_the_summed_squared_gradients_of_the_training_loss(tmp
 
 
 def test_training_stopped_early_completes_the_masks_at_the_target(tmp_path, caplog):
-    trainer = _trainer(tmp_path, num_train_epochs=2, pruning_method_args={"pruning_steps": 3})
+    trainer = _trainer(tmp_path, num_train_epochs=2, pruning_method_args={"pruning_steps": 3, "end_fraction": 1.0})
 
     def stop(args, state, control, **kwargs):
         control.should_training_stop = state.global_step >= 1
