@@ -356,12 +356,13 @@ def test_default_warmup_trains_an_untrained_student(recipe, tiny_cifar, tmp_path
 
 
 @pytest.mark.slow
-def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path):
-    """A non-one-shot method (IMP) prunes during each run's own training; the final sparsity is exact."""
+@pytest.mark.parametrize("method,method_args", [("imp", "rounds=2"), ("gradual", "pruning_steps=2,end_fraction=1")])
+def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path, method, method_args):
+    """A non-one-shot method (IMP, gradual) prunes during each run's own training; the final sparsity is exact."""
     results = _bad_run(
         recipe, tiny_cifar, tmp_path / "out",
-        "--pruning_method", "imp", "--retrain_with_kd", "False", "--student_warmup_epochs", "0",
-        "--sparsity", "0.8", "--pruning_method_args", "rounds=2", "--plots", "False",
+        "--pruning_method", method, "--retrain_with_kd", "False", "--student_warmup_epochs", "0",
+        "--sparsity", "0.8", "--pruning_method_args", method_args, "--plots", "False",
     )  # fmt: skip
     assert "scoring" not in results["stage_seconds"] and results["teacher"] is None
     (run,) = results["runs"]
