@@ -66,7 +66,8 @@ class PruningArguments:
             "help": "Settings of the chosen pruning_method, as a dict, a JSON object or 'key=value,key=value': "
             "epsd: warmup_steps (100), self_distillation_weight (1.0), temperature (4.0); dg2pf: "
             "gradual_pruning_epochs (5), self_kd_alpha (0.75), self_kd_temperature (4.0); imp: rounds (None), "
-            "prune_fraction (0.15), epochs_per_round (1)."
+            "prune_fraction (0.15), epochs_per_round (1); gradual: criterion ('fisher'), pruning_steps (10), "
+            "end_fraction (0.3)."
         },
     )
     alpha: float = field(

@@ -565,7 +565,7 @@ class Pruner:
         """Prune with the method and return the report; calling it again returns the same report.
 
         One-shot methods score once (or `pruning_rounds` times), install one mask and recalibrate BatchNorm
-        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`) install their initial masks
+        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`, `gradual`) install their initial masks
         (if any) here; their callbacks (`method.callbacks(pruner)`) do the rest.
 
         Args:
