@@ -123,8 +123,12 @@ def test_fisher_scores_are_the_summed_squared_gradients_of_the_training_loss(tmp
     callback.score_fn = lambda weights, fisher: seen.append(score_fn(weights, fisher)) or seen[-1]
     masks_at = {}
 
+    sums_after_update = []
+
     def record(args, state, control, **kwargs):
         masks_at.setdefault(state.global_step, {name: mask.clone() for name, mask in trainer.masks.items()})
+        if state.global_step == 2:  # the update of this step has run: the sums start again from zero
+            sums_after_update.append(sum(float(total.abs().sum()) for total in callback.fisher.values()))
 
     trainer.add_callback(_Spy(on_step_end=record))
     trainer.train()
@@ -136,6 +140,7 @@ def test_fisher_scores_are_the_summed_squared_gradients_of_the_training_loss(tmp
     # the update keeps the highest scores (global allocation, the layer guard, exact count)
     first = trainer.pruner.select_masks(seen[0], cubic_schedule(0.9, 2, 4)[2])
     assert all(torch.equal(mask, masks_at[2][name]) for name, mask in first.items())
+    assert sums_after_update == [0.0]
     assert _num_pruned(first) == round(0.9 * (1 - 0.5**3) * sum(m.numel() for m in first.values()))
 
 
@@ -151,6 +156,7 @@ def test_training_stopped_early_completes_the_masks_at_the_target(tmp_path, capl
     assert trainer.state.global_step == 1
     assert "Training ended before the pruning schedule did" in caplog.text
     _assert_final_state(trainer)
+    assert trainer.pruning_report["schedule_finished"] is True
 
 
 def test_too_short_a_run_is_refused_before_the_first_step(tmp_path):
@@ -181,3 +187,58 @@ def test_interrupted_gradual_schedule_resumes_to_the_same_masks_and_weights(tmp_
     for name, value in weights.items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
     _assert_final_state(resumed)
+
+
+def test_a_step_with_overflowed_gradients_adds_nothing_to_the_sums(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1, pruning_method_args={"pruning_steps": 1, "end_fraction": 1.0})
+    trainer.prune()
+    callback = trainer.method.callback
+    params = dict(trainer.model.named_parameters())
+    callback._named = params
+    callback._reset_fisher()
+    name = next(iter(callback.fisher))
+    for other in callback.fisher:
+        params[other].grad = torch.ones_like(params[other])
+    callback.on_pre_optimizer_step(None, None, None)
+    assert float(callback.fisher[name].sum()) == params[name].numel()
+    params[name].grad[0].view(-1)[0] = float("inf")  # fp16 loss scaling overflowed: the optimizer skips this step
+    callback.on_pre_optimizer_step(None, None, None)
+    assert all(float(total.sum()) == total.numel() for total in callback.fisher.values())
+
+
+def test_resume_refuses_other_schedule_settings(tmp_path):
+    settings = dict(num_train_epochs=1, save_strategy="steps", save_steps=2)
+    _trainer(tmp_path, pruning_method_args={"pruning_steps": 2, "end_fraction": 1.0}, **settings).train()
+    other = _trainer(tmp_path, pruning_method_args={"pruning_steps": 3, "end_fraction": 1.0}, **settings)
+    with pytest.raises(ValueError, match="was written with pruning_method_args=.*Resume with the checkpoint's"):
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_best_checkpoint_from_before_the_final_masks_is_not_loaded(tmp_path, caplog):
+    # the first evaluation scores best: its checkpoint (step 2) predates the final masks (step 6)
+    scores = iter(range(100, 0, -1))
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=0),
+        args=_config(
+            tmp_path,
+            pruning_method="gradual",
+            retrain_with_kd=False,
+            num_train_epochs=2,
+            pruning_method_args={"pruning_steps": 3, "end_fraction": 0.75},
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="steps",
+            save_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
+        ),
+        train_dataset=RandomImages(32),
+        eval_dataset=RandomImages(8),
+        compute_metrics=lambda prediction: {"score": next(scores)},
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert "was saved before the masks reached their final state" in caplog.text
+    _assert_final_state(trainer)

@@ -366,7 +366,8 @@ class GradualMaskCallback(GlobalMaskCallback):
             if grad is not None:
                 sums.append(total)
                 grads.append(grad.float())
-        if sums:
+        # a step whose gradients overflowed (fp16 loss scaling) is skipped by the optimizer: skip it here as well
+        if sums and bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             torch._foreach_addcmul_(sums, grads, grads)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

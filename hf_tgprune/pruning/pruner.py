@@ -704,6 +704,13 @@ class Pruner:
                 f"sparsity={self.args.sparsity}. Resume with the checkpoint's sparsity, or start a new run in another "
                 "output_dir."
             )
+        settings = self.method.config.to_dict()
+        if not self.method.one_shot and state.pruning_method_args != settings:
+            raise ValueError(
+                f"{str(folder)!r} was written with pruning_method_args={state.pruning_method_args}, but this run has "
+                f"{settings}: the schedule would continue differently from the one that made its masks. Resume with "
+                "the checkpoint's pruning_method_args, or start a new run in another output_dir."
+            )
         self.method.load_state_dict(state.method_state)
         self.method.resume(self, state.masks)
         self.pruned = True

@@ -334,9 +334,28 @@ class SparseCheckpointMixin:
         self._load_sparse_checkpoint(resume_from_checkpoint, self.model if model is None else model)
 
     def _load_best_model(self) -> None:
-        if not self._is_sparse_checkpoint(self.state.best_model_checkpoint):
+        best = self.state.best_model_checkpoint
+        if not self._is_sparse_checkpoint(best):
             return super()._load_best_model()
-        self._load_sparse_checkpoint(self.state.best_model_checkpoint, self.model)
+        if self._predates_masks(best):
+            logger.warning(
+                "The best checkpoint %s was saved before the masks reached their final state (pruning_method=%r "
+                "prunes during training): keeping the model at the end of training, which has them.",
+                best,
+                self.pruner.args.pruning_method,
+            )
+            return
+        self._load_sparse_checkpoint(best, self.model)
+
+    def _predates_masks(self, folder: str) -> bool:
+        """Whether a checkpoint of a method whose masks change during training holds other masks than the current
+        ones (its weights would not belong with them)."""
+        from ..core.masking import mask_hash
+
+        if self.pruner.method.one_shot or self.pruner.masks is None:
+            return False
+        recorded = (read_sparsity_record(Path(folder)).get("mask") or {}).get("sha256")
+        return recorded is not None and recorded != mask_hash(self.pruner.masks)
 
     # --- model card ---------------------------------------------------------------------------------------------
     def create_model_card(
