@@ -343,7 +343,9 @@ class GradualMaskCallback(GlobalMaskCallback):
         self.source.set_masks(masks)
         self.start(model, optimizer)
         self.source.log_report()
-        if self.accumulate and not self.finished:
+        if self.finished:
+            self.fisher = None
+        elif self.accumulate:
             self._reset_fisher()
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -377,13 +379,10 @@ class GradualMaskCallback(GlobalMaskCallback):
         self.applied.add(step)
         self.finished = step >= max(self.events)  # before the update, whose report records it
         self._update(self.events[step], model, optimizer)
-        if self.finished:
-            self.fisher = None
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.finished:
             _warn_unfinished(self.target, "steps")
             self.finished = True
             self._update(self.target, model, optimizer)
-            self.fisher = None
         super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)

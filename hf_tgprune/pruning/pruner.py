@@ -565,8 +565,8 @@ class Pruner:
         """Prune with the method and return the report; calling it again returns the same report.
 
         One-shot methods score once (or `pruning_rounds` times), install one mask and recalibrate BatchNorm
-        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`, `gradual`) install their initial masks
-        (if any) here; their callbacks (`method.callbacks(pruner)`) do the rest.
+        (`recalibrate_bn`). Methods that prune during training (`epsd`, `dg2pf`, `imp`, `gradual`) install their
+        initial masks (if any) here; their callbacks (`method.callbacks(pruner)`) do the rest.
 
         Args:
             scores: importance scores already computed by `compute_scores()` on these same (dense) weights. One-shot
