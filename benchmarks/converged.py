@@ -519,12 +519,9 @@ VARIANTS = {
     "gradual": ("gradual", {"pruning_method_args": {"end_fraction": 0.5}}),
     "gradual end=0.75": ("gradual", {"pruning_method_args": {"end_fraction": 0.75}}),
     "gradual end=0.3": ("gradual", {"pruning_method_args": {"end_fraction": 0.3}}),
-    "gradual steps=20": ("gradual", {"pruning_method_args": {"pruning_steps": 20}}),
     "gradual magnitude": ("gradual", {"pruning_method_args": {"criterion": "magnitude"}}),
     "gradual end=0.15": ("gradual", {"pruning_method_args": {"end_fraction": 0.15}}),
     "gradual end=0.3 lr=0.03": ("gradual", {"pruning_method_args": {"end_fraction": 0.3}, "learning_rate": 0.03}),
-    "gradual end=0.3 steps=20": ("gradual", {"pruning_method_args": {"end_fraction": 0.3, "pruning_steps": 20}}),
-    "gradual end=0.3 steps=5": ("gradual", {"pruning_method_args": {"end_fraction": 0.3, "pruning_steps": 5}}),
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),

@@ -195,6 +195,11 @@ class ScheduledPruningMethod(PruningMethod):
             self.callback.load_state_dict(state)
 
 
+def keep_all(pruner) -> dict[str, torch.Tensor]:
+    """Masks that keep every prunable weight: the start of a schedule that prunes during training."""
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in pruner.prunable_parameters().items()}
+
+
 METHODS: Registry[type[PruningMethod]] = Registry("pruning_method")
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..core.adapters import forward_logits, unwrap_model
 from ..core.losses import teacher_guided_loss
-from .base import MethodConfig, ScheduledPruningMethod, register_method
+from .base import MethodConfig, ScheduledPruningMethod, keep_all, register_method
 from .imp import magnitude_masks
 
 
@@ -76,7 +76,7 @@ class DG2PF(ScheduledPruningMethod):
 
     def prune(self, pruner):
         self._freeze_dense(pruner)
-        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in pruner.prunable_parameters().items()}
+        return keep_all(pruner)
 
     def mask_callback(self, pruner):
         epochs = self.config.gradual_pruning_epochs

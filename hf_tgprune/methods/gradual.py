@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.callbacks import GradualMaskCallback
-from .base import MethodConfig, ScheduledPruningMethod, register_method
+from .base import MethodConfig, ScheduledPruningMethod, keep_all, register_method
 
 CRITERIA = ("fisher", "magnitude")
 
@@ -89,7 +89,7 @@ class Gradual(ScheduledPruningMethod):
     description = "gradual pruning during retraining: cubic schedule, Fisher of the training loss (or magnitude)"
 
     def prune(self, pruner):
-        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in pruner.prunable_parameters().items()}
+        return keep_all(pruner)
 
     def mask_callback(self, pruner):
         config, sparsity = self.config, pruner.args.sparsity
