@@ -12,6 +12,7 @@ from hf_tgprune.core.adapters import forward_logits
 from hf_tgprune.core.losses import teacher_guided_loss
 from hf_tgprune.methods import build_method
 from hf_tgprune.methods.gradual import cubic_schedule
+from hf_tgprune.training.trainer import planned_optimizer_steps
 from tests.test_methods import _assert_final_state, _config, _num_pruned, _Spy
 from tests.utils import RandomImages, make_model
 
@@ -159,12 +160,58 @@ def test_training_stopped_early_completes_the_masks_at_the_target(tmp_path, capl
     assert trainer.pruning_report["schedule_finished"] is True
 
 
-def test_too_short_a_run_is_refused_before_the_first_step(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=3, pruning_method_args={"pruning_steps": 4, "end_fraction": 1.0})
+@pytest.mark.parametrize("length", [dict(max_steps=3), dict(num_train_epochs=1)])  # 3 steps; 4 steps (32 images)
+def test_too_short_a_run_is_refused_when_the_trainer_is_built(tmp_path, length):
+    with pytest.raises(ValueError, match="pruning_steps=5 mask updates over [34] training step.*lower pruning_steps"):
+        _trainer(tmp_path, pruning_method_args={"pruning_steps": 5, "end_fraction": 1.0}, **length)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Training examples without a length: the run's steps are known only when training starts."""
+
+    def __init__(self, n):
+        self.images = RandomImages(n)
+
+    def __iter__(self):
+        return (self.images[i] for i in range(len(self.images)))
+
+
+def test_too_short_a_run_without_a_dataset_length_is_refused_before_the_first_step(tmp_path):
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=0),
+        args=_config(
+            tmp_path,
+            pruning_method="gradual",
+            retrain_with_kd=False,
+            max_steps=3,
+            pruning_method_args={"pruning_steps": 4, "end_fraction": 1.0},
+        ),
+        train_dataset=_Stream(32),
+    )
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="lower pruning_steps"):
         trainer.train()
     assert all(torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "images,settings",
+    [
+        (32, dict(num_train_epochs=2)),
+        (30, dict(num_train_epochs=1, gradient_accumulation_steps=3)),  # 4 batches, the last 6 images
+        (30, dict(num_train_epochs=2.5, dataloader_drop_last=True)),
+        (40, dict(num_train_epochs=3, per_device_train_batch_size=16, gradient_accumulation_steps=2)),
+        (32, dict(max_steps=7)),
+    ],
+)
+def test_planned_optimizer_steps_count_as_the_trainer_counts(tmp_path, images, settings):
+    trainer = TeacherGuidedPruningTrainer(
+        model=make_model("timm_resnet", seed=0),
+        args=_config(tmp_path, pruning_method="dense", retrain_with_kd=False, **settings),
+        train_dataset=RandomImages(images),
+    )
+    max_steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    assert planned_optimizer_steps(trainer.args, images) == max_steps
 
 
 def test_interrupted_gradual_schedule_resumes_to_the_same_masks_and_weights(tmp_path):

@@ -257,6 +257,18 @@ def test_bad_arguments(recipe, tiny_cifar, tmp_path, extra, message):
         _bad_run(recipe, tiny_cifar, tmp_path / "out", *extra)
 
 
+@pytest.mark.parametrize("epochs", ["1", "0"])
+def test_gradual_schedule_longer_than_the_retraining_is_refused_before_any_stage(recipe, tiny_cifar, tmp_path, epochs):
+    from hf_tgprune.scripts import RecipeError
+
+    out = tmp_path / "out"
+    with pytest.raises(
+        RecipeError, match=r"pruning_steps=10 mask updates over \d+ training step.*lower pruning_steps"
+    ):
+        _bad_run(recipe, tiny_cifar, out, "--pruning_method", "gradual", "--num_train_epochs", epochs)
+    assert not (out / "teacher").exists()
+
+
 def test_push_to_hub_needs_network_and_token(recipe, tiny_cifar, tmp_path, monkeypatch):
     import huggingface_hub
 

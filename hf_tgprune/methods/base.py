@@ -136,6 +136,10 @@ class PruningMethod:
     def needs_calibration_data(self) -> bool:
         return self.criterion is not None and not get_scoring_method(self.criterion).data_free
 
+    def check_steps(self, max_steps: int) -> None:
+        """Raise ValueError, naming the fix, when a training run of `max_steps` optimizer steps is too short for the
+        method's schedule (checked when the run is set up, before any training; nothing to check by default)."""
+
     # --- hooks ------------------------------------------------------------------------------------------------------
     def prune(self, pruner) -> dict[str, torch.Tensor] | None:
         """Masks to install before training (exactly `round(sparsity·N)` pruned for one-shot methods)."""

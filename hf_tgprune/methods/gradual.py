@@ -91,6 +91,9 @@ class Gradual(ScheduledPruningMethod):
     def prune(self, pruner):
         return keep_all(pruner)
 
+    def check_steps(self, max_steps: int) -> None:
+        cubic_schedule(1.0, self.config.pruning_steps, round(self.config.end_fraction * max_steps))
+
     def mask_callback(self, pruner):
         config, sparsity = self.config, pruner.args.sparsity
 

@@ -35,7 +35,7 @@ from ..data import (
 from ..io.models import has_trained_weights, load_image_classifier
 from ..methods import build_method
 from ..training.evaluation import make_compute_metrics
-from ..training.trainer import TeacherGuidedPruningTrainer
+from ..training.trainer import TeacherGuidedPruningTrainer, planned_optimizer_steps
 from .speed import measure_inference_speed
 from .utils import (
     RESULTS_NAME,
@@ -154,8 +154,12 @@ def load_data_and_models(run: RecipeRun, model_args, data_args, args):
     student, teacher, teacher_is_trained = load_models(
         model_args, args, len(id2label), id2label, label2id, teacher_dir, run.resume
     )
-    try:  # --prune_include / --prune_exclude patterns must match the student's weights: say so before training
+    try:  # --prune_include / --prune_exclude patterns must match the student's weights, and a method's schedule
+        # must fit the retraining: say so before the teacher and dense stages train
         prunable_parameters(student, args.prune_include, args.prune_exclude)
+        build_method(args.pruning_method, args.pruning_method_args).check_steps(
+            planned_optimizer_steps(args, len(splits.train))
+        )
     except ValueError as error:
         raise RecipeError(str(error)) from error
     # the student's resolution and normalisation (its image processor, if its library has one); the teacher sees the

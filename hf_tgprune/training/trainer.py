@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import Mapping
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, has_length
 
 from ..core.adapters import forward_logits
 from ..core.adapters import teacher_logits as forward_teacher
@@ -33,6 +34,20 @@ from ..pruning.pruner import Pruner
 from .checkpointing import SparseCheckpointMixin
 
 logger = logging.getLogger(__name__)
+
+
+def planned_optimizer_steps(args, num_examples: int) -> int:
+    """The optimizer steps of training `args` on `num_examples` examples, counted as the Trainer counts them:
+    `max_steps` if set, else the epochs times ⌈batches per process / gradient_accumulation_steps⌉, with
+    ⌈⌈num_examples / per_device_train_batch_size⌉ / world_size⌉ batches per process (⌊·⌋ with
+    `dataloader_drop_last`). The trainer may drop one single-image batch per epoch, so this is at most one step per
+    epoch more than the run takes."""
+    if args.max_steps > 0:
+        return args.max_steps
+    rounding = math.floor if args.dataloader_drop_last else math.ceil
+    batches = math.ceil(rounding(num_examples / args.per_device_train_batch_size) / args.world_size)
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -97,6 +112,8 @@ class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
             masks=masks,
             collate_fn=data_collator,
         )
+        if train_dataset is not None and has_length(train_dataset):  # a schedule too short for the run, before it
+            self.pruner.method.check_steps(planned_optimizer_steps(args, len(train_dataset)))
         if teacher_model is None and self.pruner.method.needs_teacher(args):
             raise ValueError(
                 "retrain_with_kd=True needs a `teacher_model`; pass one, or set alpha=0 to prune and retrain without a "
