@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from hf_tgprune.scripts import parse_arguments, stages, validate_arguments
+from hf_tgprune.scripts.utils import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "prune_cifar.py"
@@ -380,6 +381,8 @@ def test_pruning_schedule_runs_through_the_recipe(recipe, tiny_cifar, tmp_path, 
     (run,) = results["runs"]
     prunable = run["sparsity_report"]["prunable"]
     assert prunable["zeros"] >= round(0.8 * prunable["numel"]) and "after_retraining" in run
+    # the model before its training is not the pruned one: no "after pruning" accuracy is reported for it
+    assert "after_pruning" not in run and "after pruning" not in format_summary(results)
 
 
 class _Interrupted(Exception):

@@ -310,7 +310,9 @@ def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, rec
             callbacks=callbacks,
         )  # fmt: skip
         entry = run.results["in_progress"].get(tag) or {"sparsity": sparsity, "model_dir": run_dir}
-        resume_run = run.resume and has_checkpoint(run_dir) and "after_pruning" in entry
+        # "after_pruning" marks a pruned run in results.json written before "pruned" was
+        pruned = entry.get("pruned", "after_pruning" in entry)
+        resume_run = run.resume and has_checkpoint(run_dir) and pruned
         if not resume_run:
             shared = trainer.pruner.shares_scores()  # a one-shot method in one round: one scoring pass for all
             if shared and scores is None:
@@ -318,8 +320,10 @@ def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, rec
                     scores = trainer.compute_scores()
             with run.measure(f"{tag}/prune"):
                 trainer.prune(scores=scores if shared else None)
-            with run.measure(f"{tag}/eval_after_pruning"):
-                entry["after_pruning"] = evaluate(trainer, data.test)
+            if trainer.pruner.method.one_shot:  # the others prune during training: this model is not yet pruned
+                with run.measure(f"{tag}/eval_after_pruning"):
+                    entry["after_pruning"] = evaluate(trainer, data.test)
+            entry["pruned"] = True
             run.results["in_progress"][tag] = entry
             run.save()
         if args.num_train_epochs > 0 or args.max_steps > 0:
@@ -343,7 +347,7 @@ def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, rec
         with run.measure(f"{tag}/save"):
             record_data(trainer, data, teacher=(run.results.get("teacher") or {}).get("source"),
                         base_model=model_args.model_name_or_path, dense_metrics=run.results["dense_student"]["test"],
-                        pruned_metrics=entry.get("after_retraining") or entry["after_pruning"])  # fmt: skip
+                        pruned_metrics=entry.get("after_retraining") or entry.get("after_pruning"))  # fmt: skip
             trainer.save_model(run_dir)
             if args.push_to_hub:
                 trainer.args.hub_model_id = hub_repo_for(args.hub_model_id, run.output_dir, sparsity,
