@@ -17,13 +17,13 @@ from tests.test_methods import _assert_final_state, _config, _num_pruned, _Spy
 from tests.utils import RandomImages, make_model
 
 
-def _trainer(tmp_path, teacher=False, images=32, **overrides):
+def _trainer(tmp_path, teacher=False, images=32, train_dataset=None, **overrides):
     settings = dict(pruning_method="gradual", retrain_with_kd=teacher, **overrides)
     return TeacherGuidedPruningTrainer(
         model=make_model("timm_resnet", seed=0),
         teacher_model=make_model("hf_resnet", seed=1) if teacher else None,
         args=_config(tmp_path, **settings),
-        train_dataset=RandomImages(images),
+        train_dataset=train_dataset if train_dataset is not None else RandomImages(images),
     )
 
 
@@ -177,16 +177,8 @@ class _Stream(torch.utils.data.IterableDataset):
 
 
 def test_too_short_a_run_without_a_dataset_length_is_refused_before_the_first_step(tmp_path):
-    trainer = TeacherGuidedPruningTrainer(
-        model=make_model("timm_resnet", seed=0),
-        args=_config(
-            tmp_path,
-            pruning_method="gradual",
-            retrain_with_kd=False,
-            max_steps=3,
-            pruning_method_args={"pruning_steps": 4, "end_fraction": 1.0},
-        ),
-        train_dataset=_Stream(32),
+    trainer = _trainer(
+        tmp_path, train_dataset=_Stream(32), max_steps=3, pruning_method_args={"pruning_steps": 4, "end_fraction": 1.0}
     )
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="lower pruning_steps"):
