@@ -522,6 +522,11 @@ VARIANTS = {
     "gradual magnitude": ("gradual", {"pruning_method_args": {"criterion": "magnitude"}}),
     "gradual end=0.15": ("gradual", {"pruning_method_args": {"end_fraction": 0.15}}),
     "gradual end=0.3 lr=0.03": ("gradual", {"pruning_method_args": {"end_fraction": 0.3}, "learning_rate": 0.03}),
+    # the same images in twice the optimizer steps (compute counted in images is unchanged)
+    "gradual end=0.3 batch=32": (
+        "gradual",
+        {"pruning_method_args": {"end_fraction": 0.3}, "per_device_train_batch_size": 32},
+    ),
     # retraining with TrainingArguments' default gradient clipping, against a run without it (transfer.py)
     "magnitude clip=1": ("magnitude", {"max_grad_norm": 1.0}),
     "tgp_fisher rounds=5 clip=1": ("tgp_fisher", {"pruning_rounds": 5, "max_grad_norm": 1.0}),
