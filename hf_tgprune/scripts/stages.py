@@ -310,7 +310,7 @@ def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, rec
             callbacks=callbacks,
         )  # fmt: skip
         entry = run.results["in_progress"].get(tag) or {"sparsity": sparsity, "model_dir": run_dir}
-        # "after_pruning" marks a pruned run in results.json written before "pruned" was
+        # a results.json from an older version marks a pruned run by its "after_pruning" accuracy only
         pruned = entry.get("pruned", "after_pruning" in entry)
         resume_run = run.resume and has_checkpoint(run_dir) and pruned
         if not resume_run:
