@@ -91,21 +91,21 @@ class Gradual(ScheduledPruningMethod):
     def prune(self, pruner):
         return keep_all(pruner)
 
+    def schedule(self, sparsity: float, max_steps: int) -> dict[int, float]:
+        """{optimizer step: sparsity} of the updates of a run of `max_steps` steps (ValueError if too short)."""
+        return cubic_schedule(sparsity, self.config.pruning_steps, round(self.config.end_fraction * max_steps))
+
     def check_steps(self, max_steps: int) -> None:
-        cubic_schedule(1.0, self.config.pruning_steps, round(self.config.end_fraction * max_steps))
+        self.schedule(1.0, max_steps)
 
     def mask_callback(self, pruner):
-        config, sparsity = self.config, pruner.args.sparsity
-
-        def schedule(max_steps: int) -> dict[int, float]:
-            return cubic_schedule(sparsity, config.pruning_steps, round(config.end_fraction * max_steps))
-
+        sparsity = pruner.args.sparsity
         self.callback = GradualMaskCallback(
             pruner,
-            schedule,
+            lambda max_steps: self.schedule(sparsity, max_steps),
             pruner.select_masks,
             gradual_scores,
             sparsity,
-            accumulate=config.criterion == "fisher",
+            accumulate=self.config.criterion == "fisher",
         )
         return self.callback
