@@ -64,6 +64,19 @@ def test_plain_pytorch_loop_keeps_pruned_weights_and_momentum_zero():
         assert int(optimizer.state[params[name]]["momentum_buffer"][~mask].count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("method", ["gradual", "imp", "dg2pf"])
+def test_plain_loop_refuses_methods_whose_masks_change_at_trainer_events(method):
+    # their schedules advance in Trainer callbacks: a plain loop would train the model without ever pruning it
+    pruner = _pruner(method)
+    pruner.prune()
+    model = pruner.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=rf"pruning_method='{method}'.*TeacherGuidedPruningTrainer.*one-shot"):
+        pruner.mask_callback.start(model, optimizer)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_mask_callback_reads_the_pruners_masks_instead_of_a_copy():
     pruner = _pruner("magnitude")
     pruner.prune()

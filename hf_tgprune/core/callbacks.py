@@ -79,6 +79,8 @@ class GlobalMaskCallback(TrainerCallback):
     """
 
     finished: bool | None = None  # whether a schedule is complete; None: fixed masks, no schedule
+    # masks that change at Trainer events (steps, epochs): `start()` outside a Trainer's training is refused
+    trainer_driven: bool = False
 
     def __init__(self, masks: MaskSource | Mapping[str, torch.Tensor]):
         self.source: MaskSource = FixedMasks(masks) if isinstance(masks, Mapping) else masks
@@ -87,6 +89,7 @@ class GlobalMaskCallback(TrainerCallback):
         self._hooks: list = []
         self._model = None
         self._optimizer = None
+        self._training = False  # between the Trainer's on_train_begin and on_train_end
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -125,6 +128,14 @@ class GlobalMaskCallback(TrainerCallback):
 
     def start(self, model, optimizer=None) -> None:
         """Bind to `model`, zero pruned weights and optimizer state, and mask gradients from now on."""
+        if self.trainer_driven and not self._training:
+            method = getattr(getattr(self.source, "args", None), "pruning_method", None)
+            raise RuntimeError(
+                f"pruning_method={method!r} changes its masks during training, at the Trainer's steps or epochs, "
+                "so a plain PyTorch loop would leave the model as it is (dense for 'gradual'). Train with "
+                "TeacherGuidedPruningTrainer, or use a one-shot pruning_method (e.g. 'tgp_fisher' or 'magnitude') "
+                "with the Pruner in a plain loop."
+            )
         self._model, self._optimizer = model, optimizer
         self.bind(model)
         self.enforce(optimizer)
@@ -141,6 +152,7 @@ class GlobalMaskCallback(TrainerCallback):
             self.start(self._model, self._optimizer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._training = True
         self.start(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -149,6 +161,7 @@ class GlobalMaskCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
         self._model = self._optimizer = None
+        self._training = False
 
 
 class ScheduledMaskCallback(GlobalMaskCallback):
@@ -168,6 +181,8 @@ class ScheduledMaskCallback(GlobalMaskCallback):
     `state_dict()` / `load_state_dict()` hold what a checkpoint needs to resume the schedule exactly: the events
     already applied, whether the schedule finished, and (while simulating) the dense weights under the mask.
     """
+
+    trainer_driven = True
 
     def __init__(self, masks, events, mask_fn, target, *, simulated_until=None):
         super().__init__(masks)
@@ -236,6 +251,7 @@ class ScheduledMaskCallback(GlobalMaskCallback):
 
     # --- Trainer events -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._training = True
         self._named = dict(unwrap_model(model).named_parameters())
         if self.simulating:
             self.bind(model)
@@ -307,6 +323,8 @@ class GradualMaskCallback(GlobalMaskCallback):
     continues exactly.
     """
 
+    trainer_driven = True
+
     def __init__(self, masks, schedule, select, score_fn, target, *, accumulate: bool):
         super().__init__(masks)
         self.schedule = schedule
@@ -350,6 +368,7 @@ class GradualMaskCallback(GlobalMaskCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.events = self.schedule(state.max_steps)
+        self._training = True
         self._named = dict(unwrap_model(model).named_parameters())
         super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
         if self.accumulate and not self.finished:

@@ -2,8 +2,8 @@
 
 A `Pruner` holds the pruning settings (`PruningArguments`), the method (`hf_tgprune.methods`), the one current mask
 set, the pruning report, and writes and reads the state a checkpoint needs (`pruning_state.safetensors`). Methods
-receive the `Pruner`; the mask callback reads the masks from it; `TeacherGuidedPruningTrainer` composes one. It needs
-no Trainer:
+receive the `Pruner`; the mask callback reads the masks from it; `TeacherGuidedPruningTrainer` composes one. With a
+one-shot method it needs no Trainer:
 
     pruner = Pruner(student, PruningArguments(sparsity=0.9), teacher=teacher, calibration_dataset=images)
     pruner.prune()                                      # score, select, install, recalibrate BatchNorm
@@ -12,6 +12,9 @@ no Trainer:
     for batch in loader:
         loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
         enforcer.enforce(optimizer)                      # pruned weights and their optimizer state stay zero
+
+Methods whose masks change at the Trainer's steps or epochs (`gradual`, `imp`, `dg2pf`) refuse `enforcer.start`
+outside a Trainer's training.
 
 What methods may use: `model`, `teacher`, `args`, `masks`, `report`, `prunable_parameters()`,
 `min_layer_density(sparsity)`, `compute_scores()`, `select_masks()`, `compute_masks()`, `install()`,
