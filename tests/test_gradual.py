@@ -1,6 +1,7 @@
 """Gradual pruning during retraining (`pruning_method="gradual"`): the schedule, the Fisher of the training loss, the
 masks at each update, and resuming an interrupted schedule."""
 
+import json
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from hf_tgprune import TeacherGuidedPruningTrainer
 from hf_tgprune.core.adapters import forward_logits
 from hf_tgprune.core.losses import teacher_guided_loss
+from hf_tgprune.io.modelcard import create_model_card
 from hf_tgprune.methods import build_method
 from hf_tgprune.methods.gradual import cubic_schedule
 from hf_tgprune.training.trainer import planned_optimizer_steps
@@ -281,3 +283,14 @@ def test_best_checkpoint_from_before_the_final_masks_is_not_loaded(tmp_path, cap
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert "was saved before the masks reached their final state" in caplog.text
     _assert_final_state(trainer)
+
+
+def test_saved_record_and_card_say_pruned_during_training_without_calibration_images(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4, pruning_method_args={"pruning_steps": 2, "end_fraction": 1.0})
+    trainer.train()
+    trainer.save_model()
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert record["method"] == "gradual" and record["one_shot"] is False
+    assert record["calibration_size"] is None  # gradual scores by the training gradients: no calibration images
+    text = create_model_card(tmp_path / "out").content
+    assert "by unstructured pruning during training with `gradual`" in text and "Calibration samples" not in text

@@ -304,6 +304,16 @@ def test_model_card_contents(tmp_path):
     assert "build the architecture yourself" in create_model_card(record, model_family="unknown").content
 
 
+def test_model_card_says_how_the_weights_were_pruned(tmp_path):
+    model, masks = pruned_model("timm_resnet")
+    record = save_sparse_model(model, tmp_path, masks, metadata={"method": "tgp_fisher"})
+    assert "by one-shot unstructured pruning with `tgp_fisher`" in create_model_card(record).content
+    during = {**record, "method": "gradual", "one_shot": False}
+    assert "by unstructured pruning during training with `gradual`" in create_model_card(during).content
+    semi = {**record, "hyperparameters": {"sparsity_pattern": "2:4"}}
+    assert "by one-shot 2:4 semi-structured pruning" in create_model_card(semi).content
+
+
 # --- trainer integration ---------------------------------------------------------------------------------------------
 def _trainer_args(tmp_path, **overrides):
     defaults = dict(pruning_method="magnitude", retrain_with_kd=False, sparsity=0.8, max_steps=2, learning_rate=0.01)

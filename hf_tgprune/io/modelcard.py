@@ -140,6 +140,16 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else str(value).replace("|", "\\|")
 
 
+def _pruning_kind(record: Mapping, hyperparameters: Mapping) -> str:
+    """How the weights were pruned, from the record: one-shot (records without `one_shot` predate methods that prune
+    during training) or during training, unstructured or N:M."""
+    pattern = hyperparameters.get("sparsity_pattern") or "unstructured"
+    kind = "unstructured" if pattern == "unstructured" else f"{pattern} semi-structured"
+    if record.get("one_shot", True):
+        return f"one-shot {kind} pruning"
+    return f"{kind} pruning during training"
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
@@ -397,7 +407,7 @@ def create_model_card(
     described = base_model or "A vision model"
     summary = (
         f"{described} with **{_pct(prunable.get('sparsity'))}** of its prunable weights set to zero "
-        f"({_pct(total.get('sparsity'))} of all parameters) by one-shot unstructured pruning"
+        f"({_pct(total.get('sparsity'))} of all parameters) by {_pruning_kind(record, hyperparameters)}"
         + (f" with `{method}`" if method else "")
         + (f", guided by the teacher `{teacher}`" if teacher else "")
         + ". Made with `hf_tgprune`."

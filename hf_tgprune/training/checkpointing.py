@@ -195,7 +195,11 @@ class SparseCheckpointMixin:
 
     # --- what sparsity.json records ------------------------------------------------------------------------------
     def _calibration_size(self) -> int | None:
+        """Images the scoring pass and BatchNorm recalibration drew on; None for methods that use none (`gradual`,
+        `imp`, `dg2pf` prune by the weights or the training gradients)."""
         pruner = self.pruner
+        if not (pruner.method.one_shot or pruner.method.needs_calibration_data()):
+            return None
         source = pruner.calibration_dataset if pruner.calibration_dataset is not None else pruner.train_dataset
         limit = self.args.num_calibration_samples
         try:
@@ -225,6 +229,7 @@ class SparseCheckpointMixin:
             metrics["pruned"] = dict(pruned)
         metadata = {
             "method": args.pruning_method,
+            "one_shot": self.pruner.method.one_shot,
             "target_sparsity": args.sparsity,
             "hyperparameters": hyperparameters,
             "base_model": info.base_model or model_name(self.model),
