@@ -63,7 +63,7 @@ def _common_args(dataset: Path, output_dir: Path) -> list[str]:
     return [
         "--dataset_name", str(dataset),
         "--output_dir", str(output_dir),
-        "--pruning_method", "tgp",  # a teacher-guided scoring pass (the library default, magnitude, is data-free)
+        "--pruning_method", "tgp",  # one teacher-guided scoring pass (the library default, tgp_fisher, scores in 5 rounds)
         "--max_train_samples", "256",
         "--max_eval_samples", "64",
         "--validation_split_percentage", "10",

@@ -166,7 +166,7 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
         )
     check_same_num_labels(model, teacher)
     scoring = method.needs_calibration_data()
-    recalibration = (  # a data-free criterion (the default magnitude) still recalibrates BatchNorm on images
+    recalibration = (  # a data-free criterion (magnitude) still recalibrates BatchNorm on images
         prunes  # given masks are installed as they are
         and args.recalibrate_bn
         and method.one_shot
