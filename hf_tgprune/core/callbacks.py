@@ -251,7 +251,7 @@ class ScheduledMaskCallback(GlobalMaskCallback):
 
     # --- Trainer events -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._training = True
+        self._training = True  # the simulated path calls start() later, from on_epoch_begin
         self._named = dict(unwrap_model(model).named_parameters())
         if self.simulating:
             self.bind(model)
@@ -368,7 +368,6 @@ class GradualMaskCallback(GlobalMaskCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.events = self.schedule(state.max_steps)
-        self._training = True
         self._named = dict(unwrap_model(model).named_parameters())
         super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
         if self.accumulate and not self.finished:
