@@ -210,6 +210,7 @@ def test_settings_sharded_weights_cannot_honour_are_refused_before_pruning(tmp_p
     assert "layer_allocation='global'" in results[0]["lamp"]
     assert "min_layer_density" in results[0]["floor"]
     assert "one-shot" in results[0]["dg2pf"]
+    assert "layer_allocation='global'" in results[0]["gradual lamp"]
     assert "mask_standardized_kernels=False" in results[0]["kernels"]
 
 
@@ -225,6 +226,7 @@ def _refusal_worker(rank, world_size, init_file, results):
             "lamp": {"pruning_method": "magnitude", "layer_allocation": "lamp"},
             "floor": {"pruning_method": "magnitude", "layer_density_floor": 0.5},
             "dg2pf": {"pruning_method": "dg2pf"},
+            "gradual lamp": {"pruning_method": "gradual", "layer_allocation": "lamp"},
             "kernels": {"pruning_method": "magnitude", "mask_standardized_kernels": True},
         }.items():
             try:
@@ -284,6 +286,15 @@ def test_trainer_prunes_trains_and_saves_a_model_sharded_with_fully_shard(tmp_pa
     assert all({"pruning_state_sharded", "optimizer_0"} <= set(r["checkpoint_files"]) for r in plugin)
     assert all(r["resume_trained_steps"] == 3 and r["resume_trained_revived"] == 0 for r in plugin)
     assert {r["resume_trained_hash"] for r in plugin} == {single[0]["mask_hash"]}
+    # gradual under the plugin: pruned to the target during training, its summed squared gradients in the sharded
+    # checkpoint, and the Trainer's resume from that checkpoint ends on the uninterrupted run's masks
+    assert all(r["gradual_sparsity"] == pytest.approx(0.9, abs=1e-4) for r in plugin)
+    assert {r["gradual_resumed_hash"] for r in plugin} == {r["gradual_hash"] for r in plugin} and len(
+        {r["gradual_hash"] for r in plugin}
+    ) == 1
+    assert all(
+        r["gradual_checkpoint_tensors"] and r["gradual_checkpoint_tensors"][0].startswith("fisher.") for r in plugin
+    )
     for run in ("single", "multi", "plugin"):
         folder = tmp_path / run / "final"
         record = json.loads((folder / "sparsity.json").read_text())["sparsity"]
@@ -291,3 +302,103 @@ def test_trainer_prunes_trains_and_saves_a_model_sharded_with_fully_shard(tmp_pa
         model = load_sparse(str(folder), make_model("timm_resnet", seed=5))  # verified against sparsity.json
         zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in record["layers"])
         assert zeros == record["prunable"]["zeros"] >= round(0.9 * record["prunable"]["numel"])
+
+
+# gradual: 3 mask updates (steps 2, 4, 6 of 8), a checkpoint written at step 3 between two updates
+GRADUAL = {"pruning_method": "gradual", "pruning_method_args": {"pruning_steps": 3, "end_fraction": 0.75}}
+GRADUAL_STEPS, GRADUAL_SAVE_AT = 8, 3
+
+
+def train_gradual(student, folder: str | None) -> dict:
+    """Drive `gradual`'s mask callback by hand as the Trainer does, with the same batch on every process (so the
+    gradients, reduce-scattered by FSDP2, equal one process's): mask hashes after each update, the summed squared
+    gradients and masks saved at step `GRADUAL_SAVE_AT`, and the final masks of a run resumed from that checkpoint."""
+    from transformers import TrainerControl, TrainerState
+
+    from hf_tgprune.core.dtensor import is_sharded
+
+    def gathered(tensors):
+        return {name: (t.full_tensor() if is_sharded(t) else t).detach().cpu().clone() for name, t in tensors.items()}
+
+    args = PruningArguments(sparsity=0.8, **GRADUAL)
+    data = dataset(16)
+    batch = torch.stack([example["pixel_values"] for example in data])
+    labels = torch.tensor([example["labels"] for example in data])
+    pruner = Pruner(student, args, train_dataset=data)
+    pruner.progress = False
+    pruner.prune()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    state, control = TrainerState(max_steps=GRADUAL_STEPS), TrainerControl()
+    callback = pruner.mask_callback
+    callback.on_train_begin(None, state, control, model=student, optimizer=optimizer)
+    out = {"hashes": [], "sharded_fisher": is_sharded(next(iter(callback.fisher.values())))}
+    for step in range(1, GRADUAL_STEPS + 1):
+        nn.functional.cross_entropy(student(batch), labels).backward()
+        callback.on_pre_optimizer_step(None, state, control)
+        optimizer.step()
+        callback.on_optimizer_step(None, state, control, optimizer=optimizer)
+        optimizer.zero_grad()
+        state.global_step = step
+        callback.on_step_end(None, state, control, model=student, optimizer=optimizer)
+        out["hashes"].append(pruner.report["mask_sha256"])
+        if step == GRADUAL_SAVE_AT:
+            out["fisher"] = gathered(callback.fisher)
+            if folder is not None:
+                pruner.save_state(folder)
+                # resume on the same weights and optimizer from the checkpoint: a new pruner continues the schedule
+                callback._remove_hooks()
+                pruner = Pruner(student, args, train_dataset=data)
+                pruner.load_state(folder)
+                callback = pruner.mask_callback
+                callback.on_train_begin(None, state, control, model=student, optimizer=optimizer)
+                out["resumed_fisher"] = gathered(callback.fisher)
+    callback.on_train_end(None, state, control, model=student, optimizer=optimizer)
+    out["finished"] = pruner.report["schedule_finished"]
+    return out
+
+
+def _gradual_worker(rank, world_size, init_file, results, folder, unsharded_folder):
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerControl, TrainerState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        student, _ = models()
+        fully_shard(student)
+        out = train_gradual(student, folder)
+        # a checkpoint written by one process, resumed sharded: the sums become this process's rows
+        student, _ = models()
+        fully_shard(student)
+        pruner = Pruner(student, PruningArguments(sparsity=0.8, **GRADUAL), train_dataset=dataset())
+        pruner.load_state(unsharded_folder)
+        state = TrainerState(max_steps=GRADUAL_STEPS, global_step=GRADUAL_SAVE_AT)
+        pruner.mask_callback.on_train_begin(None, state, TrainerControl(), model=student)
+        out["from_unsharded"] = {name: t.full_tensor() for name, t in pruner.mask_callback.fisher.items()}
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradual_on_sharded_weights_equals_one_process_and_resumes(tmp_path):
+    student, _ = models()
+    single = train_gradual(student, str(tmp_path / "unsharded"))
+    folder = tmp_path / "gradual"
+    sharded = run(_gradual_worker, 2, tmp_path, str(folder), str(tmp_path / "unsharded"))
+    assert len(set(single["hashes"])) == 4 and single["finished"]  # dense, then three updates
+    for rank in range(2):
+        out = sharded[rank]
+        assert out["sharded_fisher"] and out["finished"]
+        assert out["hashes"] == single["hashes"]  # every update's masks, bit for bit, through the resume
+        for name, value in single["fisher"].items():
+            torch.testing.assert_close(out["fisher"][name], value, rtol=1e-6, atol=1e-9)
+            assert torch.equal(out["resumed_fisher"][name], out["fisher"][name])
+            assert torch.equal(out["from_unsharded"][name], single["fisher"][name])
+    header = json.loads((folder / "pruning_state_sharded" / "header.json").read_text())
+    assert set(header["method_tensors"]) == {f"fisher.{name}" for name in single["fisher"]}
+    # the sharded checkpoint read by one process: the whole sums
+    student, _ = models()
+    pruner = Pruner(student, PruningArguments(sparsity=0.8, **GRADUAL), train_dataset=dataset())
+    pruner.load_state(folder)
+    fisher = pruner.method.callback.fisher
+    assert all(torch.equal(fisher[name], value) for name, value in sharded[0]["fisher"].items())

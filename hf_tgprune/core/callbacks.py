@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .adapters import unwrap_model
+from .dtensor import is_sharded, local, mesh_of, reshard, shard_like, sum_over_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,14 @@ class ScheduledMaskCallback(GlobalMaskCallback):
         super().on_train_end(args, state, control, model=model, optimizer=optimizer, **kwargs)
 
 
+def _laid_out_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor shaped like `param`, or already its shard) on `param`'s device and, for a weight
+    sharded by FSDP2, as a DTensor holding this process's rows."""
+    if is_sharded(value) or is_sharded(param):
+        return shard_like(value, param)
+    return value.to(param.device)
+
+
 class GradualMaskCallback(GlobalMaskCallback):
     """A `GlobalMaskCallback` whose sparsity rises in steps during training (hard masks: a pruned weight stays pruned).
 
@@ -340,8 +349,11 @@ class GradualMaskCallback(GlobalMaskCallback):
 
     def state_dict(self) -> dict:
         state = {"applied": sorted(self.applied), "finished": self.finished}
-        if self.fisher is not None:
-            state["tensors"] = {f"fisher.{name}": value.detach().cpu() for name, value in self.fisher.items()}
+        if self.fisher is not None:  # sums of sharded weights stay DTensors: each process writes its own rows
+            state["tensors"] = {
+                f"fisher.{name}": value if is_sharded(value) else value.detach().cpu()
+                for name, value in self.fisher.items()
+            }
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -368,13 +380,14 @@ class GradualMaskCallback(GlobalMaskCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.events = self.schedule(state.max_steps)
+        reshard(unwrap_model(model))  # FSDP2: the sharded parameters (the optimizer's), not gathered copies
         self._named = dict(unwrap_model(model).named_parameters())
         super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
         if self.accumulate and not self.finished:
             if self.fisher is None:
                 self._reset_fisher()
-            else:  # restored from a checkpoint
-                self.fisher = {name: value.to(self._named[name].device) for name, value in self.fisher.items()}
+            else:  # restored from a checkpoint (whole, or this process's rows), laid out like the weights
+                self.fisher = {name: _laid_out_like(value, self._named[name]) for name, value in self.fisher.items()}
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -383,11 +396,16 @@ class GradualMaskCallback(GlobalMaskCallback):
         sums, grads = [], []
         for name, total in self.fisher.items():
             grad = self._named[name].grad
-            if grad is not None:
-                sums.append(total)
-                grads.append(grad.float())
-        # a step whose gradients overflowed (fp16 loss scaling) is skipped by the optimizer: skip it here as well
-        if sums and bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            if grad is not None:  # this process's rows (FSDP2 has reduce-scattered the gradient over the processes)
+                sums.append(local(total))
+                grads.append(local(grad).float())
+        # a step whose gradients overflowed (fp16 loss scaling) is skipped by the optimizer: skip it here as well.
+        # Counted over every process of a sharded model, so all of them skip or add together.
+        overflow = int(bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()))
+        mesh = mesh_of(self.fisher.values())
+        if mesh is not None:
+            overflow = int(sum_over_mesh(torch.tensor([overflow], device=mesh.device_type), mesh).item())
+        if sums and not overflow:
             torch._foreach_addcmul_(sums, grads, grads)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -108,6 +108,8 @@ class PruningMethod:
             only.
         default_allocation: the `layer_allocation` used when the user leaves it unset.
         regrows: True when pruned weights keep receiving gradients and may come back (simulated pruning).
+        shardable: True when a method whose masks change during training runs on weights sharded by FSDP2
+            (its mask callback works on local shards); one-shot methods always do.
         description: one line for listings.
     """
 
@@ -119,6 +121,7 @@ class PruningMethod:
     default_rounds: ClassVar[int] = 1
     default_allocation: ClassVar[str] = "global"
     regrows: ClassVar[bool] = False
+    shardable: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None):

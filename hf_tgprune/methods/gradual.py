@@ -86,6 +86,7 @@ class Gradual(ScheduledPruningMethod):
     name = "gradual"
     criterion = None  # no scoring pass: the scores come from training
     config_class = GradualConfig
+    shardable = True  # GradualMaskCallback sums squared gradients on local shards; one global selection per update
     description = "gradual pruning during retraining: cubic schedule, Fisher of the training loss (or magnitude)"
 
     def prune(self, pruner):

@@ -209,10 +209,11 @@ def validate_inputs(model, teacher, args, method, train_dataset, calibration_dat
 
 def check_shardable(args: PruningArguments, method: PruningMethod) -> None:
     """Refuse, before any work, settings that pruning weights sharded by FSDP2 cannot honour exactly."""
-    if not method.one_shot:
+    if not (method.one_shot or method.shardable):
         raise ValueError(
-            f"pruning_method={args.pruning_method!r} changes its masks during training, which is not available for "
-            "weights sharded by FSDP2. Use a one-shot method ('magnitude', 'tgp', 'tgp_fisher', 'snip', ...)."
+            f"pruning_method={args.pruning_method!r} changes its masks during training in a way that is not "
+            "available for weights sharded by FSDP2. Use 'gradual' or a one-shot method ('magnitude', 'tgp', "
+            "'tgp_fisher', 'snip', ...)."
         )
     if args.sparsity_pattern == "unstructured" and args.layer_allocation != "global":
         raise ValueError(

@@ -52,6 +52,37 @@ def models(sharded):
     return student, teacher
 
 
+def train_gradual(out_dir):
+    """`gradual` under the FSDP2 plugin: masks updated at steps 2 and 4 of 5 from squared gradients summed on the
+    shards, a checkpoint at step 3 between them, and the Trainer's resume from it finishing on the same masks."""
+    args = TeacherGuidedPruningConfig(
+        output_dir=os.path.join(out_dir, "gradual"),
+        sparsity=0.9,
+        pruning_method="gradual",
+        pruning_method_args="pruning_steps=2,end_fraction=0.8",
+        per_device_train_batch_size=4,
+        max_steps=5,
+        learning_rate=0.01,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="steps",
+        save_steps=3,
+        seed=0,
+    )
+    runs = {}
+    for name, resume in (("gradual", None), ("gradual_resumed", os.path.join(args.output_dir, "checkpoint-3"))):
+        student, teacher = models(False)
+        trainer = TeacherGuidedPruningTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=RandomImages(48)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        runs[f"{name}_hash"] = mask_hash(trainer.masks)
+        runs[f"{name}_sparsity"] = trainer.pruner.report["prunable"]["sparsity"]
+    with open(os.path.join(args.output_dir, "checkpoint-3", "pruning_state_sharded", "header.json")) as f:
+        runs["gradual_checkpoint_tensors"] = sorted(json.load(f)["method_tensors"])
+    return runs
+
+
 def main(out_dir):
     plugin = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if plugin and not torch.cuda.is_available():
@@ -127,6 +158,8 @@ def main(out_dir):
         record["resume_trained_revived"] = sum(
             int(torch.count_nonzero(local(params[n])[~local(m)])) for n, m in resumed.masks.items()
         )
+    if plugin:
+        record.update(train_gradual(out_dir))
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
     if torch.distributed.is_initialized():

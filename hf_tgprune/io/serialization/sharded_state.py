@@ -2,10 +2,12 @@
 
 Every process writes the rows of the masks it holds through `torch.distributed.checkpoint` with its safetensors
 storage (`HuggingFaceStorageWriter(save_distributed=True)`: one ``shard-*.safetensors`` file per process, each
-header giving the offsets of its rows), and rank 0 writes ``header.json`` (method, settings, target sparsity and
-the SHA-256 of the full masks, :func:`hf_tgprune.core.masking.mask_hash`). Reading loads into masks laid out like the
-current parameters, so a checkpoint resumes on another number of processes, or unsharded in one. No mask is ever
-gathered whole on one process, and no file is unpickled: safetensors and JSON only.
+header giving the offsets of its rows), and rank 0 writes ``header.json`` (method, settings, target sparsity, the
+SHA-256 of the full masks, :func:`hf_tgprune.core.masking.mask_hash`, and the layout of the method's own tensors).
+A method's tensors (``method.<kind>.<weight>``, e.g. the summed squared gradients of `gradual`) are laid out like
+that weight's mask and written the same way. Reading loads into tensors laid out like the current parameters, so a
+checkpoint resumes on another number of processes, or unsharded in one. No mask is ever gathered whole on one
+process, and no file is unpickled: safetensors and JSON only.
 
 The folder is written as ``pruning_state_sharded.partial`` and renamed when complete (``header.json`` is written
 last); a reader refuses a folder without it.
@@ -28,6 +30,8 @@ from .pruning_state import FORMAT_VERSION, PruningState
 SHARDED_STATE_NAME = "pruning_state_sharded"
 HEADER_NAME = "header.json"
 _MASK = "mask."
+_METHOD = "method."
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _distributed() -> bool:
@@ -43,14 +47,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _method_tensor_layout(method_tensors: Mapping[str, torch.Tensor], state: PruningState) -> dict[str, dict]:
+    """{key: {"like": mask name, "dtype": name}} of a method's tensors, each keyed `<kind>.<weight name>` and shaped
+    like that weight's mask (e.g. `gradual`'s summed squared gradients), so a reader lays it out like the weight."""
+    layout = {}
+    for key, tensor in method_tensors.items():
+        name = key.partition(".")[2]
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if name not in state.masks or tuple(tensor.shape) != tuple(state.masks[name].shape) or dtype not in _DTYPES:
+            raise ValueError(
+                f"pruning_method={state.pruning_method!r} keeps a tensor {key!r} ({dtype}, shape "
+                f"{tuple(tensor.shape)}) that is not laid out like a weight's mask, so it cannot be written shard by "
+                "shard. Prune the unsharded model with this method."
+            )
+        layout[key] = {"like": name, "dtype": dtype}
+    return layout
+
+
 def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) -> None:
     """Write `state` (masks that are DTensors) into ``folder/pruning_state_sharded``; every process must call it."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
 
     if state.masks is None or not any(is_sharded(mask) for mask in state.masks.values()):
         raise ValueError("write_sharded_pruning_state writes sharded (DTensor) masks; use write_pruning_state.")
-    if state.method_state.get("tensors"):
-        raise ValueError(f"pruning_method={state.pruning_method!r} keeps tensors of its own: it cannot be sharded.")
+    method_state = dict(state.method_state)
+    method_tensors = method_state.pop("tensors", None) or {}
+    layout = _method_tensor_layout(method_tensors, state)
     target = os.path.join(folder, SHARDED_STATE_NAME)
     partial = f"{target}.partial"
 
@@ -61,6 +83,7 @@ def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) 
     on_rank_zero(start)
     digest = mask_hash(state.masks)  # collective: every process gathers each layer's mask in turn
     tensors = {f"{_MASK}{name}": mask for name, mask in state.masks.items()}
+    tensors.update({f"{_METHOD}{key}": tensor for key, tensor in method_tensors.items()})
     save(tensors, storage_writer=HuggingFaceStorageWriter(partial, save_distributed=True))
     _barrier()
 
@@ -70,7 +93,8 @@ def write_sharded_pruning_state(state: PruningState, folder: str | os.PathLike) 
             "pruning_method": str(state.pruning_method),
             "pruning_method_args": state.pruning_method_args,
             "target_sparsity": float(state.target_sparsity),
-            "method_state": state.method_state,
+            "method_state": method_state,
+            "method_tensors": layout,
             "masks": {name: list(mask.shape) for name, mask in state.masks.items()},
             "mask_sha256": digest,
         }
@@ -102,6 +126,10 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
         with open(os.path.join(path, HEADER_NAME)) as handle:
             header = json.load(handle)
         shapes = {name: tuple(shape) for name, shape in header["masks"].items()}
+        layout = {
+            key: (str(entry["like"]), _DTYPES[entry["dtype"]])
+            for key, entry in header.get("method_tensors", {}).items()
+        }
         state = PruningState(
             pruning_method=str(header["pruning_method"]),
             target_sparsity=float(header["target_sparsity"]),
@@ -113,6 +141,7 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
             f"Cannot read the sharded pruning state {path!r} ({err}); it is incomplete. {fix}"
         ) from err
     wrong = {n for n in set(shapes) | set(params) if n not in params or shapes.get(n) != tuple(params[n].shape)}
+    wrong |= {like for like, _ in layout.values() if like not in shapes}
     if wrong:
         raise MaskFileError(
             f"The sharded pruning state {path!r} holds masks for other weights than this model's (e.g. "
@@ -122,9 +151,16 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
     for name in shapes:  # on the parameters' devices: the hash gathers them (NCCL moves CUDA tensors only)
         shard = local(params[name])
         masks[name] = like(torch.zeros(shard.shape, dtype=torch.bool, device=shard.device), params[name])
+    method_tensors = {}
+    for key, (name, dtype) in layout.items():  # each laid out like its weight: no larger than the weight's shard
+        shard = local(params[name])
+        method_tensors[key] = like(torch.zeros(shard.shape, dtype=dtype, device=shard.device), params[name])
     try:
         load(
-            {f"{_MASK}{name}": mask for name, mask in masks.items()},
+            {
+                **{f"{_MASK}{name}": mask for name, mask in masks.items()},
+                **{f"{_METHOD}{key}": tensor for key, tensor in method_tensors.items()},
+            },
             storage_reader=HuggingFaceStorageReader(path),
             no_dist=not _distributed(),  # one process reading a sharded state: the whole masks, from every file
         )
@@ -136,4 +172,6 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
             f"({str(header['mask_sha256'])[:12]}...): a file was modified or corrupted. {fix}"
         )
     state.masks = masks
+    if method_tensors:
+        state.method_state["tensors"] = method_tensors
     return state
