@@ -17,7 +17,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from hf_tgprune import Pruner, PruningArguments
-from hf_tgprune.core.masking import mask_hash
+from hf_tgprune.core.masking import MaskFileError, mask_hash
 from hf_tgprune.core.recalibration import batchnorm_layers
 from hf_tgprune.core.sharded import process_group_all_reduce
 
@@ -402,3 +402,22 @@ def test_gradual_on_sharded_weights_equals_one_process_and_resumes(tmp_path):
     pruner.load_state(folder)
     fisher = pruner.method.callback.fisher
     assert all(torch.equal(fisher[name], value) for name, value in sharded[0]["fisher"].items())
+    # a header naming a tensor type the reader does not allocate is refused, naming the fix
+    header["method_tensors"][next(iter(header["method_tensors"]))]["dtype"] = "int64"
+    (folder / "pruning_state_sharded" / "header.json").write_text(json.dumps(header))
+    with pytest.raises(MaskFileError, match="earlier checkpoint"):
+        Pruner(models()[0], PruningArguments(sparsity=0.8, **GRADUAL), train_dataset=dataset()).load_state(folder)
+
+
+def test_a_method_tensor_not_shaped_like_a_mask_is_refused_before_writing_shards():
+    from hf_tgprune.io.serialization.pruning_state import PruningState
+    from hf_tgprune.io.serialization.sharded_state import _method_tensor_layout
+
+    masks = {"fc.weight": torch.ones(8, 48, dtype=torch.bool)}
+    state = PruningState(pruning_method="gradual", target_sparsity=0.8, masks=masks)
+    assert _method_tensor_layout({"fisher.fc.weight": torch.zeros(8, 48)}, state) == {
+        "fisher.fc.weight": {"like": "fc.weight", "dtype": "float32"}
+    }
+    for key, tensor in {"fisher.fc.weight": torch.zeros(48, 8), "fisher.head.weight": torch.zeros(8, 48)}.items():
+        with pytest.raises(ValueError, match="Prune the unsharded model"):
+            _method_tensor_layout({key: tensor}, state)
