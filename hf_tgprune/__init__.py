@@ -1,4 +1,4 @@
-"""hf_tgprune: teacher-guided one-shot unstructured pruning of vision models.
+"""hf_tgprune: teacher-guided unstructured pruning of vision models, during a short KD retraining or one-shot before it.
 
 The names below are what a user needs; everything else stays importable from its module (`hf_tgprune.data`,
 `hf_tgprune.core.adapters`, `hf_tgprune.io.serialization`, ...).

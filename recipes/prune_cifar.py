@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Teacher-guided one-shot pruning of an image classifier, end to end, with `hf_tgprune`.
+"""Teacher-guided pruning of an image classifier, end to end, with `hf_tgprune`.
 
     accelerate launch recipes/prune_cifar.py --dataset_name ../shared/data/cifar10 --model_name_or_path resnet18 \
         --sparsities 0.9 0.95 --output_dir outputs/resnet18-tgp
@@ -7,11 +7,13 @@
 Stages (each timed in results.json, each reused by `--resume_from_checkpoint True` once finished):
   1. teacher       load a trained teacher (--teacher_name_or_path), or train one and save it in <output_dir>/teacher;
   2. student       load the student; optional KD warm-up (--student_warmup_epochs) saved in <output_dir>/dense-student;
-  3. scoring       the default tgp_fisher (train-mode BatchNorm) scores each sparsity in its own 5 rounds, in its
-                   prune step; a one-shot method with one scoring round (magnitude, tgp, snip) makes one pass
-                   (`trainer.compute_scores()`), shared by every sparsity;
-  4. per sparsity  a copy of the dense student is pruned (`trainer.prune(scores=...)`), evaluated, retrained,
-                   evaluated and saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
+  3. scoring       one-shot methods only: tgp_fisher (train-mode BatchNorm) scores each sparsity in its own 5 rounds
+                   in its prune step; one scoring round (magnitude, tgp, snip) is one pass
+                   (`trainer.compute_scores()`), shared by every sparsity. The default, gradual, scores from the
+                   retraining's gradients in stage 4;
+  4. per sparsity  a copy of the dense student is retrained with KD and pruned: by gradual during that retraining,
+                   or by a one-shot method before it (`trainer.prune(scores=...)`, then evaluated); evaluated and
+                   saved in <output_dir>/sparsity-<s> (`trainer.save_model`, `trainer.push_to_hub`);
                    with --export_sparse_inference, its dense vs sparse-exported CPU latency is measured first and
                    recorded in results.json, sparsity.json and the model card;
   5. report        results.json and PNG plots.

@@ -294,3 +294,12 @@ def test_saved_record_and_card_say_pruned_during_training_without_calibration_im
     assert record["calibration_size"] is None  # gradual scores by the training gradients: no calibration images
     text = create_model_card(tmp_path / "out").content
     assert "by unstructured pruning during training with `gradual`" in text and "Calibration samples" not in text
+
+
+def test_prune_before_training_says_the_schedule_prunes_during_training(tmp_path, caplog):
+    trainer = _trainer(tmp_path, pruning_method_args="pruning_steps=2,end_fraction=1", max_steps=4)
+    with caplog.at_level(logging.INFO, logger="hf_tgprune"):
+        report = trainer.prune()
+    assert report["prunable"]["sparsity"] == 0 and report["schedule_finished"] is False
+    assert "gradual prunes during training: 0.0000 sparsity over prunable weights now, 0.9000 once" in caplog.text
+    assert "Pruned gradual" not in caplog.text

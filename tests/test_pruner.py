@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_tgprune import GlobalMaskCallback, Pruner, PruningArguments, TeacherGuidedPruningTrainer, mask_hash
-from hf_tgprune.core.masking import MaskFileError
+from hf_tgprune.core.masking import MaskFileError, prunable_parameters
 from hf_tgprune.io.serialization.pruning_state import PRUNING_STATE_NAME, PruningState, read_pruning_state
 from hf_tgprune.methods import METHODS, PruningMethod, register_method
 from tests.utils import RandomImages, make_model, tiny_config
@@ -75,6 +75,17 @@ def test_plain_loop_refuses_methods_whose_masks_change_at_trainer_events(method)
     with pytest.raises(RuntimeError, match=rf"pruning_method='{method}'.*TeacherGuidedPruningTrainer.*one-shot"):
         pruner.mask_callback.start(model, optimizer)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["gradual", "imp", "dg2pf", "epsd"])
+def test_given_masks_with_a_method_that_selects_its_own_are_refused_naming_the_fix(method):
+    # such a method would re-select the masks during training: the given ones would not be the ones trained
+    model = make_model("timm_resnet")
+    masks = {name: torch.rand_like(p) > 0.5 for name, p in prunable_parameters(model).items()}
+    with pytest.raises(ValueError, match=rf"pruning_method='{method}'.*one-shot pruning_method"):
+        Pruner(model, PruningArguments(sparsity=0.5, pruning_method=method), masks=masks)
+    pruner = Pruner(model, PruningArguments(sparsity=0.5, pruning_method="magnitude"), masks=masks)
+    assert mask_hash(pruner.masks) == mask_hash(masks)
 
 
 def test_mask_callback_reads_the_pruners_masks_instead_of_a_copy():

@@ -197,4 +197,4 @@ def test_result_arguments_are_json_and_cover_every_argument_class():
 
     config = TeacherGuidedPruningConfig(output_dir="x", report_to="none", sparsity=0.8)
     values = result_arguments(config)
-    assert values["sparsity"] == 0.8 and values["pruning_method"] == "tgp_fisher" and values["seed"] == 42
+    assert values["sparsity"] == 0.8 and values["pruning_method"] == "gradual" and values["seed"] == 42

@@ -361,8 +361,10 @@ def test_prune_recalibrates_batchnorm_unless_disabled(tmp_path, rounds, bn_mode)
 @pytest.mark.parametrize(
     "overrides,method,rounds,bn_mode",
     [
-        # the library default: the mask that loses least across both measured regimes, BatchNorm batch statistics
-        ({}, "tgp_fisher", 5, "train"),
+        # the trainer's default: pruning during retraining, the method that loses least across both measured regimes
+        ({}, "gradual", 1, "train"),
+        ({"sparsity_pattern": "2:4"}, "tgp_fisher", 1, "train"),  # N:M left to the default: one-shot, one round
+        ({"pruning_method": "tgp_fisher"}, "tgp_fisher", 5, "train"),  # the one-shot default scores in 5 rounds
         ({"pruning_method": "magnitude"}, "magnitude", 1, "train"),  # global magnitude is one option away
         ({"pruning_method": "tgp"}, "tgp", 1, "train"),  # the paper's criterion is one option away
         ({"pruning_method": "imp"}, "imp", 1, "train"),  # methods with a schedule of their own score once
@@ -510,25 +512,41 @@ def test_bad_sparsity_pattern(tmp_path, overrides, match):
 
 
 def test_alpha_zero_prunes_and_retrains_without_a_teacher(tmp_path):
-    """With the default tgp_fisher, alpha=0 scores with the cross-entropy's Fisher and retrains with CE: no teacher."""
+    """With tgp_fisher (and gradual, the default), alpha=0 scores with the cross-entropy's Fisher and retrains with
+    CE: no teacher."""
     from hf_tgprune import TeacherGuidedPruningConfig, TeacherGuidedPruningTrainer
 
     def config(**overrides):
         return TeacherGuidedPruningConfig(
             output_dir=str(tmp_path), report_to="none", use_cpu=True, sparsity=0.8, num_calibration_samples=16,
-            calibration_batch_size=8, recalibration_samples=16, max_steps=1, per_device_train_batch_size=8,
-            disable_tqdm=True, save_strategy="no", **overrides,
+            calibration_batch_size=8, recalibration_samples=16, disable_tqdm=True, save_strategy="no",
+            **{"max_steps": 1, "per_device_train_batch_size": 8, **overrides},
         )  # fmt: skip
 
-    with pytest.raises(ValueError, match="set alpha=0"):
-        TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=config(), train_dataset=RandomImages(16))
+    for method in ("tgp_fisher", None):  # None: the default, gradual (which needs 32 steps)
+        with pytest.raises(ValueError, match="set alpha=0"):
+            TeacherGuidedPruningTrainer(
+                model=make_model("timm_resnet"), args=config(pruning_method=method, max_steps=32),
+                train_dataset=RandomImages(16),
+            )  # fmt: skip
     trainer = TeacherGuidedPruningTrainer(
-        model=make_model("timm_resnet"), args=config(alpha=0.0), train_dataset=RandomImages(16)
-    )
+        model=make_model("timm_resnet"), args=config(alpha=0.0, pruning_method="tgp_fisher"),
+        train_dataset=RandomImages(16),
+    )  # fmt: skip
     assert trainer.pruner.method.criterion == "tgp_fisher" and trainer.pruner.args.pruning_rounds == 5
     report = trainer.prune()
     assert report["prunable"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     trainer.train()
+    # the default prunes during training: 32 steps (the fewest its 10 updates fit in) of 2 images
+    args = config(alpha=0.0, max_steps=32, per_device_train_batch_size=2)
+    trainer = TeacherGuidedPruningTrainer(model=make_model("timm_resnet"), args=args, train_dataset=RandomImages(16))
+    assert trainer.pruner.args.pruning_method == "gradual"
+    trainer.train()
+    assert trainer.pruner.report["prunable"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    with pytest.raises(ValueError, match="one-shot pruning_method"):  # too short for the default: the fix named
+        TeacherGuidedPruningTrainer(
+            model=make_model("timm_resnet"), args=config(alpha=0.0, max_steps=31), train_dataset=RandomImages(16)
+        )
 
 
 def test_library_does_not_clip_gradients_unless_asked(tmp_path):

@@ -83,7 +83,7 @@ class RandomImages(Dataset):
 
 # settings every test run shares: offline, quiet, CPU, nothing saved unless asked
 TINY_RUN_DEFAULTS = dict(
-    pruning_method="tgp",  # a one-pass teacher-guided scoring (the library default, tgp_fisher, scores in 5 rounds)
+    pruning_method="tgp",  # one-shot, one scoring pass (the trainer's default, gradual, needs >= 32 steps)
     report_to="none",
     disable_tqdm=True,
     save_strategy="no",

@@ -1,4 +1,5 @@
 """Gradual pruning during retraining: the sparsity rises in steps while the network trains, instead of one-shot before.
+The default method of `TeacherGuidedPruningConfig`.
 
 The sparsity follows the cubic schedule of Zhu & Gupta (2018), `s_k = s·(1 − (1 − k/n)³)` at update k = 1..n, the n
 updates evenly spaced over the first `end_fraction` of the training steps; the rest of training retrains the final
@@ -67,7 +68,8 @@ def cubic_schedule(sparsity: float, updates: int, end_step: int) -> dict[int, fl
     if end_step < updates:
         raise ValueError(
             f"pruning_method='gradual' spreads pruning_steps={updates} mask updates over {end_step} training step(s): "
-            "train for more steps, raise end_fraction, or lower pruning_steps (pruning_method_args)."
+            "train for more steps, raise end_fraction, or lower pruning_steps (pruning_method_args), or prune before "
+            "training with a one-shot pruning_method (e.g. 'tgp_fisher')."
         )
     events = {round(k * end_step / updates): sparsity * (1.0 - (1.0 - k / updates) ** 3) for k in range(1, updates)}
     events[end_step] = sparsity

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -37,10 +38,14 @@ class PruningArguments:
     r"""
     Settings of one pruning run, without any training settings: what `hf_tgprune.Pruner` needs (a plain PyTorch
     loop or the functional core), and the pruning half of [`TeacherGuidedPruningConfig`]. The loss follows the
-    authors (alpha 0.7, beta 0.5, T 3); the default mask is the teacher-guided Fisher criterion `"tgp_fisher"` in
-    5 rounds (`alpha=0`: the Fisher of the cross-entropy alone, without a teacher); global magnitude is
-    `pruning_method="magnitude"`.
+    authors (alpha 0.7, beta 0.5, T 3). Left unset, `pruning_method` is the one-shot teacher-guided Fisher criterion
+    `"tgp_fisher"` in 5 rounds here (`alpha=0`: the Fisher of the cross-entropy alone, without a teacher): a
+    `Pruner` alone prunes before training, without the Trainer's steps that a schedule needs.
+    [`TeacherGuidedPruningConfig`] defaults to `"gradual"` instead.
     """
+
+    # `pruning_method` when left unset (None) with unstructured sparsity; an N:M pattern takes "tgp_fisher"
+    default_pruning_method: ClassVar[str] = "tgp_fisher"
 
     sparsity: float = field(
         default=0.9,
@@ -48,16 +53,18 @@ class PruningArguments:
             "help": "Fraction of the prunable weights to zero, in [0, 1). Exactly round(sparsity * N) are pruned."
         },
     )
-    pruning_method: str = field(
-        default="tgp_fisher",
+    pruning_method: str | None = field(
+        default=None,
         metadata={
-            "help": "Pruning method (hf_tgprune.methods): one-shot 'tgp_fisher' (default: teacher-guided Fisher / OBD "
-            "θ²·Σ_b g_b², in 5 rounds; with alpha=0 the Fisher of the cross-entropy, no teacher), 'magnitude' "
-            "(global |θ|), 'tgp' (the paper's teacher-guided |θ·∂L/∂θ|), 'tgp_taylor' "
-            "(teacher-guided signed second-order change of the loss −θ·ḡ + ½·F·θ²), 'movement' (−Σ_t θ·g accumulated "
-            "over fine-tuning, hf_tgprune.methods.movement.MovementScores), 'snip' (|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), "
-            "'random'; 'gradual' (pruning in steps during retraining, by the Fisher of the training loss); the seed "
-            "baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to train without pruning."
+            "help": "Pruning method (hf_tgprune.methods). None (default): 'gradual' under TeacherGuidedPruningConfig "
+            "(the trainer), 'tgp_fisher' under PruningArguments (a Pruner alone) and for an N:M sparsity_pattern. "
+            "'gradual': pruning in steps during retraining, by the Fisher of the training loss (the teacher-guided KD "
+            "loss); one-shot 'tgp_fisher' (teacher-guided Fisher / OBD θ²·Σ_b g_b², in 5 rounds; with alpha=0 the "
+            "Fisher of the cross-entropy, no teacher), 'magnitude' (global |θ|), 'tgp' (the paper's teacher-guided "
+            "|θ·∂L/∂θ|), 'tgp_taylor' (teacher-guided signed second-order change of the loss −θ·ḡ + ½·F·θ²), "
+            "'movement' (−Σ_t θ·g accumulated over fine-tuning, hf_tgprune.methods.movement.MovementScores), 'snip' "
+            "(|θ·∂CE/∂θ|), 'grad' (|∂L/∂θ|), 'random'; the seed baselines 'epsd', 'dg2pf', 'imp'; or 'dense' to "
+            "train without pruning."
         },
     )
     pruning_method_args: dict | str | None = field(
@@ -239,6 +246,10 @@ class PruningArguments:
                 f"sparsity must be in [0, 1) (0 keeps every weight), got {self.sparsity}. "
                 "Pass e.g. --sparsity 0.95 for 95% sparsity."
             )
+        if self.pruning_method is None:  # gradual has no N:M schedule: a pattern takes the one-shot default
+            self.pruning_method = (
+                self.default_pruning_method if self.sparsity_pattern == "unstructured" else "tgp_fisher"
+            )
         build_method(self.pruning_method, self.pruning_method_args)  # unknown method or settings: a clear error
         method = get_method(self.pruning_method)
         if self.pruning_method == "dense":
@@ -323,7 +334,15 @@ class TeacherGuidedPruningConfig(TrainingArguments, PruningArguments):
     r"""
     Configuration for [`TeacherGuidedPruningTrainer`]: everything of [`~transformers.TrainingArguments`] plus the
     pruning settings of [`PruningArguments`] and how outputs are saved.
+
+    Left unset, `pruning_method` is `"gradual"`: the sparsity rises in 10 steps over the first 30% of the retraining,
+    each update keeping the weights of highest θ²·Σ_t g_t², the squared gradients of the training loss (the
+    teacher-guided KD loss, or the cross-entropy with `alpha=0`) summed since the previous update. It needs at least
+    32 optimizer steps with its default settings (`pruning_method_args`); an N:M `sparsity_pattern` takes the
+    one-shot `"tgp_fisher"`. Any one-shot method (`"tgp_fisher"`, `"magnitude"`, ...) prunes before training instead.
     """
+
+    default_pruning_method: ClassVar[str] = "gradual"
 
     save_format: str = field(
         default="dense",

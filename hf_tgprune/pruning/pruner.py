@@ -267,6 +267,13 @@ class Pruner:
         self.method: PruningMethod = build_method(self.args.pruning_method, self.args.pruning_method_args)
         if masks is not None and not masks:
             raise ValueError("masks={} is not a mask set: pass pruning_method='dense' to train without pruning.")
+        if masks is not None and not self.method.one_shot:
+            raise ValueError(
+                f"masks= installs fixed masks, but pruning_method={self.args.pruning_method!r} selects its own masks "
+                "during training (the default of TeacherGuidedPruningConfig is 'gradual'). To retrain with the given "
+                "masks, set a one-shot pruning_method, e.g. pruning_method='magnitude' (given masks are then kept "
+                "as they are)."
+            )
         validate_inputs(
             model, teacher, self.args, self.method, train_dataset, calibration_dataset, prunes=masks is None
         )
@@ -345,15 +352,25 @@ class Pruner:
         """Log the sparsity, how much of the model is prunable, and warn about what will not behave as sparse."""
         report = self.report
         prunable, total = report["prunable"]["numel"], report["total"]["numel"]
-        logger.info(
-            "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s); the prunable "
-            "weights are %.1f%% of all parameters",
-            report["method"],
-            report["prunable"]["sparsity"],
-            report["total"]["sparsity"],
-            report["mask_sha256"][:12],
-            100 * prunable / max(1, total),
-        )
+        if report.get("schedule_finished") is False:  # e.g. gradual before train(): the schedule prunes from there
+            logger.info(
+                "%s prunes during training: %.4f sparsity over prunable weights now, %.4f once its schedule ends "
+                "(mask %s)",
+                report["method"],
+                report["prunable"]["sparsity"],
+                report["target_sparsity"],
+                report["mask_sha256"][:12],
+            )
+        else:
+            logger.info(
+                "Pruned %s: %.4f sparsity over prunable weights, %.4f over all parameters (mask %s); the prunable "
+                "weights are %.1f%% of all parameters",
+                report["method"],
+                report["prunable"]["sparsity"],
+                report["total"]["sparsity"],
+                report["mask_sha256"][:12],
+                100 * prunable / max(1, total),
+            )
         if report["unprunable_matrices"]:
             listed = ", ".join(
                 f"{name} ({100 * numel / max(1, total):.1f}%)" for name, numel in report["unprunable_matrices"].items()

@@ -99,7 +99,8 @@ class RecipeArguments:
         default=None,
         metadata={
             "help": "Sweep, e.g. --sparsities 0.9 0.95 0.98: one retrained model each, from one shared scoring pass when "
-            "the method scores in one round (all but tgp_fisher by default)."
+            "a one-shot method scores in one round (magnitude, tgp, snip; not tgp_fisher's 5 rounds, nor the default "
+            "gradual, which prunes during each retraining)."
         },
     )
     overwrite_output_dir: bool = field(
