@@ -485,7 +485,7 @@ VARIANTS = {
     "tgp_fisher rounds=5 magnitude allocation": ("tgp_fisher", {"pruning_rounds": 5, "layer_allocation": "magnitude"}),
     "tgp_fisher train-mode BN": ("tgp_fisher", {"scoring_bn_mode": "train"}),
     "tgp_fisher rounds=5 train-mode BN": ("tgp_fisher", {"pruning_rounds": 5, "scoring_bn_mode": "train"}),
-    # the default scoring on half the calibration images: a third of IMP's images in the transfer regime
+    # the one-shot default (tgp_fisher) scoring on half the calibration images: a third of IMP's images in transfer
     "tgp_fisher rounds=5 train-mode BN 512 images": (
         "tgp_fisher",
         {"pruning_rounds": 5, "scoring_bn_mode": "train", "num_calibration_samples": 512},
@@ -505,7 +505,7 @@ VARIANTS = {
     # signed criteria, compared inside each layer (magnitude allocation, their default)
     "tgp_taylor": ("tgp_taylor", {}),
     "movement": ("movement", {}),
-    # the default with another retraining learning rate (the benchmarks' --retrain-lr, the recipe's: 0.01)
+    # tgp_fisher with another retraining learning rate (the benchmarks' --retrain-lr, the recipe's: 0.01)
     **{
         f"tgp_fisher rounds=5 train-mode BN lr={lr:g}": (
             "tgp_fisher",
@@ -541,7 +541,8 @@ ABLATION_VARIANTS = [
     "tgp lamp_magnitude allocation", "tgp_fisher", "tgp_fisher lamp", "tgp_fisher lamp_magnitude allocation",
     "tgp rounds=5", "tgp_fisher rounds=5", "tgp lamp rounds=5", "tgp authors' scoring",
 ]  # fmt: skip
-LONG_VARIANTS = ["tgp_fisher rounds=5", "magnitude", "tgp"]  # the default, the reference, the paper's criterion
+# the one-shot default, the reference, the paper's criterion
+LONG_VARIANTS = ["tgp_fisher rounds=5", "magnitude", "tgp"]
 SPARSITIES = (0.90, 0.95, 0.98)
 RECORDED_FIELDS = (
     "layer_density_floor", "min_layer_density", "layer_allocation", "pruning_rounds", "num_calibration_samples",

