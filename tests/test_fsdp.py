@@ -407,6 +407,12 @@ def test_gradual_on_sharded_weights_equals_one_process_and_resumes(tmp_path):
     (folder / "pruning_state_sharded" / "header.json").write_text(json.dumps(header))
     with pytest.raises(MaskFileError, match="earlier checkpoint"):
         Pruner(models()[0], PruningArguments(sparsity=0.8, **GRADUAL), train_dataset=dataset()).load_state(folder)
+    # and one naming another weight than the one it would be laid out like, or not a mapping at all
+    for layout in ({"fisher.conv1.weight": {"like": "fc.weight", "dtype": "float32"}}, ["fisher.fc.weight"]):
+        header["method_tensors"] = layout
+        (folder / "pruning_state_sharded" / "header.json").write_text(json.dumps(header))
+        with pytest.raises(MaskFileError, match="earlier checkpoint"):
+            Pruner(models()[0], PruningArguments(sparsity=0.8, **GRADUAL), train_dataset=dataset()).load_state(folder)
 
 
 def test_a_method_tensor_not_shaped_like_a_mask_is_refused_before_writing_shards():

@@ -198,3 +198,34 @@ def test_result_arguments_are_json_and_cover_every_argument_class():
     config = TeacherGuidedPruningConfig(output_dir="x", report_to="none", sparsity=0.8)
     values = result_arguments(config)
     assert values["sparsity"] == 0.8 and values["pruning_method"] == "gradual" and values["seed"] == 42
+
+
+def test_early_stopping_with_gradual_counts_only_the_final_masks(tmp_path):
+    from transformers import EarlyStoppingCallback, TrainerControl, TrainerState
+
+    from hf_tgprune import TeacherGuidedPruningConfig
+    from hf_tgprune.scripts.stages import EarlyStoppingOnFinalMasks, early_stopping
+
+    def config(**overrides):
+        return TeacherGuidedPruningConfig(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=10,
+            num_train_epochs=10, metric_for_best_model="accuracy", greater_is_better=True, **overrides,
+        )  # fmt: skip
+
+    # 100 images, batches of 10, 10 epochs: 100 steps; gradual's last update at round(0.3 * 100) = 30
+    callback = early_stopping(2, config(), 100, 0.9)
+    assert isinstance(callback, EarlyStoppingOnFinalMasks) and callback.start_step == 30
+    assert type(early_stopping(2, config(pruning_method="magnitude"), 100, 0.9)) is EarlyStoppingCallback
+    args, state, control = config(), TrainerState(), TrainerControl()
+    # the denser models before the final masks score higher; they neither count nor set the bar
+    for step, accuracy in [(10, 0.9), (20, 0.8), (30, 0.5), (40, 0.6), (50, 0.55), (60, 0.58)]:
+        state.global_step = step
+        callback.on_evaluate(args, state, control, metrics={"eval_accuracy": accuracy})
+        assert control.should_training_stop == (step == 60), step
+    assert callback.best_metric == 0.6
+    # the checkpoint's callback state rebuilds it as the Trainer does on resume
+    saved = callback.state()
+    restored = EarlyStoppingOnFinalMasks(**saved["args"])
+    for key, value in saved["attributes"].items():
+        setattr(restored, key, value)
+    assert (restored.start_step, restored.best_metric, restored.early_stopping_patience_counter) == (30, 0.6, 2)

@@ -230,6 +230,8 @@ def test_evaluate_reports_loss_and_metrics(tmp_path):
         (dict(score_aggregation="mean"), "score_aggregation"),
         (dict(pruning_rounds=0), "pruning_rounds must be >= 1"),
         (dict(pruning_rounds=3, pruning_method="imp"), "pruning_rounds=3 applies to one-shot methods"),
+        # scoring rounds asked of the default, gradual: the message says it was the default and names tgp_fisher
+        (dict(pruning_rounds=3, pruning_method=None), r"'gradual' \(the default, left unset\).*'tgp_fisher'"),
         (dict(layer_allocation="uniform"), "layer_allocation must be one of"),
         (dict(scoring_epochs=-1), "scoring_epochs must be >= 0"),
         (dict(recalibration_samples=0), "recalibration_samples must be >= 1"),

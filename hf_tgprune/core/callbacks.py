@@ -324,8 +324,8 @@ class GradualMaskCallback(GlobalMaskCallback):
             `accumulate`, the summed squared gradients since the previous update (None otherwise).
         target: the final sparsity.
         accumulate: sum `grad²` of every masked weight at each optimizer step — after clipping and the all-reduce of
-            several processes, so every process holds the same sums — and reset the sums at each update: the empirical
-            Fisher of the training loss, with no pass of its own.
+            several processes, so every process holds the same sums (under FSDP2, the rows of its own shards) — and
+            reset the sums at each update: the empirical Fisher of the training loss, with no pass of its own.
 
     An update runs at the end of its optimizer step, before that step's checkpoint is written. `state_dict()` /
     `load_state_dict()` hold the updates applied, whether the schedule finished, and the sums, so a resumed run

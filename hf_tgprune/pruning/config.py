@@ -246,7 +246,8 @@ class PruningArguments:
                 f"sparsity must be in [0, 1) (0 keeps every weight), got {self.sparsity}. "
                 "Pass e.g. --sparsity 0.95 for 95% sparsity."
             )
-        if self.pruning_method is None:  # gradual has no N:M schedule: a pattern takes the one-shot default
+        defaulted = self.pruning_method is None
+        if defaulted:  # gradual has no N:M schedule: a pattern takes the one-shot default
             self.pruning_method = (
                 self.default_pruning_method if self.sparsity_pattern == "unstructured" else "tgp_fisher"
             )
@@ -284,7 +285,9 @@ class PruningArguments:
         if self.pruning_rounds > 1 and not method.one_shot:
             raise ValueError(
                 f"pruning_rounds={self.pruning_rounds} applies to one-shot methods; pruning_method="
-                f"{self.pruning_method!r} prunes during training on a schedule of its own. Set pruning_rounds=1."
+                f"{self.pruning_method!r}{' (the default, left unset)' if defaulted else ''} prunes during training "
+                "on a schedule of its own. Set pruning_rounds=1, or pruning_method='tgp_fisher' for one-shot scoring "
+                "rounds."
             )
         from ..core.masking import LAYER_ALLOCATIONS
         from ..core.scoring import get_scoring_method

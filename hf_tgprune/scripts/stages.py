@@ -288,6 +288,43 @@ def dense_student_stage(run: RecipeRun, student, teacher, model_args, args, data
     run.save()
 
 
+class EarlyStoppingOnFinalMasks(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` that counts only evaluations from optimizer step `start_step` on, against the best
+    metric since then: a method that prunes during training (`gradual`) evaluates a denser model before its final
+    masks, whose accuracy the sparse model would otherwise have to beat, stopping it `patience` evaluations after its
+    schedule ends (or, stopped before, leaving the final masks untrained)."""
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0, start_step: int = 0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.start_step = start_step
+        self.best_metric = None  # the best since start_step (restored from a checkpoint's callback state)
+
+    def check_metric_value(self, args, state, control, metric_value):
+        if state.global_step < self.start_step:
+            return
+        best = self.best_metric
+        better = best is None or (metric_value > best if args.greater_is_better else metric_value < best)
+        if best is None or (better and abs(metric_value - best) > self.early_stopping_threshold):
+            self.best_metric, self.early_stopping_patience_counter = metric_value, 0
+        else:
+            self.early_stopping_patience_counter += 1
+
+    def state(self) -> dict:
+        state = super().state()
+        state["args"]["start_step"] = self.start_step
+        state["attributes"]["best_metric"] = self.best_metric
+        return state
+
+
+def early_stopping(patience: int, args, num_train: int, sparsity: float) -> EarlyStoppingCallback:
+    """Early stopping of a retraining run; with `gradual`, counted from the step its last mask update runs at."""
+    method = build_method(args.pruning_method, args.pruning_method_args)
+    if not hasattr(method, "schedule"):
+        return EarlyStoppingCallback(early_stopping_patience=patience)
+    last_update = max(method.schedule(sparsity, planned_optimizer_steps(args, num_train)))
+    return EarlyStoppingOnFinalMasks(early_stopping_patience=patience, start_step=last_update)
+
+
 def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, recipe_args, args, data) -> None:
     """Per sparsity, a copy of the dense student is pruned, evaluated, retrained, evaluated, saved in
     `<output_dir>/sparsity-<s>` and pushed; one scoring pass is shared by every sparsity when the method scores in
@@ -303,7 +340,7 @@ def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, rec
         tag = run_dirname(sparsity)
         run_dir = os.path.join(run.output_dir, tag)
         patience = recipe_args.early_stopping_patience
-        callbacks = [] if patience is None else [EarlyStoppingCallback(early_stopping_patience=patience)]
+        callbacks = [] if patience is None else [early_stopping(patience, args, len(data.train), sparsity)]
         trainer = make_trainer(
             copy.deepcopy(dense_state), retrain_args(args, run_dir, sparsity, patience, data.validation is not None),
             teacher=teacher, train=data.train, validation=data.validation, calibration=data.calibration,

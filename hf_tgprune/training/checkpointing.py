@@ -359,8 +359,9 @@ class SparseCheckpointMixin:
 
         if self.pruner.method.one_shot or self.pruner.masks is None:
             return False
+        current = mask_hash(self.pruner.masks)  # first, on every process: it gathers sharded masks
         recorded = (read_sparsity_record(Path(folder)).get("mask") or {}).get("sha256")
-        return recorded is not None and recorded != mask_hash(self.pruner.masks)
+        return recorded is not None and recorded != current
 
     # --- model card ---------------------------------------------------------------------------------------------
     def create_model_card(

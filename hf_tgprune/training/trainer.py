@@ -59,19 +59,22 @@ def _disk_full(error: BaseException) -> bool:
 
 
 class TeacherGuidedPruningTrainer(SparseCheckpointMixin, Trainer):
-    """A `transformers.Trainer` that prunes the student once, guided by a frozen teacher, then retrains it sparsely.
+    """A `transformers.Trainer` that prunes the student guided by a frozen teacher and retrains it sparsely with
+    knowledge distillation: by default (`pruning_method="gradual"`) during that retraining, by the Fisher of the
+    teacher-guided loss; with a one-shot method (`"tgp_fisher"`, `"magnitude"`, ...) once, before it.
 
-    The method of [Teacher-Guided One-Shot Pruning via Context-Aware Knowledge
+    The one-shot method of [Teacher-Guided One-Shot Pruning via Context-Aware Knowledge
     Distillation](https://huggingface.co/papers/2511.16653) (Alim et al., IEEE BigData 2025); the seed baselines EPSD,
     DG2PF and IMP run through the same trainer (`pruning_method`).
 
     Example:
         >>> trainer = TeacherGuidedPruningTrainer(model=student, teacher_model=teacher, args=config,
         ...                                       train_dataset=train, eval_dataset=val)
-        >>> report = trainer.prune()   # optional: train() prunes first
-        >>> trainer.train()
+        >>> trainer.train()            # prunes as it trains (gradual); one-shot methods prune first
+        >>> report = trainer.pruner.report
 
-    `masks=` installs given masks instead of scoring (e.g. masks from an earlier run). To train without pruning
+    `masks=` installs given masks instead of scoring (e.g. masks from an earlier run), with a one-shot
+    `pruning_method` (any: the masks are kept as given). To train without pruning
     (a teacher, or a KD warm-up of the student) with the same loss and data handling, use `pruning_method="dense"`.
     The pruning method (`args.pruning_method`, `hf_tgprune.methods`) is `trainer.method`.
     """

@@ -128,15 +128,19 @@ def read_sharded_pruning_state(folder: str | os.PathLike, params: Mapping[str, t
         shapes = {name: tuple(shape) for name, shape in header["masks"].items()}
         layout = {
             key: (str(entry["like"]), _DTYPES[entry["dtype"]])
-            for key, entry in header.get("method_tensors", {}).items()
+            for key, entry in dict(header.get("method_tensors", {})).items()
         }
+        # each keyed `<kind>.<weight>` after the weight it is laid out like, at most two per weight (what a method
+        # keeps: sums or dense weights), so the allocation below stays within the size of the model
+        if any(key.partition(".")[2] != like for key, (like, _) in layout.items()) or len(layout) > 2 * len(shapes):
+            raise ValueError("method_tensors names tensors that are not laid out like the weights they name")
         state = PruningState(
             pruning_method=str(header["pruning_method"]),
             target_sparsity=float(header["target_sparsity"]),
             pruning_method_args=dict(header["pruning_method_args"]),
             method_state=dict(header["method_state"]),
         )
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise MaskFileError(
             f"Cannot read the sharded pruning state {path!r} ({err}); it is incomplete. {fix}"
         ) from err
