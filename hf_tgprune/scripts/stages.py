@@ -303,7 +303,7 @@ class EarlyStoppingOnFinalMasks(EarlyStoppingCallback):
         if state.global_step < self.start_step:
             return
         best = self.best_metric
-        better = best is None or (metric_value > best if args.greater_is_better else metric_value < best)
+        better = best is not None and (metric_value > best if args.greater_is_better else metric_value < best)
         if best is None or (better and abs(metric_value - best) > self.early_stopping_threshold):
             self.best_metric, self.early_stopping_patience_counter = metric_value, 0
         else:
