@@ -143,6 +143,11 @@ class PruningMethod:
         """Raise ValueError, naming the fix, when a training run of `max_steps` optimizer steps is too short for the
         method's schedule (checked when the run is set up, before any training; nothing to check by default)."""
 
+    def final_mask_step(self, sparsity: float, max_steps: int) -> int:
+        """The optimizer step from which the masks of a run of `max_steps` steps no longer change (0: from the start;
+        a method whose step schedule ends later says when)."""
+        return 0
+
     # --- hooks ------------------------------------------------------------------------------------------------------
     def prune(self, pruner) -> dict[str, torch.Tensor] | None:
         """Masks to install before training (exactly `round(sparsity·N)` pruned for one-shot methods)."""

@@ -98,6 +98,9 @@ class Gradual(ScheduledPruningMethod):
         """{optimizer step: sparsity} of the updates of a run of `max_steps` steps (ValueError if too short)."""
         return cubic_schedule(sparsity, self.config.pruning_steps, round(self.config.end_fraction * max_steps))
 
+    def final_mask_step(self, sparsity: float, max_steps: int) -> int:
+        return max(self.schedule(sparsity, max_steps))
+
     def check_steps(self, max_steps: int) -> None:
         self.schedule(1.0, max_steps)
 

@@ -319,10 +319,10 @@ class EarlyStoppingOnFinalMasks(EarlyStoppingCallback):
 def early_stopping(patience: int, args, num_train: int, sparsity: float) -> EarlyStoppingCallback:
     """Early stopping of a retraining run; with `gradual`, counted from the step its last mask update runs at."""
     method = build_method(args.pruning_method, args.pruning_method_args)
-    if not hasattr(method, "schedule"):
+    start_step = method.final_mask_step(sparsity, planned_optimizer_steps(args, num_train))
+    if start_step == 0:
         return EarlyStoppingCallback(early_stopping_patience=patience)
-    last_update = max(method.schedule(sparsity, planned_optimizer_steps(args, num_train)))
-    return EarlyStoppingOnFinalMasks(early_stopping_patience=patience, start_step=last_update)
+    return EarlyStoppingOnFinalMasks(early_stopping_patience=patience, start_step=start_step)
 
 
 def sparsity_sweep(run: RecipeRun, student, teacher, sparsities, model_args, recipe_args, args, data) -> None:
